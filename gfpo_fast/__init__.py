@@ -1,0 +1,26 @@
+"""gfpo-fast: fused kernels and a lean trainer for the GRPO family of RL losses, with TRL's semantics.
+
+Public ops (each dispatches to Triton on CUDA, C++ on CPU, or the torch reference):
+
+* :func:`token_logprobs` -- per-token log-probs (and entropies) from logits.
+* :func:`group_advantages`, :func:`gfpo_filter`, :func:`reward_metrics` -- group-relative advantages, GFPO top-k.
+* :func:`policy_loss` -- GRPO / DAPO / Dr. GRPO / BNPO / CISPO / SAPO / LUSPO / VESPO, GSPO, GSPO-token, GMPO.
+* :func:`fused_policy_loss` -- log-probs and policy loss from logits in one op.
+"""
+from .advantages import gfpo_filter, group_advantages, reward_metrics
+from .backends import force_backend
+from .fused_loss import fused_policy_loss
+from .logprobs import token_logprobs
+from .policy_loss import policy_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "force_backend",
+    "fused_policy_loss",
+    "gfpo_filter",
+    "group_advantages",
+    "policy_loss",
+    "reward_metrics",
+    "token_logprobs",
+]

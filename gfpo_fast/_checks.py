@@ -1,0 +1,57 @@
+"""Argument validation shared by the public entry points.
+
+Every public function checks its inputs here and raises ``ValueError`` (or ``TypeError``)
+with a message that names the argument, what was expected and what was received. These
+checks never synchronise with a device: they read shapes, dtypes and devices only.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def require_tensor(name: str, x, *, dtypes=None, ndim=None) -> torch.Tensor:
+    """Checks that ``x`` is a tensor, optionally of one of ``dtypes`` and with ``ndim`` in a tuple."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+    if ndim is not None and x.dim() not in ndim:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def require_shape(name: str, x: torch.Tensor, shape: tuple, hint: str = "") -> None:
+    if tuple(x.shape) != tuple(shape):
+        extra = f" ({hint})" if hint else ""
+        raise ValueError(f"{name} must have shape {tuple(shape)}{extra}, got {tuple(x.shape)}")
+
+
+def require_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, x in others.items():
+        if x is not None and x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put them on one device")
+
+
+def require_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def require_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def require_float(name: str, value, *, minimum=None, exclusive=False, allow_none=False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value != value:  # NaN
+        raise ValueError(f"{name} must not be NaN")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        op = ">" if exclusive else ">="
+        raise ValueError(f"{name} must be {op} {minimum}, got {value!r}")

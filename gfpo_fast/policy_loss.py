@@ -1,0 +1,399 @@
+"""The GRPO-family policy loss on per-token log-probs, exactly as TRL computes it.
+
+Notation: ``B`` rows (completions), ``T`` padded completion length, ``M`` the [B, T] loss mask,
+``lp`` / ``lp_old`` / ``lp_ref`` per-token log-probs of the policy, the sampling policy and the
+reference model, ``A`` advantages, ``l = lp - lp_old`` the log-ratio. Section numbers refer to
+``trl_semantics.md`` (TRL 1.16).
+
+* ``algorithm="grpo"`` (TRL ``GRPOTrainer._compute_loss``, section 7): importance weight per token
+  (``"token"``), per sequence as the masked mean log-ratio (``"sequence"``, GSPO, arXiv 2507.18071)
+  or the sequence weight carried by every token (``"sequence_token"``, GSPO-token, section 9);
+  per-token loss by ``loss_type`` (PPO clip for grpo/bnpo/dr_grpo/dapo/luspo, cispo, sapo, vespo);
+  times the vLLM importance-sampling ratio when given; plus ``beta`` times the k3 KL; normalised
+  by ``loss_type`` (section 7.6).
+* ``algorithm="gmpo"`` (TRL ``GMPOTrainer``, section 10, arXiv 2507.20673): the geometric mean of
+  sign-aware log-space-clipped token ratios per sequence, ``L_i = -exp(mean_t clip(l)) * A_i``,
+  averaged over sequences. ``loss_type`` is ignored, as in TRL.
+
+Every normalisation is written as one per-row weight ``w_i`` with ``loss = sum_{i,t} M l_{i,t} w_i``
+(:func:`row_weights`); the fused backends use the same function, so the normalisers exist once.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import backends
+from ._checks import (
+    require_choice,
+    require_float,
+    require_positive_int,
+    require_same_device,
+    require_shape,
+    require_tensor,
+)
+
+ALGORITHMS = ("grpo", "gmpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+IS_LEVELS = ("token", "sequence", "sequence_token")
+PPO_CLIP_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+GLOBAL_TOKEN_LOSSES = ("dapo", "cispo", "vespo")  # normalised by the global token count, not by GA
+SEQUENCE_TOKEN_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")  # what TRL's GSPO-token supports
+DEFAULT_EPSILON = {"grpo": 0.2, "gmpo": 0.4}  # GMPOConfig's epsilon is 0.4, in log space
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Validated scalar hyperparameters of one policy-loss call (shared by every backend)."""
+
+    algorithm: str = "grpo"
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    beta: float = 0.0
+    use_bias_correction_kl: bool = False
+    max_completion_length: int | None = None
+    grad_accum_steps: int = 1
+    num_processes: int = 1
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+
+
+def make_loss_config(
+    *,
+    algorithm="grpo",
+    loss_type="dapo",
+    importance_sampling_level="token",
+    epsilon=None,
+    epsilon_high=None,
+    delta=None,
+    beta=0.0,
+    use_bias_correction_kl=False,
+    max_completion_length=None,
+    grad_accum_steps=1,
+    num_processes=1,
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
+) -> LossConfig:
+    """Validates the keyword arguments of :func:`policy_loss` and resolves the defaults.
+
+    ``epsilon=None`` means TRL's default for the algorithm (0.2 for grpo, 0.4 in log space for
+    gmpo); ``epsilon_high=None`` means ``epsilon``.
+    """
+    require_choice("algorithm", algorithm, ALGORITHMS)
+    require_choice("loss_type", loss_type, LOSS_TYPES)
+    require_choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
+    eps = DEFAULT_EPSILON[algorithm] if epsilon is None else epsilon
+    require_float("epsilon", eps, minimum=0.0)
+    eps_high = eps if epsilon_high is None else epsilon_high
+    require_float("epsilon_high", eps_high, minimum=0.0)
+    require_float("delta", delta, minimum=0.0, exclusive=True, allow_none=True)
+    require_float("beta", beta, minimum=0.0)
+    require_positive_int("grad_accum_steps", grad_accum_steps)
+    require_positive_int("num_processes", num_processes)
+    for name, value in [("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)]:
+        require_float(name, value, minimum=0.0, exclusive=True)
+    for name, value in [("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)]:
+        require_float(name, value)
+    if max_completion_length is not None:
+        require_positive_int("max_completion_length", max_completion_length)
+    if algorithm == "grpo" and loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' divides by max_completion_length; pass it (an integer >= 1)")
+    if importance_sampling_level == "sequence_token" and loss_type not in SEQUENCE_TOKEN_LOSSES:
+        raise ValueError(
+            f"importance_sampling_level='sequence_token' (GSPO-token) supports loss_type in {SEQUENCE_TOKEN_LOSSES}, "
+            f"got {loss_type!r}"
+        )
+    if importance_sampling_level == "sequence_token" and use_bias_correction_kl:
+        raise ValueError("use_bias_correction_kl is not defined for importance_sampling_level='sequence_token'")
+    if algorithm == "gmpo":
+        for name, value, default in [("importance_sampling_level", importance_sampling_level, "token"),
+                                     ("delta", delta, None), ("use_bias_correction_kl", use_bias_correction_kl, False)]:
+            if value != default:
+                raise ValueError(f"algorithm='gmpo' does not use {name} (TRL's GMPO ignores it); got {value!r}")
+    elif loss_type == "vespo" and importance_sampling_level != "token":
+        warnings.warn("loss_type='vespo' is meant for importance_sampling_level='token' (TRL warns too)", stacklevel=3)
+    elif loss_type == "luspo" and importance_sampling_level != "sequence":
+        warnings.warn("loss_type='luspo' is meant for importance_sampling_level='sequence' (TRL warns too)", stacklevel=3)
+    return LossConfig(
+        algorithm, loss_type, importance_sampling_level, float(eps), float(eps_high),
+        None if delta is None else float(delta), float(beta), bool(use_bias_correction_kl), max_completion_length,
+        grad_accum_steps, num_processes, float(sapo_temperature_pos), float(sapo_temperature_neg),
+        float(vespo_k_pos), float(vespo_lambda_pos), float(vespo_k_neg), float(vespo_lambda_neg),
+    )
+
+
+def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_logp=None,
+                      importance_sampling_ratio=None, num_items_in_batch=None, entropy=None) -> None:
+    """Shape, dtype and device checks for the tensors of one policy-loss call (no host sync)."""
+    require_tensor("logp", logp, ndim=(2,))
+    if not logp.is_floating_point():
+        raise ValueError(f"logp must be a float tensor, got {logp.dtype}")
+    B, T = logp.shape
+    require_tensor("mask", mask, ndim=(2,))
+    require_shape("mask", mask, (B, T), "same as logp")
+    require_tensor("advantages", advantages, ndim=(1, 2))
+    if advantages.dim() == 1 or advantages.shape[1] == 1:
+        if advantages.shape[0] != B:
+            raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
+    else:
+        require_shape("advantages", advantages, (B, T), f"({B},) per sequence or ({B}, {T}) per token")
+        if cfg.algorithm == "gmpo" or cfg.loss_type == "vespo":
+            name = "algorithm='gmpo'" if cfg.algorithm == "gmpo" else "loss_type='vespo'"
+            raise ValueError(f"{name} needs one advantage per sequence: shape ({B},), got {tuple(advantages.shape)}")
+    for name, x in [("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy)]:
+        if x is not None:
+            require_tensor(name, x, ndim=(2,))
+            require_shape(name, x, (B, T), "same as logp")
+    if cfg.beta != 0.0 and ref_logp is None:
+        raise ValueError(f"beta={cfg.beta} adds a KL term to the reference model: pass ref_logp of shape ({B}, {T})")
+    rho = importance_sampling_ratio
+    if rho is not None:
+        if cfg.algorithm == "gmpo":
+            raise ValueError("algorithm='gmpo' does not apply importance_sampling_ratio (TRL's GMPO ignores it); pass None")
+        require_tensor("importance_sampling_ratio", rho, ndim=(1, 2))
+        if tuple(rho.shape) not in ((B,), (B, 1), (B, T)):
+            raise ValueError(f"importance_sampling_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), got {tuple(rho.shape)}")
+        if cfg.loss_type == "vespo" and tuple(rho.shape) != (B, T):
+            raise ValueError("loss_type='vespo' folds a token-level importance_sampling_ratio into its weight: "
+                             f"shape ({B}, {T}) (TRL refuses sequence-level modes with vespo)")
+    if num_items_in_batch is None and cfg.algorithm == "grpo" and cfg.loss_type in GLOBAL_TOKEN_LOSSES and (
+        cfg.grad_accum_steps > 1 or cfg.num_processes > 1
+    ):
+        raise ValueError(
+            f"loss_type={cfg.loss_type!r} divides by the token count of the whole generation batch: pass "
+            "num_items_in_batch when grad_accum_steps > 1 or num_processes > 1"
+        )
+    require_same_device("logp", logp, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
+                        importance_sampling_ratio=rho, entropy=entropy)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def row_weights(cfg: LossConfig, mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """[B, 1] float32 ``w`` such that the loss is ``sum_{i,t} M_{i,t} l_{i,t} w_i`` (section 7.6).
+
+    grpo / sapo: 1 / (max(|o_i|, 1) B GA); bnpo: 1 / (max(sum M, 1) GA); dr_grpo: 1 / (B L_max GA);
+    dapo / cispo / vespo: P / max(N, 1) with N = ``num_items_in_batch`` (default: sum M), no GA;
+    luspo: 1 / (B GA). GMPO's plain mean over sequences has no token weight (see gmpo_loss_ref).
+    """
+    M = mask.float()
+    B = M.shape[0]
+    GA = cfg.grad_accum_steps
+    lt = cfg.loss_type
+    if lt in ("grpo", "sapo"):
+        return 1.0 / (M.sum(-1, keepdim=True).clamp(min=1.0) * (B * GA))
+    if lt == "bnpo":
+        return (1.0 / (M.sum().clamp(min=1.0) * GA)).expand(B, 1)
+    if lt == "dr_grpo":
+        return torch.full((B, 1), 1.0 / (B * cfg.max_completion_length * GA), device=M.device)
+    if lt == "luspo":
+        return torch.full((B, 1), 1.0 / (B * GA), device=M.device)
+    n = M.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=M.device)
+    return (cfg.num_processes / n.clamp(min=1.0)).expand(B, 1)
+
+
+def masked_mean(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """TRL's metric mean: a [B, 1] tensor is averaged over rows, a [B, T] one over the mask."""
+    if x.shape[1] == 1:
+        return x.mean()
+    return (x * M).sum() / M.sum().clamp(min=1.0)
+
+
+def _row_fraction(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    return x.squeeze(1) if x.shape[1] == 1 else (x * M).sum(-1) / M.sum(-1)  # NaN for empty rows
+
+
+def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
+    fill = -math.inf if largest else math.inf
+    finite = torch.where(torch.isnan(x), fill, x)
+    value = finite.max() if largest else finite.min()
+    return torch.where(torch.isnan(x).all(), torch.nan, value)
+
+
+def clip_metrics(low: torch.Tensor, high: torch.Tensor, M: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's ``clip_ratio/*`` metrics from boolean indicators of shape [B, 1] or [B, T]."""
+    low, high = low.float(), high.float()
+    region = torch.maximum(low, high)
+    return {
+        "clip_ratio/low_mean": masked_mean(low, M),
+        "clip_ratio/low_min": _nan_extreme(_row_fraction(low, M), largest=False),
+        "clip_ratio/high_mean": masked_mean(high, M),
+        "clip_ratio/high_max": _nan_extreme(_row_fraction(high, M), largest=True),
+        "clip_ratio/region_mean": masked_mean(region, M),
+    }
+
+
+def k3_kl(lp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator exp(lp_ref - lp) - (lp_ref - lp) - 1 (>= 0; gradient through lp)."""
+    d = ref_logp.float() - lp
+    return torch.exp(d) - d - 1.0
+
+
+def vespo_weights(cfg: LossConfig, A: torch.Tensor, log_ratio: torch.Tensor, M: torch.Tensor, rho=None) -> torch.Tensor:
+    """VESPO's per-sequence weight phi_i, [B, 1], no gradient (TRL ``get_gamma_weights``)."""
+    log_ratio, M = log_ratio.detach(), M.float()
+    s = (M * log_ratio.clamp(-20.0, 20.0)).sum(-1, keepdim=True)
+    if rho is not None:  # unmasked, as in TRL: padding has rho = 1, i.e. contributes 0
+        s = s + torch.log(rho.float()).clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
+    log_w = s.clamp(math.log(1e-8), 20.0)
+    pos = A >= 0
+    k = torch.where(pos, cfg.vespo_k_pos, cfg.vespo_k_neg)
+    lam = torch.where(pos, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return torch.where(torch.isfinite(phi), phi, 0.0)
+
+
+# ----------------------------------------------------------------------------- references
+def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling_ratio=None,
+                  num_items_in_batch=None):
+    """Float32 reference for ``algorithm="grpo"``. Returns (loss, metrics without entropy)."""
+    lp_old = lp.detach() if old_logp is None else old_logp.float()
+    log_ratio = lp - lp_old  # (B, T)
+    level = cfg.importance_sampling_level
+    if level == "token":
+        log_w = log_ratio
+    else:
+        seq = (log_ratio * M).sum(-1, keepdim=True) / M.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1)
+        log_w = seq if level == "sequence" else lp - lp.detach() + seq.detach()
+    r = torch.exp(log_w)
+    metrics = {}
+    kl = None
+    if cfg.beta != 0.0:
+        kl = k3_kl(lp, ref_logp)
+        if cfg.use_bias_correction_kl:
+            kl = kl * r
+        metrics["kl"] = masked_mean(kl.detach(), M)
+    rho = importance_sampling_ratio
+    if rho is not None:
+        rho = rho.float().reshape(rho.shape[0], -1)
+    lt = cfg.loss_type
+    if lt in PPO_CLIP_LOSSES:
+        r_clipped = torch.clamp(r, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
+        if cfg.delta is not None:
+            r = torch.clamp(r, max=cfg.delta)  # INTELLECT-2 upper cap inside the min; metrics see it too
+        loss_tok = -torch.min(r * A, r_clipped * A)
+        rd = r.detach()
+        metrics.update(clip_metrics((rd < 1 - cfg.epsilon_low) & (A < 0), (rd > 1 + cfg.epsilon_high) & (A > 0), M))
+    elif lt == "cispo":
+        loss_tok = -torch.clamp(r, max=cfg.epsilon_high).detach() * A * lp  # epsilon_high is an absolute cap
+        metrics["cispo_clip_ratio"] = masked_mean(((r.detach() > cfg.epsilon_high) & (A > 0)).float(), M)
+    elif lt == "sapo":
+        tau = torch.where(A > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        loss_tok = -torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau) * A
+    else:  # vespo
+        phi = vespo_weights(cfg, A, log_ratio, M, rho)
+        loss_tok = -phi * A * lp
+        metrics["vespo/phi_seq_mean"] = masked_mean(phi, M)
+    if rho is not None and lt != "vespo":
+        loss_tok = loss_tok * rho
+    if kl is not None:
+        loss_tok = loss_tok + cfg.beta * kl
+    loss = (loss_tok * M * row_weights(cfg, M, num_items_in_batch)).sum()
+    return loss, metrics
+
+
+def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None):
+    """Float32 reference for ``algorithm="gmpo"`` (TRL ``GMPOTrainer._compute_loss``)."""
+    lp_old = lp.detach() if old_logp is None else old_logp.float()
+    log_ratio = lp - lp_old
+    c = torch.clamp(log_ratio, -cfg.epsilon_low, cfg.epsilon_high)
+    # Sign-aware one-sided clip in log space: only the upper side clips for A > 0, only the lower for A <= 0.
+    clipped = torch.where(A > 0, torch.minimum(log_ratio, c), torch.maximum(log_ratio, c))
+    count = M.sum(-1, keepdim=True).clamp(min=1.0)
+    log_w = (clipped * M).sum(-1, keepdim=True) / count  # geometric mean of the clipped ratios, (B, 1)
+    per_seq = -torch.exp(log_w) * A
+    metrics = {}
+    if cfg.beta != 0.0:
+        kl = k3_kl(lp, ref_logp)
+        per_seq = per_seq + cfg.beta * (kl * M).sum(-1, keepdim=True) / count
+        metrics["kl"] = masked_mean(kl.detach(), M)
+    loss = per_seq.sum() / (per_seq.shape[0] * cfg.grad_accum_steps)
+    ld = log_ratio.detach()
+    metrics.update(clip_metrics((ld < -cfg.epsilon_low) & (A < 0), (ld > cfg.epsilon_high) & (A > 0), M))
+    return loss, metrics
+
+
+def policy_loss_ref(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_logp=None,
+                    importance_sampling_ratio=None, num_items_in_batch=None, entropy=None):
+    """The torch oracle of :func:`policy_loss` for a validated ``cfg`` (all math in float32)."""
+    lp = logp.float()
+    A = advantages.float()
+    A = A.unsqueeze(1) if A.dim() == 1 else A  # (B, 1) or (B, T)
+    M = mask.float()
+    if cfg.algorithm == "gmpo":
+        loss, metrics = gmpo_loss_ref(cfg, lp, old_logp, A, M, ref_logp=ref_logp)
+    else:
+        loss, metrics = grpo_loss_ref(cfg, lp, old_logp, A, M, ref_logp=ref_logp,
+                                      importance_sampling_ratio=importance_sampling_ratio,
+                                      num_items_in_batch=num_items_in_batch)
+    if entropy is not None:
+        metrics = {"entropy": masked_mean(entropy.detach().float(), M), **metrics}
+    return loss, {k: v.detach().float() for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------- public API
+def policy_loss(
+    logp, old_logp, advantages, mask, *, algorithm="grpo", loss_type="dapo", importance_sampling_level="token",
+    epsilon=None, epsilon_high=None, delta=None, beta=0.0, ref_logp=None, use_bias_correction_kl=False,
+    importance_sampling_ratio=None, num_items_in_batch=None, max_completion_length=None, grad_accum_steps=1,
+    num_processes=1, entropy=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, backend="auto",
+):
+    """GRPO-family loss from per-token log-probs, with TRL's semantics and metric names.
+
+    Args:
+        logp: ``[B, T]`` float log-probs of the completion tokens under the policy (carries the gradient).
+        old_logp: ``[B, T]`` log-probs under the sampling policy, or ``None`` for on-policy
+            (ratio 1 in value, plain policy gradient), as in TRL.
+        advantages: ``[B]`` per sequence, or ``[B, T]`` per token.
+        mask: ``[B, T]`` loss mask (bool, int or float; 1 = the token counts).
+        algorithm: ``"grpo"`` (the GRPO family of loss types) or ``"gmpo"`` (geometric mean, log-space clip).
+        loss_type: grpo, bnpo, dr_grpo, dapo (TRL default), cispo, sapo, luspo, vespo.
+        importance_sampling_level: ``"token"``, ``"sequence"`` (GSPO) or ``"sequence_token"`` (GSPO-token).
+        epsilon / epsilon_high: lower / upper clip range; ``None`` means TRL's defaults (0.2, and 0.4 in log
+            space for gmpo; ``epsilon_high`` defaults to ``epsilon``). For cispo ``epsilon_high`` is an absolute cap.
+        delta: upper cap on the ratio inside the min (two-sided clipping), or ``None``.
+        beta: coefficient of the k3 KL to ``ref_logp`` (``[B, T]``, required when ``beta != 0``).
+        use_bias_correction_kl: multiply the KL by the importance ratio.
+        importance_sampling_ratio: vLLM's truncated/masked IS ratio, ``[B, T]`` or ``[B]``/``[B, 1]``, no grad.
+        num_items_in_batch: token count of the whole generation batch over all processes (dapo, cispo,
+            vespo); default: ``mask.sum()``, allowed only with one process and no accumulation.
+        max_completion_length: ``L_max`` of dr_grpo.
+        grad_accum_steps, num_processes: TRL's GA and P (section 7.6).
+        entropy: optional ``[B, T]`` token entropies, only for the ``entropy`` metric.
+        sapo_* / vespo_*: TRL's loss-specific hyperparameters, same defaults.
+        backend: ``"auto"`` or ``"torch"``; the fused fast paths start from logits (``fused_policy_loss``).
+
+    Returns:
+        ``(loss, metrics)``: a 0-dim float32 loss with autograd to ``logp``, and a dict of detached 0-dim
+        float32 tensors with TRL's names (``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``,
+        ``vespo/phi_seq_mean``) computed on this call's rows (reduce over processes yourself).
+    """
+    cfg = make_loss_config(
+        algorithm=algorithm, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+        epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, beta=beta,
+        use_bias_correction_kl=use_bias_correction_kl, max_completion_length=max_completion_length,
+        grad_accum_steps=grad_accum_steps, num_processes=num_processes,
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
+    )
+    kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
+                  num_items_in_batch=num_items_in_batch, entropy=entropy)
+    check_loss_inputs(cfg, logp, old_logp, advantages, mask, **kwargs)
+    backends.select("policy_loss", backend, logp.device)  # validates the name; the torch math is the op
+    return policy_loss_ref(cfg, logp, old_logp, advantages, mask, **kwargs)

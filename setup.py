@@ -1,0 +1,16 @@
+"""Builds the C++ CPU backend (csrc/) as gfpo_fast._C with pybind11; everything else is in pyproject.toml."""
+from glob import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ext = Pybind11Extension(
+    "gfpo_fast._C",
+    sorted(glob("csrc/*.cpp")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3", "-fopenmp"],
+    extra_link_args=["-fopenmp"],
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
