@@ -154,7 +154,7 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
         require_shape("advantages", advantages, (B, T), f"({B},) per sequence or ({B}, {T}) per token")
         if cfg.algorithm == "gmpo" or cfg.loss_type == "vespo":
             name = "algorithm='gmpo'" if cfg.algorithm == "gmpo" else "loss_type='vespo'"
-            raise ValueError(f"{name} needs one advantage per sequence: shape ({B},), got {tuple(advantages.shape)}")
+            raise ValueError(f"{name} needs one advantage per sequence: advantages of shape ({B},), got {tuple(advantages.shape)}")
     for name, x in [("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy)]:
         if x is not None:
             require_tensor(name, x, ndim=(2,))
@@ -190,7 +190,7 @@ def row_weights(cfg: LossConfig, mask: torch.Tensor, num_items_in_batch=None) ->
     dapo / cispo / vespo: P / max(N, 1) with N = ``num_items_in_batch`` (default: sum M), no GA;
     luspo: 1 / (B GA). GMPO's plain mean over sequences has no token weight (see gmpo_loss_ref).
     """
-    M = mask.float()
+    M = mask.float() if mask.dtype != torch.float64 else mask
     B = M.shape[0]
     GA = cfg.grad_accum_steps
     lt = cfg.loss_type
@@ -202,7 +202,7 @@ def row_weights(cfg: LossConfig, mask: torch.Tensor, num_items_in_batch=None) ->
         return torch.full((B, 1), 1.0 / (B * cfg.max_completion_length * GA), device=M.device)
     if lt == "luspo":
         return torch.full((B, 1), 1.0 / (B * GA), device=M.device)
-    n = M.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=M.device)
+    n = M.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=M.dtype, device=M.device)
     return (cfg.num_processes / n.clamp(min=1.0)).expand(B, 1)
 
 
@@ -239,16 +239,16 @@ def clip_metrics(low: torch.Tensor, high: torch.Tensor, M: torch.Tensor) -> dict
 
 def k3_kl(lp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator exp(lp_ref - lp) - (lp_ref - lp) - 1 (>= 0; gradient through lp)."""
-    d = ref_logp.float() - lp
+    d = ref_logp.to(lp.dtype) - lp
     return torch.exp(d) - d - 1.0
 
 
 def vespo_weights(cfg: LossConfig, A: torch.Tensor, log_ratio: torch.Tensor, M: torch.Tensor, rho=None) -> torch.Tensor:
     """VESPO's per-sequence weight phi_i, [B, 1], no gradient (TRL ``get_gamma_weights``)."""
-    log_ratio, M = log_ratio.detach(), M.float()
+    log_ratio = log_ratio.detach()
     s = (M * log_ratio.clamp(-20.0, 20.0)).sum(-1, keepdim=True)
     if rho is not None:  # unmasked, as in TRL: padding has rho = 1, i.e. contributes 0
-        s = s + torch.log(rho.float()).clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
+        s = s + torch.log(rho).clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
     log_w = s.clamp(math.log(1e-8), 20.0)
     pos = A >= 0
     k = torch.where(pos, cfg.vespo_k_pos, cfg.vespo_k_neg)
@@ -261,7 +261,7 @@ def vespo_weights(cfg: LossConfig, A: torch.Tensor, log_ratio: torch.Tensor, M: 
 def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling_ratio=None,
                   num_items_in_batch=None):
     """Float32 reference for ``algorithm="grpo"``. Returns (loss, metrics without entropy)."""
-    lp_old = lp.detach() if old_logp is None else old_logp.float()
+    lp_old = lp.detach() if old_logp is None else old_logp.to(lp.dtype)
     log_ratio = lp - lp_old  # (B, T)
     level = cfg.importance_sampling_level
     if level == "token":
@@ -279,7 +279,7 @@ def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling
         metrics["kl"] = masked_mean(kl.detach(), M)
     rho = importance_sampling_ratio
     if rho is not None:
-        rho = rho.float().reshape(rho.shape[0], -1)
+        rho = rho.to(lp.dtype).reshape(rho.shape[0], -1)
     lt = cfg.loss_type
     if lt in PPO_CLIP_LOSSES:
         r_clipped = torch.clamp(r, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
@@ -308,7 +308,7 @@ def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling
 
 def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None):
     """Float32 reference for ``algorithm="gmpo"`` (TRL ``GMPOTrainer._compute_loss``)."""
-    lp_old = lp.detach() if old_logp is None else old_logp.float()
+    lp_old = lp.detach() if old_logp is None else old_logp.to(lp.dtype)
     log_ratio = lp - lp_old
     c = torch.clamp(log_ratio, -cfg.epsilon_low, cfg.epsilon_high)
     # Sign-aware one-sided clip in log space: only the upper side clips for A > 0, only the lower for A <= 0.
@@ -329,11 +329,14 @@ def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None):
 
 def policy_loss_ref(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_logp=None,
                     importance_sampling_ratio=None, num_items_in_batch=None, entropy=None):
-    """The torch oracle of :func:`policy_loss` for a validated ``cfg`` (all math in float32)."""
-    lp = logp.float()
-    A = advantages.float()
+    """The torch oracle of :func:`policy_loss` for a validated ``cfg``.
+
+    The math runs in float32 (float64 inputs stay float64, for gradcheck); metrics are float32.
+    """
+    lp = logp if logp.dtype == torch.float64 else logp.float()
+    A = advantages.to(lp.dtype)
     A = A.unsqueeze(1) if A.dim() == 1 else A  # (B, 1) or (B, T)
-    M = mask.float()
+    M = mask.to(lp.dtype)
     if cfg.algorithm == "gmpo":
         loss, metrics = gmpo_loss_ref(cfg, lp, old_logp, A, M, ref_logp=ref_logp)
     else:
@@ -341,7 +344,7 @@ def policy_loss_ref(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_lo
                                       importance_sampling_ratio=importance_sampling_ratio,
                                       num_items_in_batch=num_items_in_batch)
     if entropy is not None:
-        metrics = {"entropy": masked_mean(entropy.detach().float(), M), **metrics}
+        metrics = {"entropy": masked_mean(entropy.detach().to(lp.dtype), M), **metrics}
     return loss, {k: v.detach().float() for k, v in metrics.items()}
 
 
