@@ -1,0 +1,366 @@
+"""gfpo-fast for TRL users: GFPO, and TRL's GRPO / GSPO / GSPO-token / GMPO trainers on gfpo-fast's loss.
+
+Supported TRL: ``>=1.16,<1.17`` (:data:`SUPPORTED_TRL`; tested with 1.16.0 on CPU, fp32). Importing this
+module with another TRL raises ``ImportError`` naming that range. Install with ``pip install 'gfpo-fast[trl]'``.
+
+Fast loss (``FastGRPOTrainer``, ``FastGMPOTrainer``, or ``patch(trainer)`` on an existing instance):
+only ``_compute_loss`` changes. The policy forward returns the completion logits (the model's own
+forward, ``logits_to_keep = T + 1``) and :func:`gfpo_fast.fused_policy_loss` computes log-probs, the loss
+and its gradient in one op, with TRL's normalisers and metric names (``entropy``, ``kl``, ``clip_ratio/*``,
+``cispo_clip_ratio``, ``vespo/phi_seq_mean``, reduced over processes as TRL does). Generation, rewards,
+advantages, old / reference log-probs and the optimizer are TRL's. GSPO-token, which TRL 1.14 dropped with
+``trl.experimental.gspo_token``, is ``FastGRPOTrainer`` with ``GRPOConfig(importance_sampling_level=
+"sequence_token")`` (loss types grpo, bnpo, dr_grpo, dapo).
+
+Config fields that shape the loss are honoured: ``loss_type``, ``importance_sampling_level``, ``epsilon``,
+``epsilon_high``, ``delta``, ``beta``, ``use_bias_correction_kl``, ``max_completion_length`` (dr_grpo),
+``temperature``, ``sapo_*``, ``vespo_*``, ``num_iterations`` / ``steps_per_generation`` (old log-probs, the
+dapo normaliser), the vLLM importance-sampling ratio, ``mask_truncated_completions`` and tool masks. Refused
+at construction with a ``ValueError`` naming the field: ``top_entropy_quantile < 1``,
+``off_policy_mask_threshold``, ``entropy_coef != 0`` / ``use_adaptive_entropy``, a MoE auxiliary loss
+(``router_aux_loss_coef`` must be 0 for MoE models); for GMPO also the fields TRL's GMPO ignores (``delta``,
+``importance_sampling_level != "token"``, ``use_bias_correction_kl``, the vLLM ratio). Vision-language
+batches are refused at the first step. The model must accept ``logits_to_keep`` (every transformers
+causal LM does).
+
+GFPO (``GFPOConfig``, ``GFPOTrainer``; API of TRL v1.7.1's removed experimental trainer, section 11 of
+the spec): after TRL scores a generation batch, ``group_filter_func`` scores every completion, the top
+``num_remains_in_group`` of each group (rows ``[g*G, (g+1)*G)``) are kept, their advantages come from the
+kept rows only (:func:`gfpo_fast.gfpo_filter`), and the rejected rows are removed from the batch, so they
+never enter the policy forward or backward; ``num_items_in_batch`` is recounted over the kept rows.
+Differences from v1.7.1: the filter sees the right groups (v1.7.1 passed shifted windows), ``2 <= k < G``
+is enforced, kept rows keep their original order, ties go to the lower row, the scores are broadcast from
+process 0 (a stochastic filter cannot disagree across processes), unscorable rows (every reward None) are
+left out of the kept-row statistics, and TRL's reward metrics still describe every generated completion.
+GFPOTrainer uses TRL's own loss; ``patch(GFPOTrainer(...))`` puts it on gfpo-fast's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import types
+import warnings
+
+import torch
+
+try:
+    import trl
+    from packaging.version import Version
+except ImportError as err:  # pragma: no cover - the module is only imported by TRL users
+    raise ImportError("gfpo_fast.integrations.trl needs TRL: pip install 'gfpo-fast[trl]'") from err
+
+SUPPORTED_TRL = ">=1.16,<1.17"
+if not Version("1.16") <= Version(Version(trl.__version__).base_version) < Version("1.17"):
+    raise ImportError(
+        f"gfpo_fast.integrations.trl supports trl{SUPPORTED_TRL}, found trl {trl.__version__}; "
+        f"install a supported one with pip install 'trl{SUPPORTED_TRL}'"
+    )
+
+from accelerate.utils import broadcast, gather, gather_object  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.trainer.utils import get_config_model_id, nanmax, nanmin  # noqa: E402
+
+with warnings.catch_warnings():  # TRL warns on every import of an experimental module
+    warnings.simplefilter("ignore")
+    from trl.experimental.gmpo import GMPOTrainer  # noqa: E402
+
+from ..advantages import gfpo_filter  # noqa: E402
+from ..fused_loss import fused_policy_loss  # noqa: E402
+from ..policy_loss import make_loss_config  # noqa: E402
+
+__all__ = ["SUPPORTED_TRL", "FastGMPOTrainer", "FastGRPOTrainer", "GFPOConfig", "GFPOTrainer", "patch"]
+
+logger = logging.getLogger(__name__)
+
+# Batch fields of vision-language models: the fast forward does not pass them to the model.
+VISION_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+               "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+EXTREME_METRICS = ("clip_ratio/low_min", "clip_ratio/high_max")
+
+
+# ----------------------------------------------------------------------------- fast loss
+def _loss_kwargs(args: GRPOConfig, algorithm: str) -> dict:
+    """The gfpo-fast loss keywords of a TRL config; raises ValueError for a field the fast loss cannot honour."""
+    refused = [
+        ("top_entropy_quantile", args.top_entropy_quantile != 1.0, "the high-entropy token mask is not implemented; "
+         "set top_entropy_quantile=1.0"),
+        ("off_policy_mask_threshold", args.off_policy_mask_threshold is not None, "off-policy sequence masking is "
+         "not implemented; set off_policy_mask_threshold=None"),
+        ("entropy_coef", args.entropy_coef != 0.0 or args.use_adaptive_entropy, "the entropy bonus is not "
+         "implemented; set entropy_coef=0.0 and use_adaptive_entropy=False"),
+    ]
+    if algorithm == "gmpo":
+        ignored = "TRL's GMPOTrainer ignores it, so the objective would not be the one asked for"
+        refused += [
+            ("delta", args.delta is not None, f"{ignored}; set delta=None"),
+            ("importance_sampling_level", args.importance_sampling_level != "token", f"{ignored}; leave it 'token'"),
+            ("use_bias_correction_kl", args.use_bias_correction_kl, f"{ignored}; set it to False"),
+            ("vllm_importance_sampling_correction", args.use_vllm and args.vllm_importance_sampling_correction,
+             f"{ignored} (GMPO never applies the vLLM ratio); set vllm_importance_sampling_correction=False"),
+        ]
+    for name, bad, why in refused:
+        if bad:
+            raise ValueError(f"{name}={getattr(args, name)!r} is not supported by gfpo-fast's {algorithm} loss: {why}")
+    kwargs = dict(algorithm=algorithm, epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta)
+    if algorithm == "grpo":
+        kwargs.update(
+            loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level, delta=args.delta,
+            use_bias_correction_kl=args.use_bias_correction_kl, max_completion_length=args.max_completion_length,
+            sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg,
+        )
+    make_loss_config(**kwargs)  # the field names match GRPOConfig's, so its errors name the field to change
+    return kwargs
+
+
+def _install(trainer: GRPOTrainer, algorithm: str) -> None:
+    """Checks a constructed trainer and stores the loss keywords the fast ``_compute_loss`` reads."""
+    kwargs = _loss_kwargs(trainer.args, algorithm)
+    if trainer.aux_loss_enabled:
+        raise ValueError(
+            f"router_aux_loss_coef={trainer.router_aux_loss_coef} adds a MoE load-balancing loss, which gfpo-fast's "
+            "loss does not compute; set router_aux_loss_coef=0.0 or use TRL's trainer"
+        )
+    trainer._gf_loss_kwargs = kwargs
+
+
+def _fast_compute_loss(self, model, inputs):
+    """``GRPOTrainer._compute_loss`` on gfpo-fast: the same loss value, gradient and metrics as TRL's."""
+    vision = sorted(k for k in VISION_KEYS if inputs.get(k) is not None)
+    if vision:
+        raise ValueError(f"gfpo-fast's TRL loss does not support vision-language batches (got {vision}); "
+                         "use TRL's own trainer for this model")
+    prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+    completion_mask = inputs["completion_mask"]
+    mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
+    T = completion_ids.size(1)
+    with self.accelerator.autocast():
+        out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+                    attention_mask=torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+                    logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, :-1]  # (B, T, V): position t predicts completion token t
+
+    train = self.model.training
+    kwargs = dict(self._gf_loss_kwargs, num_processes=self.accelerator.num_processes,
+                  grad_accum_steps=self.current_gradient_accumulation_steps if train else 1)
+    if self.beta != 0.0:
+        kwargs["ref_logp"] = inputs["ref_per_token_logps"]
+    if kwargs["algorithm"] == "grpo":
+        n = inputs["num_items_in_batch"]  # tokens of the generation batch; TRL rescales it to one accumulation window
+        kwargs["num_items_in_batch"] = n * kwargs["grad_accum_steps"] / self.args.steps_per_generation if train else n
+        if self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction):
+            kwargs["importance_sampling_ratio"] = inputs.get("importance_sampling_ratio")
+    loss, metrics = fused_policy_loss(logits, completion_ids, inputs.get("old_per_token_logps"), inputs["advantages"],
+                                      mask, temperature=self.temperature, return_entropy=True, **kwargs)
+    _log_loss_metrics(self, metrics, mask)
+    return loss
+
+
+def _log_loss_metrics(trainer, metrics: dict, mask: torch.Tensor) -> None:
+    """Appends the loss metrics to ``trainer._metrics`` with TRL's cross-process weighting (one host sync).
+
+    Means are weighted by the tokens of each process (by its rows for per-sequence quantities: sequence-level
+    ratios and VESPO's weight); ``low_min`` / ``high_max`` are the NaN-aware extremes over processes.
+    """
+    kw = trainer._gf_loss_kwargs
+    per_row = {"vespo/phi_seq_mean"}
+    if kw.get("importance_sampling_level") == "sequence":
+        per_row |= {name for name in metrics if name.startswith("clip_ratio/") or name == "cispo_clip_ratio"}
+    means = [name for name in metrics if name not in EXTREME_METRICS]
+    n_tok, n_row = mask.sum().float(), torch.tensor(float(mask.shape[0]), device=mask.device)
+    counts = torch.stack([n_row if name in per_row else n_tok for name in means])
+    values = torch.stack([metrics[name].to(mask.device) for name in means])
+    totals = trainer.accelerator.reduce(torch.stack([values * counts, counts]), reduction="sum")
+    reduced = list(totals[0] / totals[1].clamp(min=1.0))
+    extremes = [name for name in EXTREME_METRICS if name in metrics]
+    if extremes:
+        gathered = trainer.accelerator.gather(torch.stack([metrics[name].to(mask.device) for name in extremes]))
+        gathered = gathered.view(-1, len(extremes))
+        reduced += [nanmin(gathered[:, i]) if name.endswith("min") else nanmax(gathered[:, i])
+                    for i, name in enumerate(extremes)]
+    mode = "train" if trainer.model.training else "eval"
+    for name, value in zip(means + extremes, torch.stack(reduced).tolist()):  # host sync
+        trainer._metrics[mode][name].append(value)
+
+
+class FastGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` (same constructor) with the loss computed by gfpo-fast (module docstring).
+
+    Also the GSPO (``importance_sampling_level="sequence"``) and GSPO-token (``"sequence_token"``) trainer.
+    """
+
+    def __init__(self, model, reward_funcs=None, args=None, *more, **kwargs):
+        if args is not None:
+            _loss_kwargs(args, "grpo")  # fail before the models are loaded
+        super().__init__(model, reward_funcs, args, *more, **kwargs)
+        _install(self, "grpo")
+
+    _compute_loss = _fast_compute_loss
+
+
+class FastGMPOTrainer(GMPOTrainer):
+    """TRL's ``trl.experimental.gmpo.GMPOTrainer`` (same constructor) with the loss computed by gfpo-fast."""
+
+    def __init__(self, model, reward_funcs, args=None, **kwargs):
+        if args is not None:
+            _loss_kwargs(args, "gmpo")
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        _install(self, "gmpo")
+
+    _compute_loss = _fast_compute_loss
+
+
+def patch(trainer: GRPOTrainer) -> GRPOTrainer:
+    """Puts a constructed TRL ``GRPOTrainer`` or ``GMPOTrainer`` (or subclass, e.g. ``GFPOTrainer``) on gfpo-fast's loss.
+
+    Only this instance changes (its ``_compute_loss`` is rebound); nothing process-wide is patched. A trainer
+    whose class overrides ``_compute_loss`` with another objective is refused. Returns the trainer.
+    """
+    if not isinstance(trainer, GRPOTrainer):
+        raise TypeError(f"patch expects a trl GRPOTrainer (or subclass), got {type(trainer).__name__}")
+    own = type(trainer)._compute_loss
+    if own not in (GRPOTrainer._compute_loss, GMPOTrainer._compute_loss, _fast_compute_loss):
+        raise ValueError(
+            f"{type(trainer).__name__} overrides _compute_loss; patching it would replace that objective with "
+            "GRPO's. Patch a GRPOTrainer, a GMPOTrainer or a subclass that keeps their loss"
+        )
+    _install(trainer, "gmpo" if isinstance(trainer, GMPOTrainer) else "grpo")
+    trainer._compute_loss = types.MethodType(_fast_compute_loss, trainer)
+    return trainer
+
+
+# ----------------------------------------------------------------------------- GFPO
+@dataclasses.dataclass
+class GFPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus GFPO's ``num_remains_in_group`` (TRL v1.7.1's ``GFPOConfig``)."""
+
+    num_remains_in_group: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "k, the completions kept per group by the group filter (2 <= k < num_generations); "
+                          "None disables the filter (plain GRPO)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        k, G = self.num_remains_in_group, self.num_generations
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 2 <= k < G):
+            raise ValueError(
+                f"num_remains_in_group must be an integer with 2 <= k < num_generations={G} (k = 1 has no group std, "
+                f"k = G filters nothing), got {k!r}"
+            )
+
+
+# Per-row fields of TRL's generation batch, filtered with the rows; any other field is refused.
+ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_per_token_logps",
+            "importance_sampling_ratio", "sampling_per_token_logps", "ref_per_token_logps", "tool_mask")
+
+
+class GFPOTrainer(GRPOTrainer):
+    """Group Filtered Policy Optimization (arXiv 2508.09726) on TRL's ``GRPOTrainer`` (module docstring).
+
+    ``group_filter_func(group_completions=..., group_rewards=..., **kwargs)`` receives, for the ``N / G``
+    groups of the global generation batch, lists of ``G`` completions (as given to reward functions) and of
+    ``G`` weighted rewards (a missing reward counts 0), and returns one score per completion per group,
+    higher = kept: ``-len`` keeps the shortest, ``reward / len`` the most token-efficient. A filter that accepts
+    a ``group_completion_ids`` keyword (or ``**kwargs``) also gets the completion token ids, grouped alike.
+    Arguments after ``peft_config`` are passed to ``GRPOTrainer`` (``tools``, ``rollout_func``, ...).
+    """
+
+    def __init__(self, model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
+                 reward_processing_classes=None, group_filter_func=None, callbacks=None, optimizers=(None, None),
+                 peft_config=None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = GFPOConfig(f"{name.split('/')[-1]}-GFPO")
+        k = getattr(args, "num_remains_in_group", None)
+        if k is not None:
+            self._check_gfpo_args(args, k, group_filter_func)
+        elif group_filter_func is not None:
+            logger.warning("group_filter_func is inactive: num_remains_in_group is not set")
+        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+                         callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs)
+        self.group_filter_func = group_filter_func
+        self.num_remains_in_group = k
+        self._gfpo_pending = None
+        if group_filter_func is not None:
+            params = inspect.signature(group_filter_func).parameters.values()
+            self._filter_gets_ids = any(p.kind is p.VAR_KEYWORD or p.name == "group_completion_ids" for p in params)
+
+    @staticmethod
+    def _check_gfpo_args(args, k, group_filter_func) -> None:
+        if group_filter_func is None:
+            raise ValueError(f"num_remains_in_group={k} needs a group_filter_func to rank the completions of a group")
+        G = args.num_generations
+        local_rows = args.per_device_train_batch_size * args.steps_per_generation
+        if local_rows % G:
+            raise ValueError(
+                f"GFPO filters whole groups on each process: per_device_train_batch_size * steps_per_generation = "
+                f"{local_rows} must be a multiple of num_generations={G}"
+            )
+        if (args.per_device_train_batch_size * k) % G:
+            raise ValueError(
+                f"after filtering, a micro-batch holds per_device_train_batch_size * num_remains_in_group / "
+                f"num_generations = {args.per_device_train_batch_size} * {k} / {G} rows, which must be an integer "
+                "(otherwise TRL's split would drop rows); change per_device_train_batch_size or num_remains_in_group"
+            )
+        if args.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("GFPO computes its advantages from the weighted reward sum: set "
+                             "multi_objective_aggregation='sum_then_normalize'")
+
+    def _filtering(self) -> bool:
+        return self.num_remains_in_group is not None and self.model.training
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self._filtering():  # kept for the filter, which runs on the scored batch
+            self._gfpo_pending = (rewards_per_func, gather_object(completions), gather_object(completion_ids_list))
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if not self._filtering():
+            return batch
+        pending, self._gfpo_pending = self._gfpo_pending, None
+        return self._filter_groups(batch, *pending)
+
+    def _filter_groups(self, batch, rewards_per_func, completions, completion_ids):
+        """Keeps the top-k rows of every group of ``batch``, with GFPO advantages and a recounted token total."""
+        unknown = sorted(key for key, v in batch.items() if v is not None and key not in (*ROW_KEYS, "num_items_in_batch"))
+        if unknown:
+            raise ValueError(f"GFPOTrainer cannot filter the batch fields {unknown} (vision-language inputs); "
+                             "use GRPO for this model")
+        G, k = self.num_generations, self.num_remains_in_group
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights).nansum(dim=1)  # (N,)
+        rewards = torch.where(torch.isnan(rewards_per_func).all(dim=1), torch.nan, rewards)
+        num_groups = rewards.numel() // G
+        extra = {}
+        if self._filter_gets_ids:
+            extra["group_completion_ids"] = [completion_ids[g * G:(g + 1) * G] for g in range(num_groups)]
+        scores = self.group_filter_func(
+            group_completions=[completions[g * G:(g + 1) * G] for g in range(num_groups)],
+            group_rewards=torch.nan_to_num(rewards, nan=0.0).view(num_groups, G).tolist(), **extra,
+        )
+        scores = torch.as_tensor(scores, dtype=torch.float32, device=rewards.device)
+        if tuple(scores.shape) != (num_groups, G):
+            raise ValueError(f"group_filter_func must return {num_groups} lists of {G} scores (one per completion), "
+                             f"got shape {tuple(scores.shape)}")
+        scores = broadcast(scores)  # every process keeps the rows process 0 chose
+        advantages, keep = gfpo_filter(rewards, scores.view(-1), G, k, scale_rewards=self.scale_rewards)
+
+        n_local = batch["completion_ids"].shape[0]
+        local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
+        kept = keep[local]
+        out = {key: (v[kept] if key in ROW_KEYS and v is not None else v) for key, v in batch.items()}
+        out["advantages"] = advantages[local][kept]
+        loss_mask = out["completion_mask"] if out.get("tool_mask") is None else out["completion_mask"] * out["tool_mask"]
+        out["num_items_in_batch"] = gather(loss_mask.sum()).sum()
+        # The completions table shows the advantages that train (rejected rows: 0), not GRPO's.
+        logged = self._logs["advantages"]
+        for _ in range(min(len(logged), rewards.numel())):
+            logged.pop()
+        logged.extend(advantages.tolist())
+        return out
