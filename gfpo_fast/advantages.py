@@ -97,16 +97,19 @@ def group_advantages_ref(
         total = weighted_rewards(z, reward_weights)  # z is NaN where the reward was
         adv = (total - torch.nanmean(total)) / (nanstd(total) + STD_EPS)
         return torch.nan_to_num(adv, nan=0.0)
-    r = weighted_rewards(rewards, reward_weights)
-    grouped = r.view(-1, G)
-    mean = torch.nanmean(grouped, dim=1, keepdim=True)
-    adv = grouped - mean
-    if scale != "none":
-        if scale == "group":
-            std = nanstd(grouped, dim=1, keepdim=True) if G > 1 else torch.zeros_like(mean)
-        else:
-            std = nanstd(r) if r.numel() > 1 else torch.zeros((), device=r.device)
-        adv = adv / (std + STD_EPS)
+    return _normalize_groups(weighted_rewards(rewards, reward_weights).view(-1, G), scale)
+
+
+def _normalize_groups(grouped: torch.Tensor, scale: str) -> torch.Tensor:
+    """[groups, G] float32 rewards, NaN = not counted -> [N] advantages, NaN -> 0.
+
+    A group of one scored row gets std NaN where TRL uses 0 for G = 1; both give advantage 0.
+    """
+    adv = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
+    if scale == "group":
+        adv = adv / (nanstd(grouped, dim=1, keepdim=True) + STD_EPS)
+    elif scale == "batch":
+        adv = adv / (nanstd(grouped) + STD_EPS)
     return torch.nan_to_num(adv.reshape(-1), nan=0.0)
 
 
@@ -125,13 +128,7 @@ def gfpo_filter_ref(
     scale = normalize_scale_rewards(scale_rewards)
     keep = gfpo_keep_mask(scores, G, num_remains_in_group)
     kept = torch.where(keep, rewards.float(), torch.nan).view(-1, G)
-    adv = kept - torch.nanmean(kept, dim=1, keepdim=True)
-    if scale == "group":
-        adv = adv / (nanstd(kept, dim=1, keepdim=True) + STD_EPS)
-    elif scale == "batch":
-        adv = adv / (nanstd(kept) + STD_EPS)
-    adv = torch.where(keep, torch.nan_to_num(adv.reshape(-1), nan=0.0), 0.0)
-    return adv, keep
+    return torch.where(keep, _normalize_groups(kept, scale), 0.0), keep
 
 
 # ----------------------------------------------------------------------------- public API
