@@ -164,6 +164,10 @@ def group_advantages(
     _weights(reward_weights, rewards.shape[1] if rewards.dim() == 2 else 1, rewards.device)
     kwargs = dict(reward_weights=reward_weights, scale_rewards=scale_rewards, aggregation=aggregation)
     impl = backends.select("group_advantages", backend, rewards.device)
+    if impl == "triton":
+        from .kernels.group_advantages import group_advantages_triton
+
+        return group_advantages_triton(rewards, num_generations, **kwargs)
     if impl == "cpp":
         from .cpu.advantages import group_advantages_cpp
 
@@ -209,6 +213,10 @@ def gfpo_filter(
         raise ValueError("scores contains NaN; a GFPO filter score must be a number for every row")
     normalize_scale_rewards(scale_rewards)
     impl = backends.select("gfpo_filter", backend, rewards.device)
+    if impl == "triton":
+        from .kernels.group_advantages import gfpo_filter_triton
+
+        return gfpo_filter_triton(rewards, scores, num_generations, num_remains_in_group, scale_rewards=scale_rewards)
     if impl == "cpp":
         from .cpu.advantages import gfpo_filter_cpp
 

@@ -22,8 +22,8 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 
 # The ops each fast backend implements. A backend module adds its op here when it lands.
 IMPLEMENTED = {
-    "triton": frozenset(),
-    "cpp": frozenset({"group_advantages", "gfpo_filter"}),
+    "triton": frozenset({"token_logprobs", "fused_policy_loss", "group_advantages", "gfpo_filter"}),
+    "cpp": frozenset({"group_advantages", "gfpo_filter", "token_logprobs"}),
 }
 
 _forced: str | None = None

@@ -1,0 +1,28 @@
+"""Launch helpers shared by the kernel families: the device guard and the vocab tile choice."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+# Vocab tile cap on a GPU: 4096 elements are 16 per thread at 8 warps, which keeps the fp32 tile
+# (and the exp/where temporaries of the backward) in registers without spilling; larger tiles
+# only lengthen each iteration of a loop that is memory-bound anyway.
+MAX_BLOCK_V = 4096
+# Under the CPU interpreter every tl op costs ~0.3 ms per program and tile, whatever its width
+# (cpu_machine_notes.md section 2), so wide tiles make the tests fast; tests lower this to force
+# several ragged tiles.
+MAX_BLOCK_V_INTERPRETER = 16384
+
+
+def device_guard(x: torch.Tensor):
+    """Launches on ``x``'s GPU even when another device is current (a no-op on the CPU interpreter)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def vocab_tile(V: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row loop over ``V`` vocab entries."""
+    cap = MAX_BLOCK_V if device.type == "cuda" else MAX_BLOCK_V_INTERPRETER
+    block = min(triton.next_power_of_2(V), cap)
+    return block, (8 if block >= 2048 else 4)

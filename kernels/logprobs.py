@@ -1,0 +1,222 @@
+"""Per-token log-probs (and entropies) of chosen tokens, straight from the logits, in Triton.
+
+For each of the ``N = B*T`` rows, with ``z = logits / temperature`` (TRL divides by the sampling
+temperature, trl_semantics.md section 2.3)::
+
+    lse[n]     = log sum_v exp(z[n, v])                      (online max / sum over vocab tiles, fp32)
+    logp[n]    = z[n, y_n] - lse[n]
+    entropy[n] = lse[n] - sum_v softmax(z[n])_v z[n, v]
+    dlogits[n, v] = ( dlogp[n] (1[v = y_n] - p_v) - dentropy[n] p_v (z_v - lse + entropy) ) / temperature
+
+Shapes and dtypes: ``logits`` ``[B, T, V]`` or ``[N, V]``, fp32 / bf16 / fp16, any row strides (for
+example the ``[:, :-1]`` slice of a model's output), vocab stride 1 (otherwise one copy is made);
+``token_ids`` ``[B, T]`` / ``[N]`` int64 or int32, any strides; ``logp``, ``entropy`` and the saved
+``lse`` are fp32 and shaped like ``token_ids``; the logits gradient has the logits' dtype and shape.
+
+Memory traffic per logit (bf16, 2 bytes): the torch reference reads the logits and writes and reads
+fp32 copies of them several times (``.float()``, ``/ temperature``, ``logsumexp``, and in backward
+softmax, the gather's scatter, the sum and the cast back): about 60 bytes forward + backward. These
+kernels read each logit once in forward (2 bytes) and read it once and write its gradient once in
+backward (4 bytes): 6 bytes, a ~10x smaller floor; per-row extras (lse, logp, entropy) are O(N).
+Nothing of size [N, V] is allocated except the gradient itself, and not even that with ``inplace``.
+
+Run-time arguments, never constants: N, T, V, the row strides and the temperature, so a new batch
+shape or temperature reuses the compiled kernel (sizes that change every step are excluded from
+Triton's integer specialisation with ``do_not_specialize``). The grid is 1-D over rows, so any
+number of rows (> 65,535) works, and row offsets are computed in int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import device_guard, vocab_tile
+
+# Sizes that change with the batch shape every step: T, and the batch strides that are multiples
+# of T. Triton would otherwise specialise them on "== 1" and "divisible by 16", i.e. compile up to
+# three variants as T changes. The vocab-sized strides stay specialised: they are fixed per model
+# and their alignment lets the compiler vectorise the tile loads.
+_RUNTIME_SIZES = ["stride_lb", "stride_ib", "T"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
+def _token_logprobs_fwd_kernel(
+    logits_ptr, ids_ptr, logp_ptr, lse_ptr, entropy_ptr,  # pointers; outputs are contiguous fp32 [N]
+    stride_lb, stride_lt, stride_ib, stride_it,  # strides (elements) of logits / token_ids over (b, t)
+    T, V,  # runtime sizes: completion length (row r is (r // T, r % T)), vocab
+    inv_temperature,  # runtime fp32 scalar: a new temperature does not recompile
+    BLOCK_V: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 so that b * stride_lb cannot overflow past 2^31 elements
+    b = row // T
+    t = row - b * T
+    x_row = logits_ptr + b * stride_lb + t * stride_lt
+    target = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
+
+    # Online softmax (Milakov & Gimelshein 2018): m = running max of z, d = sum exp(z - m), and for
+    # the entropy s = sum exp(z - m) z; each tile rescales the running sums by exp(m_old - m_new).
+    m = tl.full((), float("-inf"), tl.float32)
+    d = tl.zeros((), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_vocab = offs < V
+        z = tl.load(x_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        scale = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)  # 0 on the lanes past V
+        d = d * scale + tl.sum(e, axis=0)
+        if HAS_ENTROPY:
+            s = s * scale + tl.sum(e * tl.where(in_vocab, z, 0.0), axis=0)  # where: 0 * -inf would be NaN
+        m = m_new
+    lse = m + tl.log(d)
+    z_target = tl.load(x_row + target).to(tl.float32) * inv_temperature
+    tl.store(logp_ptr + row, z_target - lse)
+    tl.store(lse_ptr + row, lse)
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + row, lse - s / d)
+
+
+@triton.jit(do_not_specialize=["stride_gb"] + _RUNTIME_SIZES)
+def _token_logprobs_bwd_kernel(
+    grad_ptr, logits_ptr, ids_ptr, lse_ptr, dlogp_ptr, entropy_ptr, dentropy_ptr,  # pointers; per-row ones [N] fp32
+    stride_gb, stride_gt, stride_lb, stride_lt, stride_ib, stride_it,  # strides of grad / logits / token_ids
+    T, V,  # runtime sizes
+    inv_temperature,  # runtime fp32 scalar
+    BLOCK_V: tl.constexpr,
+    HAS_DENTROPY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    x_row = logits_ptr + b * stride_lb + t * stride_lt
+    g_row = grad_ptr + b * stride_gb + t * stride_gt
+    g = tl.load(dlogp_ptr + row)
+    skip = g == 0.0
+    if HAS_DENTROPY:
+        gh = tl.load(dentropy_ptr + row)
+        # dH/dz_v = -p_v (log p_v + H) = -p_v (z_v + c) with c = H - lse
+        c = tl.load(entropy_ptr + row) - tl.load(lse_ptr + row)
+        skip = skip & (gh == 0.0)
+    if skip:
+        # Masked tokens, GFPO's dropped rows: no read of the logits, only zeros written.
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            tl.store(g_row + offs, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < V)
+    else:
+        target = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
+        lse = tl.load(lse_ptr + row)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            in_vocab = offs < V
+            z = tl.load(x_row + offs, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
+            p = tl.exp(z - lse)  # softmax recomputed from the saved lse: nothing [N, V] was kept
+            # (onehot - p) in fp32: for the target lane 1 - p stays exact enough even when p -> 1.
+            dz = g * (tl.where(offs == target, 1.0, 0.0) - p)
+            if HAS_DENTROPY:
+                dz -= gh * p * (z + c)
+            # Each tile is read before it is written, so grad_ptr may alias logits_ptr (inplace).
+            tl.store(g_row + offs, (dz * inv_temperature).to(grad_ptr.dtype.element_ty), mask=in_vocab)
+
+
+def _as_rows(logits: torch.Tensor, token_ids: torch.Tensor):
+    """[B, T, V] / [B, T] views of the inputs (a 2-D [N, V] input becomes B = 1), vocab stride 1."""
+    if logits.dim() == 2:
+        logits, token_ids = logits.unsqueeze(0), token_ids.unsqueeze(0)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits, token_ids
+
+
+def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, return_entropy: bool):
+    """Launches the forward kernel. Returns fp32 ``(logp, lse, entropy or None)`` shaped like ``token_ids``."""
+    x, ids = _as_rows(logits, token_ids)
+    B, T, V = x.shape
+    logp = torch.empty(token_ids.shape, dtype=torch.float32, device=x.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if return_entropy else None
+    block_v, num_warps = vocab_tile(V, x.device)
+    if B * T > 0:
+        with device_guard(x):
+            _token_logprobs_fwd_kernel[(B * T,)](
+                x, ids, logp, lse, entropy if return_entropy else logp,  # unused pointer when no entropy
+                x.stride(0), x.stride(1), ids.stride(0), ids.stride(1),
+                T, V,
+                1.0 / temperature,
+                BLOCK_V=block_v, HAS_ENTROPY=return_entropy, num_warps=num_warps,
+            )
+    return logp, lse, entropy
+
+
+def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entropy=None, dentropy=None,
+                            inplace=False) -> torch.Tensor:
+    """dL/dlogits from ``dlogp`` (and ``dentropy``), [N]-shaped like ``token_ids``.
+
+    ``inplace=True`` writes the gradient over ``logits`` and returns it (the caller must not need
+    the logits afterwards); otherwise a new tensor of the logits' shape and dtype is returned.
+    Rows whose ``dlogp`` (and ``dentropy``) is 0 get a zero gradient without reading their logits.
+    """
+    x, ids = _as_rows(logits, token_ids)
+    B, T, V = x.shape
+    grad = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    has_dentropy = dentropy is not None
+    dlogp = dlogp.float().contiguous()
+    if has_dentropy:
+        dentropy = dentropy.float().contiguous()
+    block_v, num_warps = vocab_tile(V, x.device)
+    if B * T > 0:
+        with device_guard(x):
+            _token_logprobs_bwd_kernel[(B * T,)](
+                grad, x, ids, lse, dlogp, entropy if has_dentropy else lse, dentropy if has_dentropy else dlogp,
+                grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), ids.stride(0), ids.stride(1),
+                T, V,
+                1.0 / temperature,
+                BLOCK_V=block_v, HAS_DENTROPY=has_dentropy, num_warps=num_warps,
+            )
+    return grad.view(logits.shape) if logits.dim() == 2 else grad
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Autograd for :func:`token_logprobs_triton`: saves the logits, ids and the fp32 lse (and entropy)."""
+
+    @staticmethod
+    def forward(ctx, logits, token_ids, temperature, return_entropy, inplace):
+        logp, lse, entropy = token_logprobs_forward(logits, token_ids, temperature, return_entropy)
+        ctx.save_for_backward(logits, token_ids, lse, entropy)
+        ctx.temperature, ctx.inplace = temperature, inplace
+        ctx.set_materialize_grads(False)  # an unused output (entropy) brings None, not a zeros tensor
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    def backward(ctx, dlogp, dentropy=None):
+        logits, token_ids, lse, entropy = ctx.saved_tensors
+        if dlogp is None and dentropy is None:
+            return None, None, None, None, None
+        if dlogp is None:
+            dlogp = torch.zeros_like(lse)
+        grad = token_logprobs_backward(logits, token_ids, lse, dlogp, ctx.temperature, entropy=entropy,
+                                       dentropy=dentropy, inplace=ctx.inplace)
+        return grad, None, None, None, None
+
+
+def token_logprobs_triton(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
+                          return_entropy: bool = False, inplace: bool = False):
+    """Log-probs of ``token_ids`` under ``softmax(logits / temperature)``, with the Triton kernels.
+
+    Args:
+        logits: ``[B, T, V]`` or ``[N, V]``, fp32, bf16 or fp16, any row strides.
+        token_ids: ``[B, T]`` or ``[N]`` int64/int32 ids in ``[0, V)``.
+        temperature: > 0, a run-time scalar (no recompile per value).
+        return_entropy: also return the entropies. They are differentiable (TRL's entropy bonus
+            back-propagates through them); unused, they cost nothing in backward.
+        inplace: backward overwrites ``logits`` with its gradient instead of allocating one; use it
+            only when nothing else needs the logits after this op (e.g. the lm_head output).
+
+    Returns:
+        fp32 ``logp`` shaped like ``token_ids``, or ``(logp, entropy)``. Equivalent to
+        :func:`gfpo_fast.logprobs.token_logprobs_ref` (``log_softmax(logits.float() / temperature)``
+        gathered at ``token_ids``) with autograd to ``logits``.
+    """
+    return TokenLogprobsFunction.apply(logits, token_ids, float(temperature), bool(return_entropy), bool(inplace))
