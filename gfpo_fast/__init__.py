@@ -11,11 +11,14 @@ from .advantages import gfpo_filter, group_advantages, reward_metrics
 from .backends import force_backend
 from .fused_loss import fused_policy_loss
 from .logprobs import token_logprobs
+from .modules import FusedLinearGRPOLoss, GRPOLoss
 from .policy_loss import policy_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedLinearGRPOLoss",
+    "GRPOLoss",
     "force_backend",
     "fused_policy_loss",
     "gfpo_filter",
