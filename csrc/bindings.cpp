@@ -4,6 +4,7 @@
 
 #include "advantages.h"
 #include "common.h"
+#include "logprobs.h"
 
 namespace py = pybind11;
 using gfpo::ptr;
@@ -32,4 +33,31 @@ PYBIND11_MODULE(_C, m) {
                           ptr<float>(adv), ptr<std::uint8_t>(keep));
       },
       "rewards [n] f32, scores [n] f32 -> adv [n] f32, keep [n] u8");
+
+  m.def(
+      "logprobs_forward",
+      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t inner, int64_t stride_outer, int64_t stride_inner,
+         int64_t vocab, uintptr_t token_ids, float inv_temperature, uintptr_t logp, uintptr_t lse, uintptr_t entropy,
+         int n_threads) {
+        py::gil_scoped_release release;
+        gfpo::logprobs_forward(ptr<const void>(logits), dtype, n_rows, {inner, stride_outer, stride_inner}, vocab,
+                               ptr<const int64_t>(token_ids), inv_temperature, ptr<float>(logp), ptr<float>(lse),
+                               ptr<float>(entropy), n_threads);
+      },
+      "logits rows (f32 or bf16 by dtype, row n at (n // inner) * stride_outer + (n % inner) * stride_inner), "
+      "token_ids [n_rows] i64 -> logp, lse [n_rows] f32, entropy [n_rows] f32 unless its address is 0");
+
+  m.def(
+      "logprobs_backward",
+      [](uintptr_t logits, int dtype, int64_t n_rows, int64_t inner, int64_t stride_outer, int64_t stride_inner,
+         int64_t vocab, uintptr_t token_ids, float inv_temperature, uintptr_t lse, uintptr_t entropy,
+         uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t grad_logits, int n_threads) {
+        py::gil_scoped_release release;
+        gfpo::logprobs_backward(ptr<const void>(logits), dtype, n_rows, {inner, stride_outer, stride_inner}, vocab,
+                                ptr<const int64_t>(token_ids), inv_temperature, ptr<const float>(lse),
+                                ptr<const float>(entropy), ptr<const float>(grad_logp),
+                                ptr<const float>(grad_entropy), ptr<void>(grad_logits), n_threads);
+      },
+      "same logits layout; lse, entropy, grad_logp, grad_entropy [n_rows] f32 (0 = absent) -> grad_logits "
+      "[n_rows, vocab] contiguous, logits dtype");
 }

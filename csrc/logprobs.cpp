@@ -1,0 +1,207 @@
+// Per-token log-probs and entropies from logits on the CPU, forward and backward.
+//
+// For each row n (one token position) with z = logits[n, :] / temperature, V = vocab:
+//   lse_n     = log sum_v exp(z_v)
+//   logp_n    = z_{y_n} - lse_n
+//   entropy_n = lse_n - sum_v p_v z_v = log S - U / S,   p_v = exp(z_v - lse_n),
+// where, relative to the running maximum m, S = sum_v exp(z_v - m) and U = sum_v exp(z_v - m) (z_v - m).
+// Backward, with g = dL/dlogp_n and h = dL/dentropy_n (d log p_v = z_v - lse_n):
+//   dL/dz_v      = g (1[v = y_n] - p_v) - h p_v (d log p_v + entropy_n)
+//   dL/dlogits_v = dL/dz_v / temperature.
+//
+// Shapes and dtypes: logits [N, V] float32 or bfloat16 (any row strides, vocab contiguous), token_ids [N]
+// int64; logp, lse, entropy [N] float32; the gradient [N, V] contiguous in the logits dtype. All math is
+// float32. The forward reads each row once: it walks the row in chunks that fit in L1, takes the chunk
+// maximum, rescales the running sums to the new maximum (online logsumexp) and adds the chunk's
+// exponentials from L1. The backward reads the row once and writes its gradient once, recomputing p_v
+// from the saved lse; rows whose incoming gradients are all zero (masked tokens) are just zero-filled.
+// Rows are independent and each is reduced by one thread, so results do not depend on the thread count.
+#include "logprobs.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common.h"
+
+namespace gfpo {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// 2048 floats (8 KiB) of scaled logits per chunk: re-read from L1 by the exponential pass.
+constexpr std::int64_t kChunk = 2048;
+
+// exp(x) for x <= 88, within ~2 ulp, as straight-line float arithmetic the compiler vectorises
+// (std::exp is a library call that blocks vectorisation without -ffast-math, which this project
+// avoids because it breaks NaN handling). x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor
+// series to degree 7 (truncation < 1e-8 relative), 2^n built in the exponent bits. x < -87 gives 0
+// (true value below 1.7e-38, irrelevant next to a softmax denominator >= 1); NaN stays NaN.
+GFPO_INLINE float exp_approx(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;        // ln 2 split in two so n * kLn2Hi is exact
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;         // 1.5 * 2^23: adding it rounds to an integer
+  constexpr std::uint32_t kRoundBits = 0x4B400000u;
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float shifted = xc * kLog2e + kRound;   // n sits in the low mantissa bits
+  const float n = shifted - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  std::uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - kRoundBits + 127u) << 23;     // 2^n, n in [-126, 127]; unsigned wrap is intended
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+GFPO_INLINE float to_float(float v) { return v; }
+GFPO_INLINE float to_float(std::uint16_t v) { return bf16_to_float(v); }
+GFPO_INLINE void store(float* dst, float v) { *dst = v; }
+GFPO_INLINE void store(std::uint16_t* dst, float v) { *dst = float_to_bf16(v); }
+
+struct RowResult {
+  float logp, lse, entropy;
+};
+
+template <typename T, bool kEntropy>
+GFPO_INLINE RowResult forward_row(const T* x, std::int64_t vocab, std::int64_t target, float inv_t) {
+  alignas(64) float z[kChunk];
+  float m = -kInf, S = 0.0f, U = 0.0f;
+  for (std::int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
+    const std::int64_t n = std::min(kChunk, vocab - c0);
+    float cmax = -kInf;
+#pragma omp simd reduction(max : cmax)
+    for (std::int64_t i = 0; i < n; ++i) {
+      z[i] = to_float(x[c0 + i]) * inv_t;
+      cmax = std::max(cmax, z[i]);
+    }
+    if (cmax > m) {
+      if (S > 0.0f) {  // rescale the sums to the new maximum: exp(z - m) = exp(z - m') exp(m' - m)
+        const float alpha = std::exp(m - cmax);
+        U = alpha * (U + (m - cmax) * S);
+        S *= alpha;
+      }
+      m = cmax;
+    }
+    if (m == -kInf) continue;  // every logit so far is -inf: nothing to add
+    float s = 0.0f, u = 0.0f;
+#pragma omp simd reduction(+ : s, u)
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float d = std::max(z[i] - m, -FLT_MAX);  // -inf -> -FLT_MAX so that 0 * d is 0, not NaN
+      const float e = exp_approx(d);
+      s += e;
+      if (kEntropy) u += e * d;
+    }
+    S += s;
+    U += u;
+  }
+  const float log_s = std::log(S);
+  const float lse = m + log_s;
+  return {to_float(x[target]) * inv_t - lse, lse, kEntropy ? log_s - U / S : 0.0f};
+}
+
+template <typename T, bool kEntropy>
+GFPO_INLINE void backward_row(const T* x, T* grad, std::int64_t vocab, std::int64_t target, float inv_t, float lse,
+                              float entropy, float g, float h) {
+  const float a = g * inv_t;  // fold 1/temperature into the two coefficients
+  const float b = h * inv_t;
+#pragma omp simd
+  for (std::int64_t v = 0; v < vocab; ++v) {
+    const float d = std::max(to_float(x[v]) * inv_t - lse, -FLT_MAX);  // log p_v
+    const float p = exp_approx(d);
+    store(grad + v, kEntropy ? -p * (a + b * (d + entropy)) : -p * a);
+  }
+  // The target column again, whole, in float32: g (1 - p) rather than (-g p) + g rounded in between.
+  const float d = std::max(to_float(x[target]) * inv_t - lse, -FLT_MAX);
+  const float p = exp_approx(d);
+  store(grad + target, a * (1.0f - p) - (kEntropy ? p * b * (d + entropy) : 0.0f));
+}
+
+// One entry point per (dtype, entropy) so that GFPO_SIMD_CLONES can compile each for AVX2 + FMA.
+#define GFPO_ROW_KERNELS(NAME, T, ENT)                                                                      \
+  GFPO_SIMD_CLONES RowResult forward_##NAME(const T* x, std::int64_t vocab, std::int64_t y, float inv_t) {  \
+    return forward_row<T, ENT>(x, vocab, y, inv_t);                                                          \
+  }                                                                                                          \
+  GFPO_SIMD_CLONES void backward_##NAME(const T* x, T* grad, std::int64_t vocab, std::int64_t y, float inv_t, \
+                                        float lse, float entropy, float g, float h) {                        \
+    backward_row<T, ENT>(x, grad, vocab, y, inv_t, lse, entropy, g, h);                                      \
+  }
+GFPO_ROW_KERNELS(f32, float, false)
+GFPO_ROW_KERNELS(f32_entropy, float, true)
+GFPO_ROW_KERNELS(bf16, std::uint16_t, false)
+GFPO_ROW_KERNELS(bf16_entropy, std::uint16_t, true)
+#undef GFPO_ROW_KERNELS
+
+RowResult forward_one(const void* row, int dtype, bool entropy, std::int64_t vocab, std::int64_t y, float inv_t) {
+  if (dtype == kBFloat16) {
+    const auto* x = static_cast<const std::uint16_t*>(row);
+    return entropy ? forward_bf16_entropy(x, vocab, y, inv_t) : forward_bf16(x, vocab, y, inv_t);
+  }
+  const auto* x = static_cast<const float*>(row);
+  return entropy ? forward_f32_entropy(x, vocab, y, inv_t) : forward_f32(x, vocab, y, inv_t);
+}
+
+}  // namespace
+
+void logprobs_forward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
+                      const std::int64_t* token_ids, float inv_temperature, float* logp, float* lse, float* entropy,
+                      int n_threads) {
+  const std::int64_t elem = dtype == kBFloat16 ? 2 : 4;
+  const char* base = static_cast<const char*>(logits);
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (std::int64_t n = 0; n < n_rows; ++n) {
+    const RowResult r = forward_one(base + layout.offset(n) * elem, dtype, entropy != nullptr, vocab, token_ids[n],
+                                    inv_temperature);
+    logp[n] = r.logp;
+    lse[n] = r.lse;
+    if (entropy != nullptr) entropy[n] = r.entropy;
+  }
+}
+
+void logprobs_backward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
+                       const std::int64_t* token_ids, float inv_temperature, const float* lse, const float* entropy,
+                       const float* grad_logp, const float* grad_entropy, void* grad_logits, int n_threads) {
+  const std::int64_t elem = dtype == kBFloat16 ? 2 : 4;
+  const char* base = static_cast<const char*>(logits);
+  char* out_base = static_cast<char*>(grad_logits);
+  // Dynamic scheduling: zero-gradient rows (masked tokens, dropped sequences) cost a memset only.
+#pragma omp parallel for schedule(dynamic, 4) num_threads(n_threads)
+  for (std::int64_t n = 0; n < n_rows; ++n) {
+    const float g = grad_logp != nullptr ? grad_logp[n] : 0.0f;
+    const float h = grad_entropy != nullptr ? grad_entropy[n] : 0.0f;
+    char* out = out_base + n * vocab * elem;
+    if (g == 0.0f && h == 0.0f) {
+      std::memset(out, 0, static_cast<std::size_t>(vocab * elem));
+      continue;
+    }
+    const void* row = base + layout.offset(n) * elem;
+    const std::int64_t y = token_ids[n];
+    const float ent = entropy != nullptr ? entropy[n] : 0.0f;
+    const bool with_h = h != 0.0f;
+    if (dtype == kBFloat16) {
+      const auto* x = static_cast<const std::uint16_t*>(row);
+      auto* gx = reinterpret_cast<std::uint16_t*>(out);
+      if (with_h) backward_bf16_entropy(x, gx, vocab, y, inv_temperature, lse[n], ent, g, h);
+      else backward_bf16(x, gx, vocab, y, inv_temperature, lse[n], ent, g, h);
+    } else {
+      const auto* x = static_cast<const float*>(row);
+      auto* gx = reinterpret_cast<float*>(out);
+      if (with_h) backward_f32_entropy(x, gx, vocab, y, inv_temperature, lse[n], ent, g, h);
+      else backward_f32(x, gx, vocab, y, inv_temperature, lse[n], ent, g, h);
+    }
+  }
+}
+
+}  // namespace gfpo

@@ -1,0 +1,30 @@
+#pragma once
+#include <cstdint>
+
+namespace gfpo {
+
+enum LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1 };
+
+// Where each row of the logits starts, in elements: row n is (n / inner, n % inner) of a
+// [outer, inner, V] view, so strided [B, T, V] slices such as logits[:, :-1] need no copy.
+// The vocab dimension itself must be contiguous (stride 1).
+struct RowLayout {
+  std::int64_t inner;         // rows per outer index (T for [B, T, V], 1 for [N, V])
+  std::int64_t stride_outer;  // elements between outer indices
+  std::int64_t stride_inner;  // elements between consecutive inner rows
+  std::int64_t offset(std::int64_t n) const { return (n / inner) * stride_outer + (n % inner) * stride_inner; }
+};
+
+// logits [n_rows, vocab] (layout above; float32 or bfloat16 by dtype), token_ids [n_rows] int64 in [0, vocab)
+// -> logp, lse [n_rows] float32 of z = logits * inv_temperature, and entropy [n_rows] float32 when not null.
+void logprobs_forward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
+                      const std::int64_t* token_ids, float inv_temperature, float* logp, float* lse, float* entropy,
+                      int n_threads);
+
+// dL/dlogits [n_rows, vocab], contiguous, in the logits dtype, from grad_logp [n_rows] and (when not null)
+// grad_entropy [n_rows] with the entropy [n_rows] of the forward. A null grad_logp counts as zeros.
+void logprobs_backward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
+                       const std::int64_t* token_ids, float inv_temperature, const float* lse, const float* entropy,
+                       const float* grad_logp, const float* grad_entropy, void* grad_logits, int n_threads);
+
+}  // namespace gfpo
