@@ -51,13 +51,15 @@ PYBIND11_MODULE(_C, m) {
       "logprobs_backward",
       [](uintptr_t logits, int dtype, int64_t n_rows, int64_t inner, int64_t stride_outer, int64_t stride_inner,
          int64_t vocab, uintptr_t token_ids, float inv_temperature, uintptr_t lse, uintptr_t entropy,
-         uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t grad_logits, int n_threads) {
+         uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t grad_logits, int64_t grad_inner,
+         int64_t grad_stride_outer, int64_t grad_stride_inner, int n_threads) {
         py::gil_scoped_release release;
         gfpo::logprobs_backward(ptr<const void>(logits), dtype, n_rows, {inner, stride_outer, stride_inner}, vocab,
                                 ptr<const int64_t>(token_ids), inv_temperature, ptr<const float>(lse),
                                 ptr<const float>(entropy), ptr<const float>(grad_logp),
-                                ptr<const float>(grad_entropy), ptr<void>(grad_logits), n_threads);
+                                ptr<const float>(grad_entropy), ptr<void>(grad_logits),
+                                {grad_inner, grad_stride_outer, grad_stride_inner}, n_threads);
       },
       "same logits layout; lse, entropy, grad_logp, grad_entropy [n_rows] f32 (0 = absent) -> grad_logits "
-      "[n_rows, vocab] contiguous, logits dtype");
+      "[n_rows, vocab] in the logits dtype, rows placed by the grad_* layout (may alias logits)");
 }

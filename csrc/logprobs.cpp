@@ -117,16 +117,18 @@ GFPO_INLINE void backward_row(const T* x, T* grad, std::int64_t vocab, std::int6
                               float entropy, float g, float h) {
   const float a = g * inv_t;  // fold 1/temperature into the two coefficients
   const float b = h * inv_t;
+  // The target column, whole, in float32: g (1 - p) rather than (-g p) + g rounded in between. Computed
+  // first because grad may alias x.
+  const float d_y = std::max(to_float(x[target]) * inv_t - lse, -FLT_MAX);
+  const float p_y = exp_approx(d_y);
+  const float grad_y = a * (1.0f - p_y) - (kEntropy ? p_y * b * (d_y + entropy) : 0.0f);
 #pragma omp simd
   for (std::int64_t v = 0; v < vocab; ++v) {
     const float d = std::max(to_float(x[v]) * inv_t - lse, -FLT_MAX);  // log p_v
     const float p = exp_approx(d);
     store(grad + v, kEntropy ? -p * (a + b * (d + entropy)) : -p * a);
   }
-  // The target column again, whole, in float32: g (1 - p) rather than (-g p) + g rounded in between.
-  const float d = std::max(to_float(x[target]) * inv_t - lse, -FLT_MAX);
-  const float p = exp_approx(d);
-  store(grad + target, a * (1.0f - p) - (kEntropy ? p * b * (d + entropy) : 0.0f));
+  store(grad + target, grad_y);
 }
 
 // One entry point per (dtype, entropy) so that GFPO_SIMD_CLONES can compile each for AVX2 + FMA.
@@ -172,7 +174,8 @@ void logprobs_forward(const void* logits, int dtype, std::int64_t n_rows, RowLay
 
 void logprobs_backward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
                        const std::int64_t* token_ids, float inv_temperature, const float* lse, const float* entropy,
-                       const float* grad_logp, const float* grad_entropy, void* grad_logits, int n_threads) {
+                       const float* grad_logp, const float* grad_entropy, void* grad_logits, RowLayout grad_layout,
+                       int n_threads) {
   const std::int64_t elem = dtype == kBFloat16 ? 2 : 4;
   const char* base = static_cast<const char*>(logits);
   char* out_base = static_cast<char*>(grad_logits);
@@ -181,7 +184,7 @@ void logprobs_backward(const void* logits, int dtype, std::int64_t n_rows, RowLa
   for (std::int64_t n = 0; n < n_rows; ++n) {
     const float g = grad_logp != nullptr ? grad_logp[n] : 0.0f;
     const float h = grad_entropy != nullptr ? grad_entropy[n] : 0.0f;
-    char* out = out_base + n * vocab * elem;
+    char* out = out_base + grad_layout.offset(n) * elem;
     if (g == 0.0f && h == 0.0f) {
       std::memset(out, 0, static_cast<std::size_t>(vocab * elem));
       continue;

@@ -21,10 +21,12 @@ void logprobs_forward(const void* logits, int dtype, std::int64_t n_rows, RowLay
                       const std::int64_t* token_ids, float inv_temperature, float* logp, float* lse, float* entropy,
                       int n_threads);
 
-// dL/dlogits [n_rows, vocab], contiguous, in the logits dtype, from grad_logp [n_rows] and (when not null)
-// grad_entropy [n_rows] with the entropy [n_rows] of the forward. A null grad_logp counts as zeros.
+// dL/dlogits [n_rows, vocab] in the logits dtype, rows placed by grad_layout, from grad_logp [n_rows] and
+// (when not null) grad_entropy [n_rows] with the entropy [n_rows] of the forward; null grads count as zeros.
+// grad_logits may be logits itself (same layout): each row is read before it is overwritten.
 void logprobs_backward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
                        const std::int64_t* token_ids, float inv_temperature, const float* lse, const float* entropy,
-                       const float* grad_logp, const float* grad_entropy, void* grad_logits, int n_threads);
+                       const float* grad_logp, const float* grad_entropy, void* grad_logits, RowLayout grad_layout,
+                       int n_threads);
 
 }  // namespace gfpo

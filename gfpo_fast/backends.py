@@ -23,7 +23,7 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 # The ops each fast backend implements. A backend module adds its op here when it lands.
 IMPLEMENTED = {
     "triton": frozenset({"token_logprobs", "fused_policy_loss", "group_advantages", "gfpo_filter"}),
-    "cpp": frozenset({"group_advantages", "gfpo_filter", "token_logprobs"}),
+    "cpp": frozenset({"group_advantages", "gfpo_filter", "token_logprobs", "fused_policy_loss"}),
 }
 
 _forced: str | None = None

@@ -3,7 +3,8 @@
 Forward: one pass over each logits row (online logsumexp) writes ``logp``, ``lse`` and optionally the
 entropy, all ``[N]`` float32. Backward: one pass over each row writes ``dL/dlogits`` in the logits
 dtype, recomputing the softmax from the saved ``lse``; no float32 ``[N, V]`` temporary exists besides
-the gradient itself (for float32 logits). Rows whose incoming gradient is zero are only zero-filled.
+the gradient itself (for float32 logits), and not even that with ``inplace``. Rows whose incoming
+gradient is zero are only zero-filled.
 
 Zero-copy: the kernels take the logits' row strides, so any ``[N, V]`` or ``[B, T, V]`` view whose vocab
 dimension is contiguous is read in place (``logits[:, :-1]``, as TRL slices them, included). Copies
@@ -89,25 +90,32 @@ def rows_forward(rows: LogitRows, ids: torch.Tensor, inv_temperature: float, wit
 
 
 def rows_backward(rows: LogitRows, ids, inv_temperature: float, lse, entropy=None, grad_logp=None,
-                  grad_entropy=None) -> torch.Tensor:
-    """dL/dlogits, contiguous, shaped and typed like ``rows.tensor``, from ``[N]`` grads (None = zero)."""
+                  grad_entropy=None, *, inplace: bool = False) -> torch.Tensor:
+    """dL/dlogits shaped and typed like ``rows.tensor``, from ``[N]`` grads (None = zero).
+
+    A new contiguous tensor, or with ``inplace`` ``rows.tensor`` itself, overwritten (each row is read
+    before it is written; the caller must not need the logits afterwards).
+    """
     grad_logp = None if grad_logp is None else grad_logp.detach().float().reshape(-1).contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.detach().float().reshape(-1).contiguous()
-    grad = torch.empty(rows.tensor.shape, dtype=rows.tensor.dtype)
+    grad = rows.tensor if inplace else torch.empty(rows.tensor.shape, dtype=rows.tensor.dtype)
+    out = LogitRows.of(grad)
     _C.logprobs_backward(*rows.args(), ids.data_ptr(), inv_temperature, lse.data_ptr(), _address(entropy),
-                         _address(grad_logp), _address(grad_entropy), grad.data_ptr(), torch.get_num_threads())
+                         _address(grad_logp), _address(grad_entropy), grad.data_ptr(), out.inner, out.stride_outer,
+                         out.stride_inner, torch.get_num_threads())
     return grad
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
-    """``(logits, ids [N] int64, 1/temperature, return_entropy) -> logp`` or ``(logp, entropy)``, shaped ``logits.shape[:-1]``."""
+    """``(logits, ids [N] int64, 1/temperature, return_entropy, inplace) -> logp`` or ``(logp, entropy)``,
+    shaped ``logits.shape[:-1]``."""
 
     @staticmethod
-    def forward(ctx, logits, ids, inv_temperature, return_entropy):
+    def forward(ctx, logits, ids, inv_temperature, return_entropy, inplace):
         rows = LogitRows.of(logits)
         logp, lse, entropy = rows_forward(rows, ids, inv_temperature, return_entropy)
         ctx.save_for_backward(logits, ids, lse, entropy)
-        ctx.inv_temperature = inv_temperature
+        ctx.inv_temperature, ctx.inplace = inv_temperature, inplace
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None and costs nothing
         shape = logits.shape[:-1]
         return (logp.view(shape), entropy.view(shape)) if return_entropy else logp.view(shape)
@@ -117,13 +125,14 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         logits, ids, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
-            return None, None, None, None
-        grad = rows_backward(LogitRows.of(logits), ids, ctx.inv_temperature, lse, entropy, grad_logp, grad_entropy)
-        return grad, None, None, None
+            return None, None, None, None, None
+        grad = rows_backward(LogitRows.of(logits), ids, ctx.inv_temperature, lse, entropy, grad_logp, grad_entropy,
+                             inplace=ctx.inplace)
+        return grad, None, None, None, None
 
 
 def token_logprobs_cpp(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
-                       return_entropy: bool = False):
+                       return_entropy: bool = False, inplace: bool = False):
     """C++ :func:`gfpo_fast.token_logprobs` for CPU tensors (inputs already validated by it).
 
     Args:
@@ -131,10 +140,12 @@ def token_logprobs_cpp(logits: torch.Tensor, token_ids: torch.Tensor, *, tempera
         token_ids: ``logits.shape[:-1]`` int64/int32 ids in ``[0, V)``.
         temperature: > 0; the kernels multiply by ``1 / temperature``.
         return_entropy: also return the entropies (with gradient).
+        inplace: backward writes the gradient over ``logits`` (or over the copy made for float16 or a
+            strided vocab) instead of allocating it; only when nothing needs the logits after backward.
 
     Returns:
         float32 ``logp`` shaped like ``token_ids``, or ``(logp, entropy)``; differentiable w.r.t. ``logits``.
     """
     x = kernel_logits(logits)
     ids = token_ids_flat(token_ids, x.shape[-1])
-    return TokenLogprobsFunction.apply(x, ids, 1.0 / temperature, return_entropy)
+    return TokenLogprobsFunction.apply(x, ids, 1.0 / temperature, bool(return_entropy), bool(inplace))
