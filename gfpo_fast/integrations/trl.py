@@ -19,7 +19,7 @@ dapo normaliser), the vLLM importance-sampling ratio, ``mask_truncated_completio
 at construction with a ``ValueError`` naming the field: ``top_entropy_quantile < 1``,
 ``off_policy_mask_threshold``, ``entropy_coef != 0`` / ``use_adaptive_entropy``, a MoE auxiliary loss
 (``router_aux_loss_coef`` must be 0 for MoE models); for GMPO also the fields TRL's GMPO ignores (``delta``,
-``importance_sampling_level != "token"``, ``use_bias_correction_kl``, the vLLM ratio). Vision-language
+``importance_sampling_level != "token"``, ``use_bias_correction_kl`` with ``beta != 0``, the vLLM ratio). Vision-language
 batches are refused at the first step. The model must accept ``logits_to_keep`` (every transformers
 causal LM does).
 
@@ -90,12 +90,13 @@ def _loss_kwargs(args: GRPOConfig, algorithm: str) -> dict:
         ("entropy_coef", args.entropy_coef != 0.0 or args.use_adaptive_entropy, "the entropy bonus is not "
          "implemented; set entropy_coef=0.0 and use_adaptive_entropy=False"),
     ]
+    bias_kl = args.use_bias_correction_kl and args.beta != 0.0  # TRL's default is True; it matters only with a KL
     if algorithm == "gmpo":
         ignored = "TRL's GMPOTrainer ignores it, so the objective would not be the one asked for"
         refused += [
             ("delta", args.delta is not None, f"{ignored}; set delta=None"),
             ("importance_sampling_level", args.importance_sampling_level != "token", f"{ignored}; leave it 'token'"),
-            ("use_bias_correction_kl", args.use_bias_correction_kl, f"{ignored}; set it to False"),
+            ("use_bias_correction_kl", bias_kl, f"{ignored} when beta != 0; set it to False"),
             ("vllm_importance_sampling_correction", args.use_vllm and args.vllm_importance_sampling_correction,
              f"{ignored} (GMPO never applies the vLLM ratio); set vllm_importance_sampling_correction=False"),
         ]
@@ -106,7 +107,7 @@ def _loss_kwargs(args: GRPOConfig, algorithm: str) -> dict:
     if algorithm == "grpo":
         kwargs.update(
             loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level, delta=args.delta,
-            use_bias_correction_kl=args.use_bias_correction_kl, max_completion_length=args.max_completion_length,
+            use_bias_correction_kl=bias_kl, max_completion_length=args.max_completion_length,
             sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
             vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
             vespo_lambda_neg=args.vespo_lambda_neg,

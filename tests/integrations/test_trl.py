@@ -1,0 +1,260 @@
+"""gfpo_fast.integrations.trl against the real TRL on the CPU (skipped when trl is not installed).
+
+A 2-layer Llama (hidden 16) built from a config, a word-level tokenizer made here and an 8-prompt dataset:
+nothing comes from the Hub. Two runs with the same seed generate the same completions, so after two
+optimizer steps (``num_iterations=2``: the second step is off-policy and clips) the logged losses, metrics and
+parameters of the fast path must equal TRL's own path (fp32, 1e-5).
+"""
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.experimental.gmpo import GMPOConfig, GMPOTrainer  # noqa: E402
+
+import gfpo_fast as gf  # noqa: E402
+from gfpo_fast.integrations.trl import (  # noqa: E402
+    FastGMPOTrainer, FastGRPOTrainer, GFPOConfig, GFPOTrainer, patch,
+)
+
+pytestmark = pytest.mark.slow
+WORDS = "abcdefghijklmnop"
+NOT_COMPARED = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model directory, tokenizer): a seeded tiny Llama saved locally, and its word-level tokenizer."""
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         eos_token_id=1, pad_token_id=0, bos_token_id=None)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path), tokenizer
+
+
+def dataset():
+    return Dataset.from_dict({"prompt": ["a b c", "d e f", "g h", "i j k l", "m n", "o p a", "b", "c d"]})
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c) % 3) for c in completions]
+
+
+def train(tiny, trainer_cls, config_cls=GRPOConfig, *, after_init=None, trainer_kwargs=None, **overrides):
+    """Trains 2 steps; returns (logged step dicts, parameters, trainer)."""
+    path, tokenizer = tiny
+    cfg = dict(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", max_steps=2,
+               per_device_train_batch_size=4, num_generations=4, max_completion_length=8, learning_rate=1e-2,
+               logging_steps=1, save_strategy="no", bf16=False, seed=0, disable_dropout=True, num_iterations=2)
+    cfg.update(overrides)
+    trainer = trainer_cls(model=path, reward_funcs=length_reward, args=config_cls(**cfg), train_dataset=dataset(),
+                          processing_class=tokenizer, **(trainer_kwargs or {}))
+    if after_init is not None:
+        after_init(trainer)
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    return steps, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer
+
+
+def assert_same_training(trl_run, fast_run, compare_metrics=True):
+    (steps_a, params_a, _), (steps_b, params_b, _) = trl_run, fast_run
+    assert len(steps_a) == len(steps_b) == 2
+    for a, b in zip(steps_a, steps_b):
+        keys = [k for k in a if k not in NOT_COMPARED] if compare_metrics else ["loss"]
+        for key in keys:
+            assert key in b, f"metric {key} is not logged by the fast path"
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-5), (key, a[key], b[key])
+    for name, p in params_a.items():
+        torch.testing.assert_close(params_b[name], p, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# (id, TRL trainer, TRL config, fast trainer or "patch", config overrides, compare metrics)
+PARITY = [
+    ("grpo-dapo", GRPOTrainer, GRPOConfig, FastGRPOTrainer, dict(loss_type="dapo"), True),
+    ("grpo-grpo", GRPOTrainer, GRPOConfig, FastGRPOTrainer, dict(loss_type="grpo"), True),
+    ("grpo-dapo-ga2-kl", GRPOTrainer, GRPOConfig, FastGRPOTrainer,
+     dict(loss_type="dapo", per_device_train_batch_size=2, gradient_accumulation_steps=2, beta=0.04), True),
+    ("gspo-sequence", GRPOTrainer, GRPOConfig, FastGRPOTrainer,
+     dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.02), True),
+    ("gmpo", GMPOTrainer, GMPOConfig, FastGMPOTrainer, dict(epsilon=0.05), True),
+    ("patch-bnpo", GRPOTrainer, GRPOConfig, "patch", dict(loss_type="bnpo", epsilon_high=0.28), True),
+]
+
+
+@pytest.mark.parametrize("name,trl_cls,config_cls,fast_cls,overrides,metrics", PARITY, ids=[p[0] for p in PARITY])
+def test_fast_path_trains_like_trl(tiny, name, trl_cls, config_cls, fast_cls, overrides, metrics):
+    reference = train(tiny, trl_cls, config_cls, **overrides)
+    if fast_cls == "patch":
+        fast = train(tiny, trl_cls, config_cls, after_init=patch, **overrides)
+    else:
+        fast = train(tiny, fast_cls, config_cls, **overrides)
+    assert_same_training(reference, fast, compare_metrics=metrics)
+    assert any(step.get("clip_ratio/region_mean", 0) > 0 for step in reference[0]) or name == "gspo-sequence"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_gspo_token_equals_trl_sequence_level(tiny, loss_type):
+    """With one advantage per sequence GSPO-token has GSPO's loss and gradient (TRL 1.16 has no GSPO-token)."""
+    reference = train(tiny, GRPOTrainer, loss_type=loss_type, importance_sampling_level="sequence", epsilon=0.02)
+    fast = train(tiny, FastGRPOTrainer, loss_type=loss_type, importance_sampling_level="sequence_token", epsilon=0.02)
+    # clip_ratio/* are token-weighted for GSPO-token (its ratio is (B, T)) and row-weighted for GSPO
+    assert_same_training(reference, fast, compare_metrics=False)
+
+
+# ----------------------------------------------------------------------------- refusals and versions
+@pytest.mark.parametrize("cls,config_cls,field,value", [
+    (FastGRPOTrainer, GRPOConfig, "top_entropy_quantile", 0.5),
+    (FastGRPOTrainer, GRPOConfig, "off_policy_mask_threshold", 0.1),
+    (FastGRPOTrainer, GRPOConfig, "entropy_coef", 0.01),
+    (FastGRPOTrainer, GRPOConfig, "loss_type", "ppo"),
+    (FastGMPOTrainer, GMPOConfig, "delta", 1.5),
+    (FastGMPOTrainer, GMPOConfig, "importance_sampling_level", "sequence"),
+])
+def test_unsupported_fields_are_refused_at_construction(cls, config_cls, field, value):
+    args = config_cls(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+                      per_device_train_batch_size=4, **{field: value})
+    with pytest.raises(ValueError, match=field):
+        cls("never-loaded", length_reward, args=args)
+
+
+def test_gmpo_refuses_the_bias_corrected_kl_trl_gmpo_ignores():
+    args = GMPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+                      per_device_train_batch_size=4, beta=0.04, use_bias_correction_kl=True)
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        FastGMPOTrainer("never-loaded", length_reward, args=args)
+
+
+def test_gspo_token_refuses_loss_types_trl_did_not_support():
+    args = GRPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+                      per_device_train_batch_size=4, importance_sampling_level="sequence_token", loss_type="cispo")
+    with pytest.raises(ValueError, match="sequence_token"):
+        FastGRPOTrainer("never-loaded", length_reward, args=args)
+
+
+def test_patch_refuses_a_trainer_with_its_own_loss(tiny):
+    class Custom(GRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            return super()._compute_loss(model, inputs)
+
+    path, tokenizer = tiny
+    args = GRPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+                      per_device_train_batch_size=4, bf16=False)
+    trainer = Custom(model=path, reward_funcs=length_reward, args=args, train_dataset=dataset(),
+                     processing_class=tokenizer)
+    with pytest.raises(ValueError, match="overrides _compute_loss"):
+        patch(trainer)
+    with pytest.raises(TypeError, match="GRPOTrainer"):
+        patch(object())
+
+
+def test_unsupported_trl_version_names_the_range(monkeypatch):
+    monkeypatch.setattr(trl, "__version__", "1.9.0")
+    monkeypatch.delitem(sys.modules, "gfpo_fast.integrations.trl")
+    with pytest.raises(ImportError, match=r"trl>=1.16,<1.17.*found trl 1.9.0"):
+        importlib.import_module("gfpo_fast.integrations.trl")
+
+
+# ----------------------------------------------------------------------------- GFPO
+class RecordingGFPOTrainer(GFPOTrainer):
+    """Keeps every filtered generation batch the trainer trains on."""
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        self.batches.append(batch)
+        return batch
+
+
+def test_gfpo_filters_the_right_groups_and_trains(tiny):
+    seen = {"reward": [], "filter": []}
+
+    def reward(completions, completion_ids, **kwargs):
+        seen["reward"].append((list(completions), [list(ids) for ids in completion_ids]))
+        return [float(ids.count(2)) + 0.5 * (len(ids) % 2) for ids in completion_ids]  # 'a' count, length parity
+
+    def shortest(group_completions, group_rewards, group_completion_ids):
+        seen["filter"].append((group_completions, group_rewards, group_completion_ids))
+        return [[-len(ids) for ids in group] for group in group_completion_ids]
+
+    path, tokenizer = tiny
+    args = GFPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", max_steps=2,
+                      per_device_train_batch_size=8, num_generations=4, num_remains_in_group=2,
+                      max_completion_length=8, learning_rate=1e-2, logging_steps=1, save_strategy="no", bf16=False,
+                      seed=0, disable_dropout=True)
+    trainer = RecordingGFPOTrainer(model=path, reward_funcs=reward, args=args, train_dataset=dataset(),
+                                   processing_class=tokenizer, group_filter_func=shortest)
+    trainer.batches = []
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    assert len(seen["filter"]) == len(trainer.batches) == 2
+    for (completions, ids), (group_completions, group_rewards, group_ids), batch in zip(
+            seen["reward"], seen["filter"], trainer.batches):
+        rewards = torch.tensor([float(r.count(2)) + 0.5 * (len(r) % 2) for r in ids])
+        assert group_completions == [completions[0:4], completions[4:8]]  # group g is rows [4g, 4g + 4)
+        assert group_ids == [ids[0:4], ids[4:8]]
+        assert group_rewards == rewards.view(2, 4).tolist()
+        scores = torch.tensor([-float(len(r)) for r in ids])
+        advantages, keep = gf.gfpo_filter(rewards, scores, 4, 2)
+        kept_rows = keep.nonzero().flatten().tolist()
+        assert len(kept_rows) == 4 and batch["completion_ids"].shape[0] == 4
+        got = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], batch["completion_mask"])]
+        assert got == [ids[i] for i in kept_rows]  # the right rows, in their original order
+        torch.testing.assert_close(batch["advantages"], advantages[keep])
+        assert int(batch["num_items_in_batch"]) == sum(len(ids[i]) for i in kept_rows)
+        for g in range(2):  # the kept rows of a group are its two shortest
+            lengths = sorted(len(r) for r in ids[4 * g:4 * g + 4])
+            assert sorted(len(ids[i]) for i in kept_rows if i // 4 == g) == lengths[:2]
+
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(steps) == 2 and all(math.isfinite(s["loss"]) for s in steps)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_gfpo_on_the_fast_loss_matches_trl_loss(tiny):
+    def shortest(group_completions, group_rewards):  # v1.7.1's two-argument contract
+        return [[-len(c) for c in group] for group in group_completions]
+
+    common = dict(num_remains_in_group=2, per_device_train_batch_size=8, trainer_kwargs={"group_filter_func": shortest})
+    reference = train(tiny, GFPOTrainer, GFPOConfig, **common)
+    fast = train(tiny, GFPOTrainer, GFPOConfig, after_init=patch, **common)
+    assert_same_training(reference, fast)
+
+
+@pytest.mark.parametrize("k", [1, 4, 0])
+def test_gfpo_config_enforces_k_range(k):
+    with pytest.raises(ValueError, match="2 <= k < num_generations=4"):
+        GFPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+                   per_device_train_batch_size=4, num_remains_in_group=k)
+
+
+def test_gfpo_trainer_refuses_bad_setups():
+    def args(k=2, **kw):
+        return GFPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+                          num_remains_in_group=k, **kw)
+
+    with pytest.raises(ValueError, match="needs a group_filter_func"):
+        GFPOTrainer("never-loaded", length_reward, args=args(per_device_train_batch_size=4))
+    with pytest.raises(ValueError, match="must be an integer"):  # 2 * 3 / 4 kept rows per micro-batch
+        GFPOTrainer("never-loaded", length_reward, args=args(3, per_device_train_batch_size=2,
+                                                              gradient_accumulation_steps=2),
+                    group_filter_func=lambda **kw: None)
+    with pytest.raises(ValueError, match="sum_then_normalize"):
+        GFPOTrainer("never-loaded", length_reward, args=args(per_device_train_batch_size=4,
+                                                              multi_objective_aggregation="normalize_then_sum"),
+                    group_filter_func=lambda **kw: None)
