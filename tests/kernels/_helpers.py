@@ -6,7 +6,7 @@ import torch
 
 # The interpreter runs tl ops as numpy ops, which warn on the NaN / inf that the kernels produce on
 # purpose (masked lanes, 0/0 = NaN for an empty group's mean).
-INTERPRETER_NUMPY_WARNINGS = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero) encountered")
+INTERPRETER_NUMPY_WARNINGS = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero|All-NaN slice) encountered")
 
 
 def assert_close(actual, expected, *, atol, rtol=0.0, name="value"):
@@ -24,16 +24,19 @@ def assert_close_3way(actual, exact, low_precision, *, atol, name="value"):
     """Low-precision rule (flash-attention style): the kernel's error against the fp32 result ``exact``
     is at most twice plain torch's error in the same low dtype (``low_precision``), plus ``atol``.
 
-    Under the CPU interpreter the factor is 3: it emulates an fp32 -> bf16 cast by truncating the
-    mantissa (up to 1 ulp off, even with ``fp_downcast_rounding="rtne"``; triton 3.9), where the
-    compiled kernel and torch round to nearest (half an ulp).
+    Under the CPU interpreter each element may be off by one more low-precision ulp: the interpreter
+    emulates an fp32 -> bf16 cast by truncating the mantissa (even with ``fp_downcast_rounding="rtne"``;
+    triton 3.9), where the compiled kernel and torch round to nearest.
     """
     exact = exact.detach().float()
-    err = (actual.detach().float() - exact).abs().max().item()
+    err = (actual.detach().float() - exact).abs()
     torch_err = (low_precision.detach().float() - exact).abs().max().item()
-    factor = 2 if actual.is_cuda else 3
-    assert err <= factor * torch_err + atol, (
-        f"{name}: kernel error {err:.3g} vs torch low-precision error {torch_err:.3g} (factor {factor})")
+    bound = 2 * torch_err + atol
+    if not actual.is_cuda:
+        bound = bound + torch.finfo(actual.dtype).eps * exact.abs()
+    bad = err > bound
+    assert not bad.any(), (f"{name}: kernel error {err.max().item():.3g} vs torch low-precision error "
+                           f"{torch_err:.3g} at {int(bad.sum())} of {bad.numel()} entries")
 
 
 class KernelRecorder:
