@@ -1,0 +1,96 @@
+"""``gf.token_logprobs`` forward and forward + backward, against torch, torch.compile, TRL and Liger-Kernel.
+
+Implementations: the torch reference ``token_logprobs_ref`` (eager, and under ``torch.compile``), gfpo-fast
+(``backend="auto"`` and every other fast backend that runs here), TRL's ``selective_log_softmax`` (with
+autograd), and Liger-Kernel's ``fused_selective_log_softmax`` (Triton, no autograd: forward only).
+Logits are ``[B, T, V]`` as a trainer holds them (TRL's function loops over ``B``).
+
+Bytes floor for GB/s, with ``e`` the logits' element size: forward reads the logits once (``N V e``);
+forward + backward reads them twice and writes their gradient once (``3 N V e``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import gfpo_fast as gf
+from gfpo_fast.logprobs import token_logprobs_ref
+
+from .harness import Case, Impl, compiled_impl, gf_impls, grads, peer_impl
+
+# Logits dtype, completion length T, (N sweep at a fixed V), (V sweep at a fixed N), per machine size.
+SIZES = {
+    "test": dict(dtype=torch.float32, T=32, n_sweep=([64, 256], 8192), v_sweep=(64, [1000])),
+    "cpu": dict(dtype=torch.float32, T=256, n_sweep=([512, 1024, 2048], 49152), v_sweep=(512, [8192, 32768, 151936])),
+    "gpu": dict(dtype=torch.bfloat16, T=1024, n_sweep=([1024, 4096, 16384], 151936),
+                v_sweep=(16384, [32768, 65536, 128256])),
+}
+MODES = ("fwd", "fwd+bwd")
+LIGER = "Liger fused_selective_log_softmax"
+
+
+def make_inputs(B: int, T: int, V: int, dtype: torch.dtype, device: torch.device, backward: bool,
+                liger: bool) -> dict:
+    """Logits ``[B, T, V]``, ids, an upstream gradient, and Liger's ``[B, T + 1, V]`` copy when it runs."""
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=g, device=device) * 2).to(dtype)
+    x = {"logits": logits.requires_grad_(backward), "ids": torch.randint(0, V, (B, T), generator=g, device=device)}
+    if backward:
+        x["dlogp"] = torch.randn(B, T, generator=g, device=device)
+    if liger:
+        x["liger_logits"] = torch.cat([logits.detach(), logits.detach()[:, -1:]], dim=1)
+    return x
+
+
+def _wrap(fn, backward: bool):
+    """``fn(logits, ids) -> logp`` as an implementation returning ``(logp,)`` or ``(logp, dlogits)``."""
+    if backward:
+        return lambda x: grads(fn(x["logits"], x["ids"]), [x["logits"]], x["dlogp"])
+
+    def forward(x):
+        with torch.no_grad():
+            return (fn(x["logits"], x["ids"]),)
+
+    return forward
+
+
+def _liger(fn):
+    return lambda x: (fn(x["liger_logits"], x["ids"], temperature=1.0),)
+
+
+def implementations(device: torch.device, backward: bool, compile: bool) -> list[Impl]:
+    impls = [Impl("torch reference", _wrap(token_logprobs_ref, backward))]
+    impls += gf_impls("token_logprobs", device,
+                      lambda b: _wrap(functools.partial(gf.token_logprobs, backend=b), backward))
+    impls.append(compiled_impl("torch.compile reference", token_logprobs_ref, lambda f: _wrap(f, backward), compile))
+    impls.append(peer_impl("TRL selective_log_softmax", "trl.trainer.utils", "selective_log_softmax",
+                           lambda f: _wrap(f, backward)))
+    if backward:
+        impls.append(Impl(LIGER, skip="no backward (a no-grad kernel)"))
+    else:
+        impls.append(peer_impl(LIGER, "liger_kernel.ops.grpo_loss", "fused_selective_log_softmax", _liger,
+                               needs_triton=True, device=device))
+    return impls
+
+
+def cases(device: torch.device, size: str, compile: bool) -> list[Case]:
+    cfg = SIZES[size]
+    dtype, T, (ns, v_fixed), (n_fixed, vs) = cfg["dtype"], cfg["T"], cfg["n_sweep"], cfg["v_sweep"]
+    dname = str(dtype).removeprefix("torch.")
+    out = []
+    for mode in MODES:
+        backward = mode == "fwd+bwd"
+        points = [(f"token_logprobs {mode}, V={v_fixed} {dname}", "N", N, v_fixed) for N in ns]
+        points += [(f"token_logprobs {mode}, N={n_fixed} {dname}", "V", n_fixed, V) for V in vs]
+        for group, axis, N, V in points:
+            impls = implementations(device, backward, compile)
+            liger = any(i.name == LIGER and i.fn for i in impls)
+            out.append(Case(
+                family="logprobs", group=group, x=N if axis == "N" else V,
+                shape={"N": N, "V": V, "B": N // T, "T": T, "dtype": dname, "mode": mode},
+                make_inputs=lambda N=N, V=V, b=backward, lg=liger: make_inputs(N // T, T, V, dtype, device, b, lg),
+                impls=impls, bytes_floor=(3 if backward else 1) * N * V * dtype.itemsize,
+                low_precision=dtype != torch.float32,
+            ))
+    return out

@@ -1,0 +1,365 @@
+"""Shared benchmark machinery: cases, implementations, correctness before timing, time, peak memory, environment.
+
+Protocol for one :class:`Case` (its first implementation is the torch reference):
+
+1. inputs are made once; implementations must not modify them;
+2. every implementation runs once and each of its outputs (values and gradients) is compared with the
+   reference's by the normalised max error ``max|a - e| / max|e|``: at most 1e-4, or 2e-2 when either side
+   or the case's input is bf16/fp16. One that disagrees is reported ``wrong`` and not timed; one that raises
+   is ``error``; one that cannot run here is ``skipped`` with the reason;
+3. time: on CUDA ``triton.testing.do_bench`` (L2 flushed between calls, ~100 ms of repeats); on the CPU
+   ``time.perf_counter`` around whole calls after one warm-up, repeated until a time budget is spent (at least
+   3 repeats), with torch's thread count as it is. Median and the 0.2 / 0.8 quantiles are reported;
+4. peak memory added by one call (outputs and gradients included, inputs excluded): on CUDA
+   ``max_memory_allocated`` minus ``memory_allocated`` before the call; on the CPU the resident set size,
+   see :func:`peak_memory_mib`.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import gc
+import importlib
+import importlib.metadata
+import io
+import os
+import platform
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from gfpo_fast import backends
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+TOLERANCE = {"fp32": 1e-4, "low": 2e-2}
+CPU_BUDGET_S = 2.0  # time budget for the repeats of one implementation on the CPU
+CPU_MIN_REPS, CPU_MAX_REPS = 3, 50
+SAMPLE_PERIOD_S = 5e-4  # RSS sampling period of the fallback memory probe
+
+
+# ----------------------------------------------------------------------------- cases and implementations
+@dataclass
+class Impl:
+    """One implementation of a case: ``fn(inputs) -> tuple of tensors`` or a reason it cannot run here."""
+
+    name: str
+    fn: Callable[[dict], tuple] | None = None
+    skip: str | None = None
+
+
+@dataclass
+class Case:
+    """One op at one shape. ``group`` names the table/plot it belongs to, ``x`` its position there.
+
+    ``bytes_floor``: the fewest bytes the op must move (GB/s); ``flops``: its useful FLOPs (TFLOP/s).
+    """
+
+    family: str
+    group: str
+    x: Any
+    shape: dict
+    make_inputs: Callable[[], dict]
+    impls: list[Impl]
+    bytes_floor: int | None = None
+    flops: int | None = None
+    low_precision: bool = False
+    notes: dict = field(default_factory=dict)
+
+
+def gf_impls(op: str, device: torch.device, make: Callable[[str], Callable[[dict], tuple]]) -> list[Impl]:
+    """gfpo-fast's ``backend="auto"``, plus every other fast backend that runs ``op`` here (or why not).
+
+    ``make(backend)`` returns the implementation calling the public op with that backend.
+    """
+    auto = backends.select(op, "auto", device)
+    out = [Impl(f"gfpo-fast auto ({auto})", make("auto"))]
+    for name in backends.IMPLEMENTED:
+        if name == auto:
+            continue
+        try:
+            backends.select(op, name, device)
+        except ValueError as err:
+            out.append(Impl(f"gfpo-fast {name}", skip=str(err)))
+            continue
+        out.append(Impl(f"gfpo-fast {name}", make(name)))
+    return out
+
+
+def optional(module: str, attr: str):
+    """``(object, None)`` from an installed peer library, or ``(None, reason)``; its import chatter is muted."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            obj = getattr(importlib.import_module(module), attr)
+    except Exception as err:  # not installed, or broken on this platform
+        return None, f"{module}.{attr} unavailable: {type(err).__name__}: {err}"
+    return obj, None
+
+
+def peer_impl(name: str, module: str, attr: str, make: Callable[[Any], Callable[[dict], tuple]],
+              needs_triton: bool = False, device: torch.device | None = None) -> Impl:
+    """An :class:`Impl` built from a lazily imported peer; ``needs_triton`` peers run only where Triton runs."""
+    if needs_triton and not backends.triton_runs_on(device):
+        return Impl(name, skip="Triton kernel: needs a CUDA device")
+    obj, why = optional(module, attr)
+    return Impl(name, skip=why) if obj is None else Impl(name, make(obj))
+
+
+def compiled_impl(name: str, fn: Callable, wrap: Callable[[Callable], Callable[[dict], tuple]], enabled: bool) -> Impl:
+    """``torch.compile(fn)`` run through ``wrap``; the compile happens in the correctness call, never timed."""
+    if not enabled:
+        return Impl(name, skip="torch.compile disabled (--compile to enable)")
+    return Impl(name, wrap(torch.compile(fn, dynamic=False)))
+
+
+def grads(out: torch.Tensor, wrt, grad_out: torch.Tensor | None = None) -> tuple:
+    """``(out, *d(out)/d(wrt))`` without touching ``.grad`` (so repeats do not accumulate)."""
+    wrt = tuple(wrt)
+    return (out.detach(), *torch.autograd.grad(out, wrt, grad_out))
+
+
+# ----------------------------------------------------------------------------- correctness
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|a - e| / max|e|`` (NaN or shape mismatch -> inf)."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        return float("inf")
+    a, e = actual.detach().double(), expected.detach().double()
+    err = (a - e).abs().max().item() / max(e.abs().max().item(), 1e-30) if e.numel() else 0.0
+    return err if err == err else float("inf")
+
+
+def check(out: tuple, ref: tuple, low_precision: bool) -> tuple[bool, float]:
+    """(agrees, worst normalised error) of an implementation's outputs against the reference's."""
+    if len(out) != len(ref):
+        return False, float("inf")
+    worst, ok = 0.0, True
+    for a, e in zip(out, ref):
+        low = low_precision or a.dtype in LOW_PRECISION or e.dtype in LOW_PRECISION
+        err = max_error(a, e)
+        worst = max(worst, err)
+        ok &= err <= TOLERANCE["low" if low else "fp32"]
+    return ok, worst
+
+
+# ----------------------------------------------------------------------------- time and memory
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float = CPU_BUDGET_S) -> dict:
+    """Median and 0.2 / 0.8 quantiles of one call, in ms (see the module docstring)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "reps": None}
+    fn()  # warm-up
+    times = []
+    end = time.perf_counter() + budget_s
+    while len(times) < CPU_MAX_REPS and (len(times) < CPU_MIN_REPS or time.perf_counter() < end):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return {"median_ms": q[0].item(), "p20_ms": q[1].item(), "p80_ms": q[2].item(), "reps": len(times)}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    """Resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim_heap() -> None:
+    """Returns freed heap memory to the OS (glibc), so that the baseline RSS holds no reusable free blocks."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _RssSampler(threading.Thread):
+    """Reads /proc/self/statm every SAMPLE_PERIOD_S and keeps the maximum (the fallback CPU probe)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = _rss_bytes()
+        self._stop_event = threading.Event()
+
+    def run(self):
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(SAMPLE_PERIOD_S)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _rss_bytes())
+
+
+def cpu_memory_method() -> str:
+    """How :func:`peak_memory_mib` measures on this CPU machine (recorded with the results)."""
+    if _reset_hwm():
+        return "peak RSS: VmHWM of /proc/self/status after resetting it via /proc/self/clear_refs (exact, per page)"
+    return f"peak RSS: a thread sampling /proc/self/statm every {SAMPLE_PERIOD_S * 1e3:g} ms (misses shorter peaks)"
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
+    """Memory one call adds at its peak, in MiB, its outputs included.
+
+    CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before (tensors of the caching allocator).
+    CPU: the process's resident set size minus its value before the call, after ``malloc_trim(0)``.
+    The peak is the kernel's exact high-water mark (VmHWM, reset through /proc/self/clear_refs) where that
+    can be reset, else a thread sampling /proc/self/statm (see :func:`cpu_memory_method`). RSS counts
+    touched pages only, and heap blocks below glibc's mmap threshold (<= 32 MiB) that the process kept
+    from earlier calls are reused without showing: small temporaries can be under-counted, [N, V]-sized
+    ones cannot.
+    """
+    gc.collect()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak / 2**20
+    _trim_heap()
+    if _reset_hwm():
+        base = _rss_bytes()
+        out = fn()
+        peak = _hwm_bytes() - base
+    else:
+        sampler = _RssSampler()
+        base = sampler.peak
+        sampler.start()
+        out = fn()
+        peak = sampler.stop() - base
+    del out
+    return max(peak, 0) / 2**20
+
+
+# ----------------------------------------------------------------------------- running
+def run_case(case: Case, device: torch.device, *, budget_s: float = CPU_BUDGET_S, log=print) -> list[dict]:
+    """Checks, times and measures every implementation of ``case``; one result dict per implementation."""
+    inputs = case.make_inputs()
+    ref_impl, results, ref_out = case.impls[0], [], None
+    for impl in case.impls:
+        row = {"family": case.family, "group": case.group, "x": case.x, "shape": case.shape, "impl": impl.name,
+               "reference": ref_impl.name}
+        results.append(row)
+        if impl.skip or (ref_out is None and impl is not ref_impl):
+            row.update(status="skipped", detail=impl.skip or "the reference did not run, nothing to check against")
+            continue
+        try:
+            out = impl.fn(inputs)
+            _sync(device)
+        except Exception as err:  # a broken implementation is a result, not a crash of the run
+            row.update(status="error", detail=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            log(f"  {impl.name:<36} error: {row['detail']}")
+            continue
+        ok, err = (True, 0.0) if ref_out is None else check(out, ref_out, case.low_precision)
+        ref_out = out if ref_out is None else ref_out
+        del out
+        row["max_error"] = err
+        if not ok:
+            row.update(status="wrong", detail=f"normalised max error {err:.3g} vs the reference")
+            log(f"  {impl.name:<36} WRONG ({row['detail']})")
+            continue
+        call = lambda: impl.fn(inputs)  # noqa: E731
+        row.update(status="ok", **time_ms(call, device, budget_s), peak_mib=peak_memory_mib(call, device))
+        if case.bytes_floor:
+            row["gb_per_s"] = case.bytes_floor / row["median_ms"] / 1e6
+        if case.flops:
+            row["tflop_per_s"] = case.flops / row["median_ms"] / 1e9
+        log(f"  {impl.name:<36} {row['median_ms']:10.3f} ms  [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]  "
+            f"peak +{row['peak_mib']:.0f} MiB")
+    del ref_out
+    ref_ms = results[0].get("median_ms")
+    for row in results:
+        if ref_ms and row.get("median_ms"):
+            row["speedup_vs_ref"] = ref_ms / row["median_ms"]
+    del inputs
+    gc.collect()
+    return results
+
+
+# ----------------------------------------------------------------------------- the machine
+def _git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"{model}, {os.cpu_count()} logical CPUs"
+
+
+def environment(device: torch.device) -> dict:
+    """Device, commit, library versions and date of a run."""
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "gfpo_fast", "kernels", "csrc", "bench")
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "commit": _git("rev-parse", "--short=12", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {d: _version(d) for d in ("gfpo-fast", "torch", "triton", "trl", "liger-kernel", "transformers")},
+        "memory_method": cpu_memory_method() if device.type == "cpu" else "torch.cuda.max_memory_allocated delta",
+    }
+    if device.type == "cuda":
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return env
+
+
+def measured_bandwidth_gbs(device: torch.device, nbytes: int) -> float:
+    """Device-to-device copy rate of one ``nbytes`` buffer (read + write counted), GB/s, median of repeats."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device, budget_s=1.0)["median_ms"]
+    return 2 * nbytes / t / 1e6
+
+
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """Rate of one ``n x n @ n x n`` matmul in ``dtype``, TFLOP/s, median of repeats."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_ms(lambda: a @ b, device, budget_s=1.0)["median_ms"]
+    return 2 * n**3 / t / 1e9
