@@ -1,0 +1,98 @@
+"""Unit tests of the trainer's parts: CLI/YAML config, rewards, filters, data, generation masks."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gfpo_fast.train import parse_args
+from gfpo_fast.train.data import PromptSampler, arithmetic_dataset, check_prompts, load_local_dataset
+from gfpo_fast.train.filters import GroupFilter
+from gfpo_fast.train.generation import completion_masks
+from gfpo_fast.train.rewards import accuracy_reward, final_answer, format_reward
+
+
+def test_cli_overrides_yaml(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("algorithm: grpo\nlearning_rate: 3.0e-5\nreward_funcs: [accuracy]\nreward_weights: null\n")
+    cfg = parse_args(["--config", str(cfg_file), "--learning_rate", "1e-4", "--bf16", "false", "--epsilon", "none"])
+    assert (cfg.algorithm, cfg.learning_rate, cfg.reward_funcs, cfg.bf16, cfg.epsilon) == (
+        "grpo", 1e-4, ["accuracy"], False, None)
+    cfg_file.write_text("learning_rat: 1\n")
+    with pytest.raises(ValueError, match="unknown fields \\['learning_rat'\\]"):
+        parse_args(["--config", str(cfg_file)])
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("5 + 2 = 7 pencils.", 7.0), ("The answer is \\boxed{1,204} (not 3)", 1204.0), ("no number", None),
+    ("It is 12.0", 12.0), ("from 9 to -3", -3.0),
+])
+def test_final_answer(text, answer):
+    assert final_answer(text) == answer
+
+
+def test_accuracy_and_format_rewards():
+    completions = [[{"role": "assistant", "content": "5 + 2 = 7"}], [{"role": "assistant", "content": "7 apples left"}]]
+    assert accuracy_reward(completions, answer=["7", "7"]) == [1.0, 1.0]
+    assert format_reward(completions) == [1.0, 0.0]
+
+
+def test_length_filter_and_adaptive_k():
+    G = 8
+    f = GroupFilter("length", G, 4, adaptive=False, scale_rewards="group")
+    rewards = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0] * 2)
+    lengths = torch.arange(16, 0, -1)
+    adv, keep = f(rewards, lengths, [])
+    assert keep.view(2, G).sum(1).tolist() == [4, 4] and keep.view(2, G)[:, 4:].all()  # the 4 shortest
+    assert adv[~keep].abs().sum() == 0
+    # adaptive difficulty: group means 0, 1/8, 1/2, 7/8 are the four quartiles, hardest first -> k0 + 2 ... k0 - 1
+    adaptive = GroupFilter("length", G, 4, adaptive=True, scale_rewards="group")
+    rewards = torch.zeros(4, G)
+    for g, ones in enumerate((0, 1, 4, 7)):
+        rewards[g, :ones] = 1.0
+    adv, keep = adaptive(rewards.reshape(-1), torch.arange(4 * G), [])
+    assert keep.view(4, G).sum(1).tolist() == [6, 5, 4, 3]
+    assert len(adaptive.history) == 4
+
+
+def test_user_filter_shape_is_checked():
+    f = GroupFilter("reward_fns:shortest_text", 4, 2, adaptive=False, scale_rewards="group")
+    with pytest.raises(ValueError, match="must return scores of shape \\(1, 4\\)"):
+        f.user_func = lambda group_completions, group_rewards: [[1.0, 2.0]]
+        f(torch.zeros(4), torch.ones(4), ["a", "b", "c", "d"])
+
+
+def test_arithmetic_split_is_disjoint_and_seeded():
+    train, evals = arithmetic_dataset(200, 64)
+    assert not {r["question"] for r in train} & {r["question"] for r in evals}
+    assert arithmetic_dataset(200, 64)[1] == evals
+    assert all(0 <= int(r["answer"]) <= 18 for r in train)
+
+
+def test_local_formats(tmp_path):
+    rows = [{"prompt": "2+2=", "answer": "4"}, {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
+    (tmp_path / "d.csv").write_text("prompt,answer\n2+2=,4\n")
+    assert load_local_dataset(str(tmp_path / "d.jsonl")) == rows == load_local_dataset(str(tmp_path / "d.json"))
+    assert load_local_dataset(str(tmp_path / "d.csv")) == [{"prompt": "2+2=", "answer": "4"}]
+    with pytest.raises(ValueError, match="must be a string or a list of"):
+        check_prompts([{"prompt": 3}], "x")
+
+
+def test_sampler_resumes_mid_epoch():
+    a = PromptSampler(5, seed=0)
+    first = a.next(3)
+    b = PromptSampler(5, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert a.next(9) == b.next(9) and sorted(first + PromptSampler(5, 0).next(5)[3:]) == [0, 1, 2, 3, 4]
+
+
+def test_completion_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [3, 9, 2, 0]])
+    mask, truncated = completion_masks(ids, [2, 9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+    assert not math.isnan(float(mask.sum()))
