@@ -16,6 +16,14 @@ MAX_BLOCK_V = 4096
 MAX_BLOCK_V_INTERPRETER = 16384
 
 
+def eager_launch(launcher):
+    """Marks a launcher that ``torch.compile`` must not trace: inside a compiled function it runs
+    eagerly (a graph break around one large kernel). Then the temperature always reaches the kernel
+    as a Python float, i.e. an fp32 run-time argument (Inductor would pass fp64, Liger PR #1366), and
+    Dynamo never traces the CPU interpreter's numpy emulation (which it cannot)."""
+    return torch.compiler.disable(launcher)
+
+
 def device_guard(x: torch.Tensor):
     """Launches on ``x``'s GPU even when another device is current (a no-op on the CPU interpreter)."""
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

@@ -19,7 +19,8 @@ Shapes and dtypes: ``rewards`` ``[N]`` or ``[N, F]`` (any float dtype, read as f
 ``[N]``, ``reward_weights`` ``[F]``; outputs fp32 ``advantages`` ``[N]`` and bool ``keep`` ``[N]``.
 Memory traffic: each reward and score is read once and each output written once (O(N); the
 point is one launch instead of the ~20 small torch kernels of the reference, not bandwidth).
-``G``, ``F`` and ``k`` are run-time integers; only their power-of-two tile sizes are constants.
+``G``, ``F`` and ``k`` are run-time integers (fixed for a training run; the tile sizes are their
+next powers of two), so the kernel compiles once per run.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import triton.language as tl
 
 from gfpo_fast.advantages import STD_EPS, nanstd, normalize_scale_rewards
 
-from ._launch import device_guard
+from ._launch import device_guard, eager_launch
 
 
 @triton.jit
@@ -93,6 +94,7 @@ def _group_advantages_kernel(
         tl.store(value_ptr + rows, value, mask=in_group)
 
 
+@eager_launch
 def _launch(rewards, weights, scores, G, k, *, has_filter, normalize_then_sum, scale_by_group_std):
     """Runs the kernel over ``N / G`` groups; returns ``[N]`` fp32 ``adv``, ``value`` and int8 ``keep`` (or None)."""
     r = rewards.detach().float()

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard, vocab_tile
+from ._launch import device_guard, eager_launch, vocab_tile
 
 # Sizes that change with the batch shape every step: T, and the batch strides that are multiples
 # of T. Triton would otherwise specialise them on "== 1" and "divisible by 16", i.e. compile up to
@@ -130,6 +130,7 @@ def _as_rows(logits: torch.Tensor, token_ids: torch.Tensor):
     return logits, token_ids
 
 
+@eager_launch
 def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, return_entropy: bool):
     """Launches the forward kernel. Returns fp32 ``(logp, lse, entropy or None)`` shaped like ``token_ids``."""
     x, ids = _as_rows(logits, token_ids)
@@ -150,6 +151,7 @@ def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temper
     return logp, lse, entropy
 
 
+@eager_launch
 def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entropy=None, dentropy=None,
                             inplace=False) -> torch.Tensor:
     """dL/dlogits from ``dlogp`` (and ``dentropy``), [N]-shaped like ``token_ids``.

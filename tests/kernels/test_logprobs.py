@@ -139,6 +139,24 @@ def test_batch_shape_and_temperature_do_not_change_the_specialisation(device, mo
     assert len(bwd.specialization_keys()) == 1
 
 
+def test_inside_torch_compile(device):
+    """Launches run eagerly inside a compiled function (a graph break), with the same result.
+    The "eager" compile backend keeps this fast on CPU; Dynamo's capture is what is under test."""
+    logits = torch.randn(B, T, V, device=device)
+    ids = torch.randint(0, V, (B, T), device=device)
+
+    def loss_fn(x, temperature):
+        logp, ent = token_logprobs_triton(x, ids, temperature=temperature, return_entropy=True)
+        return (logp * logp).sum() + ent.sum()
+
+    grads = []
+    for fn in (torch.compile(loss_fn, backend="eager"), loss_fn):
+        x = logits.clone().requires_grad_()
+        fn(x, 0.7).backward()
+        grads.append(x.grad)
+    assert_close(grads[0], grads[1], atol=0, name="grad")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 class TestRealisticShapes:

@@ -161,6 +161,15 @@ def test_public_op_dispatches_to_triton(device):
     assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5, name="loss")
 
 
+def test_inside_torch_compile(device):
+    cfg, logits, ids, inputs = make_inputs(device, spec=dict(algorithm="gmpo"))
+    compiled = torch.compile(fused_policy_loss_triton, backend="eager")
+    loss, _, grad = run(compiled, cfg, logits, ids, inputs)
+    ref_loss, _, ref_grad = run(fused_policy_loss_triton, cfg, logits, ids, inputs)
+    assert_close(loss, ref_loss, atol=0, name="loss")
+    assert_close(grad, ref_grad, atol=0, name="grad")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 class TestRealisticShapes:
