@@ -21,7 +21,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -35,21 +34,25 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // 2048 floats (8 KiB) of scaled logits per chunk: re-read from L1 by the exponential pass.
 constexpr std::int64_t kChunk = 2048;
 
-// exp(x) for x <= 88, within ~2 ulp, as straight-line float arithmetic the compiler vectorises
-// (std::exp is a library call that blocks vectorisation without -ffast-math, which this project
-// avoids because it breaks NaN handling). x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor
-// series to degree 7 (truncation < 1e-8 relative), 2^n built in the exponent bits. x < -87 gives 0
-// (true value below 1.7e-38, irrelevant next to a softmax denominator >= 1); NaN stays NaN.
-GFPO_INLINE float exp_approx(float x) {
+// Below this, exp() is taken as 0: the true value, < 1.7e-38, is irrelevant next to a softmax
+// denominator >= 1 (and to log-probability mass). Callers clamp their arguments to it with
+// std::max(d, kExpFloor), one vector max that also turns -inf (a banned token) into a finite value,
+// so that e * d below is 0 rather than 0 * -inf = NaN.
+constexpr float kExpFloor = -87.0f;
+
+// exp(x) for kExpFloor <= x <= 0 (NaN stays NaN), within ~2 ulp, as straight-line float arithmetic the
+// compiler vectorises (std::exp is a library call that blocks vectorisation without -ffast-math, which
+// this project avoids because it breaks NaN handling). x = n ln2 + r with |r| <= ln2/2, exp(r) by its
+// Taylor series to degree 7 (truncation < 1e-8 relative), 2^n written into the exponent bits.
+GFPO_INLINE float exp_nonpositive(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;        // ln 2 split in two so n * kLn2Hi is exact
+  constexpr float kLn2Hi = 0.693359375f;  // ln 2 split in two so that n * kLn2Hi is exact
   constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;         // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float kRound = 12582912.0f;   // 1.5 * 2^23: adding it rounds to an integer
   constexpr std::uint32_t kRoundBits = 0x4B400000u;
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float shifted = xc * kLog2e + kRound;   // n sits in the low mantissa bits
+  const float shifted = x * kLog2e + kRound;  // n sits in the low mantissa bits
   const float n = shifted - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -60,10 +63,10 @@ GFPO_INLINE float exp_approx(float x) {
   p = p * r + 1.0f;
   std::uint32_t bits;
   std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits - kRoundBits + 127u) << 23;     // 2^n, n in [-126, 127]; unsigned wrap is intended
+  bits = (bits - kRoundBits + 127u) << 23;  // 2^n for n in [-126, 0]; the unsigned wrap is intended
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+  return p * scale;
 }
 
 GFPO_INLINE float to_float(float v) { return v; }
@@ -99,8 +102,9 @@ GFPO_INLINE RowResult forward_row(const T* x, std::int64_t vocab, std::int64_t t
     float s = 0.0f, u = 0.0f;
 #pragma omp simd reduction(+ : s, u)
     for (std::int64_t i = 0; i < n; ++i) {
-      const float d = std::max(z[i] - m, -FLT_MAX);  // -inf -> -FLT_MAX so that 0 * d is 0, not NaN
-      const float e = exp_approx(d);
+      const float d_raw = z[i] - m;
+      const float d = std::max(d_raw, kExpFloor);
+      const float e = d_raw < kExpFloor ? 0.0f : exp_nonpositive(d);
       s += e;
       if (kEntropy) u += e * d;
     }
@@ -119,13 +123,14 @@ GFPO_INLINE void backward_row(const T* x, T* grad, std::int64_t vocab, std::int6
   const float b = h * inv_t;
   // The target column, whole, in float32: g (1 - p) rather than (-g p) + g rounded in between. Computed
   // first because grad may alias x.
-  const float d_y = std::max(to_float(x[target]) * inv_t - lse, -FLT_MAX);
-  const float p_y = exp_approx(d_y);
+  const float d_y = std::max(to_float(x[target]) * inv_t - lse, kExpFloor);
+  const float p_y = exp_nonpositive(d_y);  // the target is never banned: no floor test
   const float grad_y = a * (1.0f - p_y) - (kEntropy ? p_y * b * (d_y + entropy) : 0.0f);
 #pragma omp simd
   for (std::int64_t v = 0; v < vocab; ++v) {
-    const float d = std::max(to_float(x[v]) * inv_t - lse, -FLT_MAX);  // log p_v
-    const float p = exp_approx(d);
+    const float d_raw = to_float(x[v]) * inv_t - lse;  // log p_v
+    const float d = std::max(d_raw, kExpFloor);
+    const float p = d_raw < kExpFloor ? 0.0f : exp_nonpositive(d);
     store(grad + v, kEntropy ? -p * (a + b * (d + entropy)) : -p * a);
   }
   store(grad + target, grad_y);
