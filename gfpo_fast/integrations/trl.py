@@ -1,7 +1,10 @@
 """gfpo-fast for TRL users: GFPO, and TRL's GRPO / GSPO / GSPO-token / GMPO trainers on gfpo-fast's loss.
 
-Supported TRL: ``>=1.16,<1.17`` (:data:`SUPPORTED_TRL`; tested with 1.16.0 on CPU, fp32). Importing this
-module with another TRL raises ``ImportError`` naming that range. Install with ``pip install 'gfpo-fast[trl]'``.
+Supported TRL: ``>=1.13,!=1.15.*,<1.17`` (:data:`SUPPORTED_TRL`), the releases the tests ran against on the
+CPU in fp32: 1.13.0 (also against its own GSPO-token trainer), 1.14.0 and 1.16.0 (the newest). TRL 1.15's
+own log-prob kernel needs Triton on a GPU, so TRL cannot run on a CPU there and 1.15 is left out until it is
+tested on a GPU. Importing this module with another TRL raises ``ImportError`` naming the range. Install
+with ``pip install 'gfpo-fast[trl]'``.
 
 Fast loss (``FastGRPOTrainer``, ``FastGMPOTrainer``, or ``patch(trainer)`` on an existing instance):
 only ``_compute_loss`` changes. The policy forward returns the completion logits (the model's own
@@ -46,12 +49,13 @@ import torch
 
 try:
     import trl
+    from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 except ImportError as err:  # pragma: no cover - the module is only imported by TRL users
     raise ImportError("gfpo_fast.integrations.trl needs TRL: pip install 'gfpo-fast[trl]'") from err
 
-SUPPORTED_TRL = ">=1.16,<1.17"
-if not Version("1.16") <= Version(Version(trl.__version__).base_version) < Version("1.17"):
+SUPPORTED_TRL = ">=1.13,!=1.15.*,<1.17"
+if Version(trl.__version__).base_version not in SpecifierSet(SUPPORTED_TRL):
     raise ImportError(
         f"gfpo_fast.integrations.trl supports trl{SUPPORTED_TRL}, found trl {trl.__version__}; "
         f"install a supported one with pip install 'trl{SUPPORTED_TRL}'"

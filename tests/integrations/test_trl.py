@@ -8,6 +8,7 @@ parameters of the fast path must equal TRL's own path (fp32, 1e-5).
 import importlib
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -24,7 +25,7 @@ from trl.experimental.gmpo import GMPOConfig, GMPOTrainer  # noqa: E402
 
 import gfpo_fast as gf  # noqa: E402
 from gfpo_fast.integrations.trl import (  # noqa: E402
-    FastGMPOTrainer, FastGRPOTrainer, GFPOConfig, GFPOTrainer, patch,
+    SUPPORTED_TRL, FastGMPOTrainer, FastGRPOTrainer, GFPOConfig, GFPOTrainer, patch,
 )
 
 pytestmark = pytest.mark.slow
@@ -117,6 +118,14 @@ def test_gspo_token_equals_trl_sequence_level(tiny, loss_type):
     assert_same_training(reference, fast, compare_metrics=False)
 
 
+def test_gspo_token_equals_trl_gspo_token(tiny):
+    """Against TRL's own GSPO-token trainer, where the installed TRL still ships it (<= 1.13)."""
+    gspo_token = pytest.importorskip("trl.experimental.gspo_token")
+    overrides = dict(loss_type="grpo", importance_sampling_level="sequence_token", epsilon=0.02, beta=0.04,
+                     use_bias_correction_kl=False)
+    assert_same_training(train(tiny, gspo_token.GRPOTrainer, **overrides), train(tiny, FastGRPOTrainer, **overrides))
+
+
 # ----------------------------------------------------------------------------- refusals and versions
 @pytest.mark.parametrize("cls,config_cls,field,value", [
     (FastGRPOTrainer, GRPOConfig, "top_entropy_quantile", 0.5),
@@ -166,7 +175,7 @@ def test_patch_refuses_a_trainer_with_its_own_loss(tiny):
 def test_unsupported_trl_version_names_the_range(monkeypatch):
     monkeypatch.setattr(trl, "__version__", "1.9.0")
     monkeypatch.delitem(sys.modules, "gfpo_fast.integrations.trl")
-    with pytest.raises(ImportError, match=r"trl>=1.16,<1.17.*found trl 1.9.0"):
+    with pytest.raises(ImportError, match=re.escape(f"trl{SUPPORTED_TRL}, found trl 1.9.0")):
         importlib.import_module("gfpo_fast.integrations.trl")
 
 
