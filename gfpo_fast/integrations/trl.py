@@ -21,10 +21,11 @@ Config fields that shape the loss are honoured: ``loss_type``, ``importance_samp
 dapo normaliser), the vLLM importance-sampling ratio, ``mask_truncated_completions`` and tool masks. Refused
 at construction with a ``ValueError`` naming the field: ``top_entropy_quantile < 1``,
 ``off_policy_mask_threshold``, ``entropy_coef != 0`` / ``use_adaptive_entropy``, a MoE auxiliary loss
-(``router_aux_loss_coef`` must be 0 for MoE models); for GMPO also the fields TRL's GMPO ignores (``delta``,
-``importance_sampling_level != "token"``, ``use_bias_correction_kl`` with ``beta != 0``, the vLLM ratio). Vision-language
-batches are refused at the first step. The model must accept ``logits_to_keep`` (every transformers
-causal LM does).
+(``router_aux_loss_coef`` must be 0 for MoE models); for GMPO also the fields TRL's GMPO ignores
+(``delta``, ``importance_sampling_level != "token"``, ``use_bias_correction_kl`` with ``beta != 0``, the vLLM
+ratio). Vision-language batches are refused at the first step. The model must accept ``logits_to_keep``
+(transformers' causal LMs do). Memory: the fast path holds the ``[B, T, V]`` completion logits of a
+micro-batch, which TRL's chunked LM-head log-probs (1.14+) avoid; with long vocabularies keep micro-batches small.
 
 GFPO (``GFPOConfig``, ``GFPOTrainer``; API of TRL v1.7.1's removed experimental trainer, section 11 of
 the spec): after TRL scores a generation batch, ``group_filter_func`` scores every completion, the top
