@@ -109,12 +109,12 @@ def implementations(variant: str, T: int, device: torch.device, compile: bool) -
     return impls
 
 
-def _case(group, x, variant, B, G, T, V, dtype, device, compile) -> Case:
+def _case(group, x_name, x, variant, B, G, T, V, dtype, device, compile) -> Case:
     impls = implementations(variant, T, device, compile)
     gfpo = variant == "gfpo-half"
     dname = str(dtype).removeprefix("torch.")
     return Case(
-        family="policy_loss", group=group, x=x,
+        family="policy_loss", group=group, x_name=x_name, x=x,
         shape={"variant": variant, "N": B * T, "B": B, "G": G, "T": T, "V": V, "dtype": dname, "mode": "fwd+bwd"},
         make_inputs=functools.partial(make_inputs, B, G, T, V, dtype, device, gfpo=gfpo,
                                       liger=any(i.name == LIGER and i.fn for i in impls)),
@@ -127,8 +127,8 @@ def cases(device: torch.device, size: str, compile: bool) -> list[Case]:
     c = SIZES[size]
     B, G, T, V, dtype = c["B"], c["G"], c["T"], c["V"], c["dtype"]
     dname = str(dtype).removeprefix("torch.")
-    out = [_case(f"fused loss fwd+bwd by variant, N={B * T} V={V} {dname}", v, v, B, G, T, V, dtype, device, compile)
+    out = [_case(f"fused loss fwd+bwd by variant, N={B * T} V={V} {dname}", "variant", v, v, B, G, T, V, dtype, device, compile)
            for v in VARIANTS]
-    out += [_case(f"fused loss dapo fwd+bwd, T={T} V={V} {dname}", b * T, "dapo", b, min(G, b), T, V, dtype, device,
+    out += [_case(f"fused loss dapo fwd+bwd, T={T} V={V} {dname}", "N", b * T, "dapo", b, min(G, b), T, V, dtype, device,
                   compile) for b in c["sweep_B"]]
     return out

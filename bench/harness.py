@@ -55,13 +55,14 @@ class Impl:
 
 @dataclass
 class Case:
-    """One op at one shape. ``group`` names the table/plot it belongs to, ``x`` its position there.
+    """One op at one shape. ``group`` names the table/plot it belongs to, ``x`` its position there (``x_name``).
 
     ``bytes_floor``: the fewest bytes the op must move (GB/s); ``flops``: its useful FLOPs (TFLOP/s).
     """
 
     family: str
     group: str
+    x_name: str
     x: Any
     shape: dict
     make_inputs: Callable[[], dict]
@@ -114,6 +115,8 @@ def compiled_impl(name: str, fn: Callable, wrap: Callable[[Callable], Callable[[
     """``torch.compile(fn)`` run through ``wrap``; the compile happens in the correctness call, never timed."""
     if not enabled:
         return Impl(name, skip="torch.compile disabled (--compile to enable)")
+    # One compile per shape and mode; dynamo's default of 8 per function would fall back to eager silently.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return Impl(name, wrap(torch.compile(fn, dynamic=False)))
 
 
@@ -267,7 +270,7 @@ def run_case(case: Case, device: torch.device, *, budget_s: float = CPU_BUDGET_S
     inputs = case.make_inputs()
     ref_impl, results, ref_out = case.impls[0], [], None
     for impl in case.impls:
-        row = {"family": case.family, "group": case.group, "x": case.x, "shape": case.shape, "impl": impl.name,
+        row = {"family": case.family, "group": case.group, "x_name": case.x_name, "x": case.x, "shape": case.shape, "impl": impl.name,
                "reference": ref_impl.name}
         results.append(row)
         if impl.skip or (ref_out is None and impl is not ref_impl):

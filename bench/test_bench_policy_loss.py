@@ -1,0 +1,6 @@
+"""Quick regression numbers for fused_policy_loss (small shapes; checked against the reference, speed never asserted)."""
+from bench import bench_policy_loss as FAMILY  # noqa: F401 (read by conftest.pytest_generate_tests)
+
+
+def test_policy_loss(case_impl, run_bench):
+    run_bench(*case_impl)
