@@ -6,10 +6,13 @@ Public ops (each dispatches to Triton on CUDA, C++ on CPU, or the torch referenc
 * :func:`group_advantages`, :func:`gfpo_filter`, :func:`reward_metrics` -- group-relative advantages, GFPO top-k.
 * :func:`policy_loss` -- GRPO / DAPO / Dr. GRPO / BNPO / CISPO / SAPO / LUSPO / VESPO, GSPO, GSPO-token, GMPO.
 * :func:`fused_policy_loss` -- log-probs and policy loss from logits in one op.
+* :func:`fused_linear_logprobs`, :func:`fused_linear_policy_loss` -- the same from hidden states and the
+  lm_head weight, one chunk of tokens at a time (the logits never exist whole).
 """
 from .advantages import gfpo_filter, group_advantages, reward_metrics
 from .backends import force_backend
 from .fused_loss import fused_policy_loss
+from .kernels.fused_linear import fused_linear_logprobs, fused_linear_policy_loss
 from .logprobs import token_logprobs
 from .modules import FusedLinearGRPOLoss, GRPOLoss
 from .policy_loss import policy_loss
@@ -20,6 +23,8 @@ __all__ = [
     "FusedLinearGRPOLoss",
     "GRPOLoss",
     "force_backend",
+    "fused_linear_logprobs",
+    "fused_linear_policy_loss",
     "fused_policy_loss",
     "gfpo_filter",
     "group_advantages",

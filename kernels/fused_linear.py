@@ -1,0 +1,206 @@
+"""Log-probs and the policy loss from hidden states and the lm_head weight, one chunk of tokens at a time.
+
+``logits = hidden @ weight.T + bias`` is never held whole: each chunk of ``C = chunk_size`` tokens is
+projected (one cuBLAS GEMM), reduced by the log-prob kernel (:mod:`.logprobs`) to fp32 ``logp``,
+``lse`` (and ``entropy``) and dropped. Backward, per chunk: the logits are projected again, the
+backward kernel overwrites them with ``dlogits`` (in place, no second ``[C, V]`` buffer), then
+``dhidden_c = dlogits @ weight``, ``dweight += dlogits.T @ hidden_c`` into an fp32 accumulator and
+``dbias += sum_c dlogits``. The policy loss runs once on the ``[B, T]`` log-probs with the torch
+reference (:func:`gfpo_fast.policy_loss.policy_loss_ref`), so every algorithm, including the
+per-sequence ones (GSPO, GSPO-token, GMPO, VESPO), is exact, and its ``dL/dlogp`` feeds the chunks.
+
+Shapes and dtypes: ``hidden`` ``[B, T, H]`` or ``[N, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]`` in
+the hidden dtype (fp32 / bf16 / fp16); ``token_ids`` ``[B, T]`` / ``[N]``; ``logp`` / ``entropy`` fp32
+shaped like ``token_ids``; gradients in their inputs' dtypes.
+
+Cost: 4 GEMMs of ``2 N V H`` FLOPs (forward, recomputed forward, two backward) instead of 3: the
+recompute is the price of never storing ``[N, V]``. Peak extra memory: one ``[C, V]`` logits chunk,
+the fp32 ``[V, H]`` weight-gradient accumulator (plus one ``[V, H]`` product in the weight dtype per
+chunk when that is not fp32) and O(N). Memory traffic of the log-prob part per logit: 2 bytes read
+forward, 2 read + 2 written backward, as in :mod:`.logprobs`, on a chunk that is still in L2 for
+small chunks.
+
+Backends: ``"triton"`` (CUDA, or the CPU interpreter) uses the kernels directly; otherwise each chunk
+goes through :func:`gfpo_fast.token_logprobs` (C++ or torch) and its autograd, still one chunk at a time.
+This module imports Triton only when the Triton backend runs, so ``gfpo_fast`` imports without it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gfpo_fast import backends
+from gfpo_fast._checks import FLOAT_DTYPES, require_positive_int, require_same_device, require_tensor
+from gfpo_fast.fused_loss import LOSS_CONFIG_KEYS
+from gfpo_fast.logprobs import check_logits_and_ids, token_logprobs, token_logprobs_ref
+from gfpo_fast.policy_loss import check_loss_inputs, make_loss_config, policy_loss_ref
+
+DEFAULT_CHUNK_SIZE = 1024  # tokens: a [1024, 151936] bf16 chunk is 311 MB, enough rows to keep the GEMM efficient
+
+
+# ----------------------------------------------------------------------------- references
+def fused_linear_logprobs_ref(hidden, weight, token_ids, *, bias=None, temperature=1.0, return_entropy=False):
+    """Reference: the whole logits ``F.linear(hidden, weight, bias)``, then :func:`token_logprobs_ref`."""
+    return token_logprobs_ref(F.linear(hidden, weight, bias), token_ids, temperature=temperature,
+                              return_entropy=return_entropy)
+
+
+def fused_linear_policy_loss_ref(cfg, hidden, weight, token_ids, old_logp, advantages, mask, *, bias=None,
+                                 temperature=1.0, ref_logp=None, importance_sampling_ratio=None,
+                                 num_items_in_batch=None, return_entropy=False):
+    """Reference: :func:`fused_linear_logprobs_ref` followed by the reference policy loss."""
+    out = fused_linear_logprobs_ref(hidden, weight, token_ids, bias=bias, temperature=temperature,
+                                    return_entropy=return_entropy)
+    logp, entropy = out if return_entropy else (out, None)
+    return policy_loss_ref(cfg, logp, old_logp, advantages, mask, ref_logp=ref_logp,
+                           importance_sampling_ratio=importance_sampling_ratio,
+                           num_items_in_batch=num_items_in_batch, entropy=entropy)
+
+
+# ----------------------------------------------------------------------------- chunk loop
+def _chunks(n: int, chunk_size: int):
+    return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+
+
+class FusedLinearLogprobsFunction(torch.autograd.Function):
+    """Autograd over ``[N, H]`` hidden states; saves the inputs and the fp32 per-token ``lse`` / entropy only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, token_ids, temperature, return_entropy, chunk_size, impl):
+        N = hidden.shape[0]
+        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp) if impl == "triton" else None
+        entropy = torch.empty_like(logp) if return_entropy else None
+        for rows in _chunks(N, chunk_size):
+            logits = F.linear(hidden[rows], weight, bias)  # [C, V], the only vocab-sized buffer
+            if impl == "triton":
+                from .logprobs import token_logprobs_forward
+
+                logp[rows], lse[rows], ent = token_logprobs_forward(logits, token_ids[rows], temperature,
+                                                                    return_entropy)
+            else:
+                out = token_logprobs(logits, token_ids[rows], temperature=temperature, return_entropy=return_entropy,
+                                     backend=impl)
+                logp[rows], ent = out if return_entropy else (out, None)
+            if return_entropy:
+                entropy[rows] = ent
+        ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
+        ctx.temperature, ctx.chunk_size, ctx.impl = temperature, chunk_size, impl
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    def backward(ctx, dlogp, dentropy=None):
+        hidden, weight, bias, token_ids, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if dlogp is None and dentropy is None:
+            return (None,) * 8
+        if dlogp is None:
+            dlogp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        for rows in _chunks(hidden.shape[0], ctx.chunk_size):
+            h = hidden[rows]
+            dlogits = _chunk_dlogits(ctx, F.linear(h, weight, bias), token_ids[rows], lse, entropy, dlogp, dentropy,
+                                     rows)
+            if need_hidden:
+                torch.mm(dlogits, weight, out=grad_hidden[rows])
+            if need_weight:
+                if dlogits.dtype == torch.float32:
+                    grad_weight.addmm_(dlogits.t(), h)
+                else:  # the product in the low dtype (fp32 accumulation inside the GEMM), summed in fp32
+                    grad_weight.add_(dlogits.t() @ h)
+            if need_bias:
+                grad_bias.add_(dlogits.sum(0, dtype=torch.float32))
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
+
+
+def _chunk_dlogits(ctx, logits, ids, lse, entropy, dlogp, dentropy, rows):
+    """dL/dlogits of one chunk, written over ``logits`` on the Triton path."""
+    dent = None if dentropy is None else dentropy[rows]
+    if ctx.impl == "triton":
+        from .logprobs import token_logprobs_backward
+
+        return token_logprobs_backward(logits, ids, lse[rows], dlogp[rows], ctx.temperature,
+                                       entropy=None if dent is None else entropy[rows], dentropy=dent, inplace=True)
+    with torch.enable_grad():
+        z = logits.requires_grad_()
+        out = token_logprobs(z, ids, temperature=ctx.temperature, return_entropy=dent is not None, backend=ctx.impl)
+        outputs, grads = ((out[0], out[1]), (dlogp[rows], dent)) if dent is not None else ((out,), (dlogp[rows],))
+        (dlogits,) = torch.autograd.grad(outputs, z, grads)
+    return dlogits
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_linear_inputs(hidden, weight, bias, token_ids, temperature, chunk_size) -> None:
+    require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    require_tensor("weight", weight, dtypes=(hidden.dtype,), ndim=(2,))
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden {tuple(hidden.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        require_tensor("bias", bias, dtypes=(hidden.dtype,), ndim=(1,))
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) (one per vocab row of weight), "
+                             f"got {tuple(bias.shape)}")
+    require_positive_int("chunk_size", chunk_size)
+    require_same_device("hidden", hidden, weight=weight, bias=bias)
+    # token_ids, temperature and the vocab size, as for logits [..., V] (a zero-stride stand-in: no allocation)
+    check_logits_and_ids(hidden[..., :1].expand(*hidden.shape[:-1], weight.shape[0]), token_ids, temperature)
+
+
+def fused_linear_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, return_entropy=False,
+                          chunk_size=DEFAULT_CHUNK_SIZE, backend="auto"):
+    """Per-token log-probs of ``token_ids`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: ``[B, T, H]`` or ``[N, H]`` last hidden states (fp32 / bf16 / fp16), the policy's output
+            aligned with ``token_ids`` (position ``t`` predicts token ``t``).
+        weight: ``[V, H]`` lm_head weight, same dtype; bias: optional ``[V]``.
+        token_ids: ``[B, T]`` / ``[N]`` int64/int32 ids in ``[0, V)``.
+        temperature: > 0; the logits are divided by it.
+        return_entropy: also return the (differentiable) entropies.
+        chunk_size: tokens projected at a time; the peak extra memory is one ``[chunk_size, V]`` block.
+        backend: of the per-chunk log-probs, as in :func:`gfpo_fast.token_logprobs` (``"auto"``: Triton on CUDA).
+
+    Returns:
+        fp32 ``logp`` shaped like ``token_ids`` (or ``(logp, entropy)``), with autograd to ``hidden``, ``weight``
+        and ``bias``. Equivalent to ``token_logprobs(F.linear(hidden, weight, bias), token_ids, ...)``
+        (:func:`fused_linear_logprobs_ref`) without the ``[N, V]`` logits.
+    """
+    _check_linear_inputs(hidden, weight, bias, token_ids, temperature, chunk_size)
+    # The op is a chunk loop around token_logprobs: the backend is that of the per-chunk log-probs.
+    impl = backends.select("token_logprobs", backend, hidden.device)
+    out = FusedLinearLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1),
+                                            float(temperature), bool(return_entropy), chunk_size, impl)
+    if return_entropy:
+        return out[0].view(token_ids.shape), out[1].view(token_ids.shape)
+    return out.view(token_ids.shape)
+
+
+def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, mask, *, bias=None, temperature=1.0,
+                             ref_logp=None, importance_sampling_ratio=None, num_items_in_batch=None,
+                             return_entropy=False, chunk_size=DEFAULT_CHUNK_SIZE, backend="auto", **loss_kwargs):
+    """GRPO-family loss from hidden states ``[B, T, H]`` and the lm_head weight ``[V, H]``, logits never whole.
+
+    Takes the tensors and keywords of :func:`gfpo_fast.policy_loss` (``old_logp``, ``advantages``, ``mask``,
+    ``algorithm``, ``loss_type``, ``epsilon``, ``beta``, ``ref_logp``, ...) plus ``bias``, ``temperature``,
+    ``return_entropy`` (the ``entropy`` metric, from the same pass), ``chunk_size`` and ``backend`` of
+    :func:`fused_linear_logprobs`. Returns ``(loss, metrics)`` with gradients to ``hidden``, ``weight`` and
+    ``bias``, equal to :func:`gfpo_fast.fused_policy_loss` on ``F.linear(hidden, weight, bias)``
+    (:func:`fused_linear_policy_loss_ref`).
+    """
+    unknown = set(loss_kwargs) - set(LOSS_CONFIG_KEYS)
+    if unknown:
+        raise TypeError(f"fused_linear_policy_loss got unexpected keyword arguments {sorted(unknown)}")
+    cfg = make_loss_config(**loss_kwargs)
+    require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,))
+    kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
+                  num_items_in_batch=num_items_in_batch)
+    check_loss_inputs(cfg, hidden[..., 0], old_logp, advantages, mask, **kwargs)
+    out = fused_linear_logprobs(hidden, weight, token_ids, bias=bias, temperature=temperature,
+                                return_entropy=return_entropy, chunk_size=chunk_size, backend=backend)
+    logp, entropy = out if return_entropy else (out, None)
+    return policy_loss_ref(cfg, logp, old_logp, advantages, mask, entropy=entropy, **kwargs)
