@@ -143,7 +143,7 @@ def evaluate(model, tokenizer, rows, prompts, cfg, accelerator, reward_names, re
 
 # ----------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
-    """Runs training as configured and returns a summary (paths and eval results)."""
+    """Runs training as configured; returns a summary: file paths, eval results and the trained ``policy``."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
     from transformers import TrainerState
@@ -366,7 +366,8 @@ def train(cfg: TrainConfig) -> dict:
         run_eval("after")
     plot = reporter.plot()
     summary = {"step": step, "metrics": str(reporter.metrics_path), "plot": str(plot), "checkpoint": str(last_saved),
-               "model": str(last_saved / "model") if last_saved else None, "evals": evals}
+               "model": str(last_saved / "model") if last_saved else None, "evals": evals,
+               "policy": accelerator.unwrap_model(model)}
     if accelerator.is_main_process:
         (out_dir / "eval.json").write_text(json.dumps(evals, indent=2))
         summary["eval"] = str(out_dir / "eval.json")
