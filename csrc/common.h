@@ -8,8 +8,10 @@
 
 // Hot row kernels are compiled twice on x86-64 with GCC or clang: once for the build's default
 // target (portable SSE2) and once for x86-64-v3 (AVX2 + FMA, 8 float lanes). The loader picks one
-// per process from the CPU it runs on (ifunc), so one wheel is both portable and fast on AVX2.
-#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
+// per process from the CPU it runs on (an ifunc, hence glibc only), so one build is both portable
+// and fast on AVX2. Define GFPO_NO_SIMD_CLONES to build the default target only.
+#if defined(__x86_64__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(GFPO_NO_SIMD_CLONES)
 #define GFPO_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define GFPO_SIMD_CLONES
