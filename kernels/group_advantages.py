@@ -20,7 +20,8 @@ Shapes and dtypes: ``rewards`` ``[N]`` or ``[N, F]`` (any float dtype, read as f
 Memory traffic: each reward and score is read once and each output written once (O(N); the
 point is one launch instead of the ~20 small torch kernels of the reference, not bandwidth).
 ``G``, ``F`` and ``k`` are run-time integers (fixed for a training run; the tile sizes are their
-next powers of two), so the kernel compiles once per run.
+next powers of two), so the kernel compiles once per run. The GFPO rank is a ``[G, G]`` comparison
+tile held by one program: meant for group sizes up to a few hundred (GFPO samples 8-32 per prompt).
 """
 from __future__ import annotations
 
