@@ -65,8 +65,10 @@ def _token_logprobs_fwd_kernel(
         in_vocab = offs < V
         z = tl.load(x_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        scale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)  # 0 on the lanes past V
+        # A finite shift while every logit so far is -inf (a masked vocab range), else -inf - -inf = NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp(m - shift)
+        e = tl.exp(z - shift)  # 0 on the lanes past V
         d = d * scale + tl.sum(e, axis=0)
         if HAS_ENTROPY:
             s = s * scale + tl.sum(e * tl.where(in_vocab, z, 0.0), axis=0)  # where: 0 * -inf would be NaN

@@ -114,6 +114,21 @@ def test_rows_with_zero_gradient_are_skipped(device):
     assert_close(x.grad[mask], x_ref.grad[mask], atol=1e-6, rtol=1e-5, name="grad")
 
 
+def test_masked_vocab_range(device):
+    """-inf logits (a masked vocab range) covering whole leading tiles leave the other tokens' log-probs exact."""
+    logits = torch.randn(B, T, V, device=device)
+    logits[..., :200] = float("-inf")
+    ids = torch.randint(200, V, (B, T), device=device)
+    x = logits.clone().requires_grad_()
+    logp = token_logprobs_triton(x, ids, temperature=1.0, return_entropy=False)
+    logp.sum().backward()
+    x_ref = logits.clone().requires_grad_()
+    ref = token_logprobs_ref(x_ref, ids)
+    ref.sum().backward()
+    assert_close(logp, ref, atol=1e-5, rtol=1e-5, name="logp")
+    assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5, name="grad")
+
+
 def test_public_op_dispatches_to_triton(device):
     logits = torch.randn(B, T, V, device=device)
     ids = torch.randint(0, V, (B, T), device=device)
