@@ -3,7 +3,6 @@ values and gradients for hidden, weight and bias, ragged chunks, entropy gradien
 per-token and per-sequence algorithms; the Triton chunk path (interpreter on CPU) and the torch one."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gfpo_fast as gf
 from gfpo_fast.kernels.fused_linear import fused_linear_logprobs_ref, fused_linear_policy_loss_ref
