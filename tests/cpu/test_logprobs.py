@@ -136,12 +136,16 @@ def test_large_logits_and_masked_vocab():
         assert torch.all(x.grad[row][~finite[row]] == 0)
 
 
-def test_nan_logit_poisons_only_its_row():
+@pytest.mark.parametrize("column", [0, 5, 2047, 2500])
+def test_nan_logit_poisons_only_its_row(column):
     logits, ids = make((3, 3000))
-    logits[1, 2500] = torch.nan
-    logp, ent = token_logprobs_cpp(logits, ids, return_entropy=True)
+    logits[1, column] = torch.nan
+    x = logits.clone().requires_grad_()
+    logp, ent = token_logprobs_cpp(x, ids, return_entropy=True)
     assert torch.isnan(logp[1]) and torch.isnan(ent[1])
     assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(ent[[0, 2]]).all()
+    (logp + ent).sum().backward()
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()
 
 
 def test_zero_gradient_rows_are_zero_and_empty_input():
