@@ -7,8 +7,11 @@ It is on-policy by default (``num_iterations=1``): the ratio is 1 in value and t
 clipped surrogate's plain policy gradient, exactly as TRL computes it without old log-probs.
 
 The embedded default (no arguments) trains SmolLM2-135M-Instruct with GFPO (length filter, 6 of 8
-kept) on single-digit arithmetic word problems, on a 2-core CPU in about 15 minutes, evaluating on
-128 held-out problems before and after.
+kept) on single-digit arithmetic word problems: 30 steps of 2 prompts x 8 completions of at most 48
+tokens at temperature 0.7, lr 2e-5, evaluating greedy and sampled accuracy on 128 held-out problems
+before and after. On this task the base model is right about 23% of the time sampled at T=0.7 (47%
+greedy; measured on 32 prompts), so most groups carry a learning signal. Budget: about 15 minutes
+on an idle 2-core CPU (estimated from per-phase timings, see the issue report).
 
     python -m gfpo_fast.train                                  # the embedded default
     python -m gfpo_fast.train --algorithm grpo --max_steps 2   # quick look
@@ -39,7 +42,7 @@ from .config import TrainConfig, parse_args
 from .data import PromptSampler, arithmetic_dataset, is_conversational, load_local_dataset, prompt_token_ids
 from .filters import GroupFilter
 from .generation import VLLMColocate, eos_token_ids, generate_transformers
-from .models import load_model_and_tokenizer
+from .models import load_model_and_tokenizer, resolve_model_path
 from .reporting import Reporter, StepTimer
 from .rewards import RewardFunctionError, build_reward_funcs, score
 
@@ -144,18 +147,16 @@ def evaluate(model, tokenizer, rows, prompts, cfg, accelerator, reward_names, re
 # ----------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
     """Runs training as configured; returns a summary: file paths, eval results and the trained ``policy``."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import gather_object, set_seed
     from transformers import TrainerState
 
-    accelerator = Accelerator(mixed_precision="no")  # bf16 decided below, once the device is known
-    device = accelerator.device
+    device = PartialState().device  # the process group and device, before mixed precision is fixed
     bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     if bf16 and device.type != "cuda":
         raise ValueError("bf16=True on the CPU: without AVX512-BF16/AMX it is ~20x slower than float32; "
                          "leave bf16 unset (or false) here")
-    if bf16:
-        accelerator = Accelerator(mixed_precision="bf16")
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
     rank, world, G = accelerator.process_index, accelerator.num_processes, cfg.num_generations
     set_seed(cfg.seed)
 
@@ -198,7 +199,7 @@ def train(cfg: TrainConfig) -> dict:
         set_seed(cfg.seed + rank)  # different sampling on every rank; the prompt order is seeded separately
     vllm = None
     if cfg.generation_backend == "vllm":
-        vllm = VLLMColocate(cfg.model_name_or_path if not resume else str(resume / "model"), seed=cfg.seed,
+        vllm = VLLMColocate(resolve_model_path(cfg.model_name_or_path)[0], seed=cfg.seed,
                             process_index=rank, max_model_len=max(len(prompt_token_ids(tokenizer, r["prompt"]))
                                                                   for r in train_rows) + cfg.max_completion_length,
                             max_num_seqs=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,

@@ -102,6 +102,9 @@ class VLLMColocate:
     step (lazily, before the next generation), followed by a prefix-cache reset; the engine's sampled-token
     log-probs (``processed_logprobs``: after temperature) come back for the importance-sampling correction.
     Plain DDP only: under FSDP/ZeRO-3 the parameters would have to be gathered first (not implemented).
+    Written from ``vllm_accelerate.md`` (TRL's colocate design); not yet run against a real vLLM install.
+    The engine loads the initial weights from disk; the first generation pushes the trainer's weights
+    (so a resumed run generates from the resumed policy).
     """
 
     def __init__(self, model_path: str, *, seed: int, process_index: int, max_model_len: int, max_num_seqs: int,
@@ -120,7 +123,8 @@ class VLLMColocate:
     def sync_weights(self, model, step: int) -> None:
         if step == self.synced_step:
             return
-        worker_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        worker = self.llm.llm_engine.model_executor.driver_worker  # in-process: external_launcher
+        worker_model = getattr(worker, "worker", worker).model_runner.model  # the wrapper's name varies by version
         for name, param in model.named_parameters():
             worker_model.load_weights([(name, param.data)])
         self.llm.reset_prefix_cache()  # KV cached from the old weights is stale

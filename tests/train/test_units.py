@@ -96,3 +96,18 @@ def test_completion_mask_stops_after_first_eos():
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
     assert truncated.tolist() == [False, True, False]
     assert not math.isnan(float(mask.sum()))
+
+
+def test_no_signal_warning(tmp_path, capsys):
+    from gfpo_fast.train.reporting import ZERO_STD_PATIENCE, Reporter
+
+    rep = Reporter(str(tmp_path), True, 0, 20, 1)
+    base = {"reward": 0.0, "loss": 0.0, "completions/mean_length": 5.0, "tokens_per_s": 1.0,
+            "completions/clipped_ratio": 0.5}
+    for step in range(1, ZERO_STD_PATIENCE + 1):
+        rep.log({**base, "step": step, "frac_reward_zero_std": 0.9})
+    rep.close()
+    out = capsys.readouterr()
+    assert "no learning signal" in out.out + out.err and "raise num_generations, temperature" in out.out + out.err
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == ZERO_STD_PATIENCE
+    assert rep.plot().is_file()
