@@ -206,15 +206,21 @@ def row_weights(cfg: LossConfig, mask: torch.Tensor, num_items_in_batch=None) ->
     return (cfg.num_processes / n.clamp(min=1.0)).expand(B, 1)
 
 
+def masked(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``x * M`` with masked entries exactly 0, even where ``x`` is inf or NaN (padding log-probs
+    can be anything; TRL's plain product turns them into NaN)."""
+    return torch.where(M != 0, x * M, 0.0)
+
+
 def masked_mean(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """TRL's metric mean: a [B, 1] tensor is averaged over rows, a [B, T] one over the mask."""
     if x.shape[1] == 1:
         return x.mean()
-    return (x * M).sum() / M.sum().clamp(min=1.0)
+    return masked(x, M).sum() / M.sum().clamp(min=1.0)
 
 
 def _row_fraction(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    return x.squeeze(1) if x.shape[1] == 1 else (x * M).sum(-1) / M.sum(-1)  # NaN for empty rows
+    return x.squeeze(1) if x.shape[1] == 1 else masked(x, M).sum(-1) / M.sum(-1)  # NaN for empty rows
 
 
 def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -246,7 +252,7 @@ def k3_kl(lp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def vespo_weights(cfg: LossConfig, A: torch.Tensor, log_ratio: torch.Tensor, M: torch.Tensor, rho=None) -> torch.Tensor:
     """VESPO's per-sequence weight phi_i, [B, 1], no gradient (TRL ``get_gamma_weights``)."""
     log_ratio = log_ratio.detach()
-    s = (M * log_ratio.clamp(-20.0, 20.0)).sum(-1, keepdim=True)
+    s = masked(log_ratio.clamp(-20.0, 20.0), M).sum(-1, keepdim=True)
     if rho is not None:  # unmasked, as in TRL: padding has rho = 1, i.e. contributes 0
         s = s + torch.log(rho).clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
     log_w = s.clamp(math.log(1e-8), 20.0)
@@ -267,7 +273,7 @@ def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling
     if level == "token":
         log_w = log_ratio
     else:
-        seq = (log_ratio * M).sum(-1, keepdim=True) / M.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1)
+        seq = masked(log_ratio, M).sum(-1, keepdim=True) / M.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1)
         log_w = seq if level == "sequence" else lp - lp.detach() + seq.detach()
     r = torch.exp(log_w)
     metrics = {}
@@ -302,7 +308,7 @@ def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling
         loss_tok = loss_tok * rho
     if kl is not None:
         loss_tok = loss_tok + cfg.beta * kl
-    loss = (loss_tok * M * row_weights(cfg, M, num_items_in_batch)).sum()
+    loss = (masked(loss_tok, M) * row_weights(cfg, M, num_items_in_batch)).sum()
     return loss, metrics
 
 
@@ -314,12 +320,12 @@ def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None):
     # Sign-aware one-sided clip in log space: only the upper side clips for A > 0, only the lower for A <= 0.
     clipped = torch.where(A > 0, torch.minimum(log_ratio, c), torch.maximum(log_ratio, c))
     count = M.sum(-1, keepdim=True).clamp(min=1.0)
-    log_w = (clipped * M).sum(-1, keepdim=True) / count  # geometric mean of the clipped ratios, (B, 1)
+    log_w = masked(clipped, M).sum(-1, keepdim=True) / count  # geometric mean of the clipped ratios, (B, 1)
     per_seq = -torch.exp(log_w) * A
     metrics = {}
     if cfg.beta != 0.0:
         kl = k3_kl(lp, ref_logp)
-        per_seq = per_seq + cfg.beta * (kl * M).sum(-1, keepdim=True) / count
+        per_seq = per_seq + cfg.beta * masked(kl, M).sum(-1, keepdim=True) / count
         metrics["kl"] = masked_mean(kl.detach(), M)
     loss = per_seq.sum() / (per_seq.shape[0] * cfg.grad_accum_steps)
     ld = log_ratio.detach()

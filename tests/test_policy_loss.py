@@ -244,3 +244,19 @@ def test_bad_shapes(args, match):
 def test_gmpo_needs_sequence_advantages():
     with pytest.raises(ValueError, match="advantages"):
         gf.policy_loss(LOGP, OLD_LOGP, torch.ones(4, 4), MASK, algorithm="gmpo")
+
+
+@pytest.mark.parametrize("kwargs", [dict(loss_type="dapo"), dict(loss_type="grpo", importance_sampling_level="sequence"),
+                                    dict(algorithm="gmpo"), dict(loss_type="vespo")])
+def test_masked_tokens_with_non_finite_logprobs_do_not_leak(kwargs):
+    """Padding positions may hold -inf log-probs; masked entries contribute exactly 0 (TRL would give NaN)."""
+    lp = LOGP.clone()
+    lp[MASK == 0] = -float("inf")
+    x = lp.clone().requires_grad_()
+    loss, metrics = gf.policy_loss(x, OLD_LOGP, ADVANTAGES, MASK, **{**COMMON, **kwargs})
+    loss.backward()
+    y = LOGP.clone().requires_grad_()
+    clean, _ = gf.policy_loss(y, OLD_LOGP, ADVANTAGES, MASK, **{**COMMON, **kwargs})
+    clean.backward()
+    torch.testing.assert_close(loss, clean)
+    torch.testing.assert_close(x.grad, y.grad)

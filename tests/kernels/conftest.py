@@ -1,17 +1,11 @@
-"""Kernel tests: on a machine without CUDA they run under the Triton interpreter at tiny shapes.
-
-``TRITON_INTERPRET=1`` must be set before any module defining a ``@triton.jit`` kernel is imported
-(the decorator reads it), hence here. Without triton installed the directory is skipped.
+"""Kernel tests: on a machine without CUDA they run under the Triton interpreter at tiny shapes
+(``tests/conftest.py`` sets ``TRITON_INTERPRET=1``). Without triton installed the directory is skipped.
 On CPU the vocab tile is capped at 128 so that V = 300 runs several ragged tiles.
 """
 import importlib.util
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if importlib.util.find_spec("triton") is None:
     collect_ignore_glob = ["test_*.py"]
