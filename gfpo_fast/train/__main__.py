@@ -180,11 +180,10 @@ def train(cfg: TrainConfig) -> dict:
         ref_model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype)
         ref_model = accelerator.prepare_model(ref_model.eval().requires_grad_(False), evaluation_mode=True)
     eos_ids = eos_token_ids(model, tokenizer)
-    optimizer, scheduler = make_optimizer(model, cfg), None
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
     sampler = PromptSampler(len(train_rows), cfg.seed)
-    step = 0
+    step, rng = 0, None
     if resume:
         state, rng = ckpt.load_checkpoint(resume, rank)
         optimizer.load_state_dict(state["optimizer"])
@@ -193,18 +192,10 @@ def train(cfg: TrainConfig) -> dict:
         if group_filter is not None:
             group_filter.load_state_dict(state["group_filter"])
         step = state["step"]
-        if rng is not None:
-            ckpt.set_rng_state(rng)
-    else:
-        set_seed(cfg.seed + rank)  # different sampling on every rank; the prompt order is seeded separately
-    vllm = None
-    if cfg.generation_backend == "vllm":
-        vllm = VLLMColocate(resolve_model_path(cfg.model_name_or_path)[0], seed=cfg.seed,
-                            process_index=rank, max_model_len=max(len(prompt_token_ids(tokenizer, r["prompt"]))
-                                                                  for r in train_rows) + cfg.max_completion_length,
-                            max_num_seqs=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-        accelerator.wait_for_everyone()
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    else:  # a new run, or a resume on more ranks than the checkpoint had
+        set_seed(cfg.seed + rank + step)  # different sampling on every rank; the prompt order is seeded apart
 
     out_dir = Path(cfg.output_dir)
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -213,6 +204,13 @@ def train(cfg: TrainConfig) -> dict:
         (out_dir / "config.yaml").write_text(config_yaml)
     train_prompts = [prompt_token_ids(tokenizer, r["prompt"]) for r in train_rows]
     eval_prompts = [prompt_token_ids(tokenizer, r["prompt"]) for r in eval_rows]
+    vllm = None
+    if cfg.generation_backend == "vllm":
+        vllm = VLLMColocate(resolve_model_path(cfg.model_name_or_path)[0], seed=cfg.seed, process_index=rank,
+                            max_model_len=max(map(len, train_prompts)) + cfg.max_completion_length,
+                            max_num_seqs=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+        accelerator.wait_for_everyone()
     loss_kwargs = cfg.loss_kwargs(world)
     trainer_state = TrainerState(global_step=step, max_steps=cfg.max_steps)
     reporter = Reporter(cfg.output_dir, accelerator.is_main_process, step, cfg.max_steps, cfg.logging_steps)
@@ -300,12 +298,11 @@ def train(cfg: TrainConfig) -> dict:
                     if cfg.num_iterations == 1:
                         old_logp = None  # on-policy: the ratio is 1 in value, as without vLLM
             # ---- 6. loss, backward, optimizer step (num_iterations steps on this batch)
-            loss_sum, loss_metrics = 0.0, {}
-            for _ in range(cfg.num_iterations):
+            for _ in range(cfg.num_iterations):  # metrics below are those of the last iteration
                 if step >= cfg.max_steps:
                     break
                 parts = micro_batches(c_ids.shape[0], cfg.gradient_accumulation_steps)
-                loss_sum = torch.zeros((), device=device)
+                loss_sum, loss_metrics = torch.zeros((), device=device), {}
                 for j, s in enumerate(parts):
                     # The loss is normalised by TRL's rules already (GA and process count included), so no
                     # accelerate accumulation: skip the gradient all-reduce until the last micro-batch.
