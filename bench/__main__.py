@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             print(f"[{name}] {case.group} | {case.x_name}={case.x}", flush=True)
             results += harness.run_case(case, device, budget_s=args.budget, log=lambda s: print(s, flush=True))
     run = {
-        "command": "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": " ".join(["python -m bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "size": size, "compile": compile, "env": env, "measured": measured,
         "load": [load_start, os.getloadavg()[0]], "results": results, "empty_families": empty,
     }

@@ -299,13 +299,14 @@ def run_case(case: Case, device: torch.device, *, budget_s: float = CPU_BUDGET_S
             row["tflop_per_s"] = case.flops / row["median_ms"] / 1e9
         log(f"  {impl.name:<36} {row['median_ms']:10.3f} ms  [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]  "
             f"peak +{row['peak_mib']:.0f} MiB")
-    del ref_out
+    del ref_out, inputs
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next case starts from an empty caching allocator
     ref_ms = results[0].get("median_ms")
     for row in results:
         if ref_ms and row.get("median_ms"):
             row["speedup_vs_ref"] = ref_ms / row["median_ms"]
-    del inputs
-    gc.collect()
     return results
 
 
