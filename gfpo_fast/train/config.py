@@ -49,7 +49,7 @@ class TrainConfig:
     # ---------------------------------------------------------------- algorithm
     algorithm: str = _f("gfpo", "grpo, gfpo (GRPO plus a group filter), gmpo, gspo (sequence-level ratio), gspo_token")
     num_generations: int = _f(8, "completions per prompt, G")
-    num_remains_in_group: int | None = _f(6, "gfpo: completions kept per group, 2 <= k < num_generations")
+    num_remains_in_group: int | None = _f(6, "gfpo: completions kept per group, 2 <= k < num_generations (TRL: None)")
     group_filter: str = _f("length", "gfpo: 'length' (keep the shortest), 'token_efficiency' (highest reward per "
                            "token) or module:function with TRL's group_filter_func contract")
     adaptive_difficulty: bool = _f(False, "gfpo: choose k per group from its difficulty (see filters.adaptive_k)")
@@ -78,7 +78,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     per_device_train_batch_size: int = _f(16, "completions per micro-batch per process (before the GFPO filter; TRL: 8)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    max_steps: int = _f(30, "optimizer steps")
+    max_steps: int = _f(25, "optimizer steps")
     bf16: bool | None = _f(None, "bf16 mixed precision (None: on for CUDA, off on the CPU, where it is ~20x slower)")
     seed: int = _f(42, "seed of data order, sampling and initialisation")
     # ---------------------------------------------------------------- logging, eval, checkpoints
@@ -89,7 +89,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _f(None, "a checkpoint directory, or 'latest' for the newest in output_dir")
     do_eval: bool = _f(True, "evaluate on the held-out prompts before and after training")
     eval_num_prompts: int = _f(128, "held-out prompts per eval")
-    eval_batch_size: int = _f(64, "prompts per generate call in the evals")
+    eval_batch_size: int = _f(128, "prompts per generate call in the evals")
 
     def __post_init__(self):
         self.validate()
