@@ -62,7 +62,8 @@ def _with_grads(loss_fn):
 
 def gf_ops() -> dict:
     """The fused-linear entry points gfpo-fast has right now, by name."""
-    return {name: getattr(gf, name) for name in ("fused_linear_policy_loss", "FusedLinearGRPOLoss") if hasattr(gf, name)}
+    names = ("fused_linear_policy_loss", "FusedLinearGRPOLoss")
+    return {name: getattr(gf, name) for name in names if hasattr(gf, name)}
 
 
 def implementations(variant: str, T: int, device: torch.device, compile: bool) -> list[Impl]:

@@ -127,8 +127,8 @@ def cases(device: torch.device, size: str, compile: bool) -> list[Case]:
     c = SIZES[size]
     B, G, T, V, dtype = c["B"], c["G"], c["T"], c["V"], c["dtype"]
     dname = str(dtype).removeprefix("torch.")
-    out = [_case(f"fused loss fwd+bwd by variant, N={B * T} V={V} {dname}", "variant", v, v, B, G, T, V, dtype, device, compile)
-           for v in VARIANTS]
-    out += [_case(f"fused loss dapo fwd+bwd, T={T} V={V} {dname}", "N", b * T, "dapo", b, min(G, b), T, V, dtype, device,
-                  compile) for b in c["sweep_B"]]
+    by_variant = f"fused loss fwd+bwd by variant, N={B * T} V={V} {dname}"
+    sweep = f"fused loss dapo fwd+bwd, T={T} V={V} {dname}"
+    out = [_case(by_variant, "variant", v, v, B, G, T, V, dtype, device, compile) for v in VARIANTS]
+    out += [_case(sweep, "N", b * T, "dapo", b, min(G, b), T, V, dtype, device, compile) for b in c["sweep_B"]]
     return out

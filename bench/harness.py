@@ -28,7 +28,7 @@ import platform
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -70,7 +70,6 @@ class Case:
     bytes_floor: int | None = None
     flops: int | None = None
     low_precision: bool = False
-    notes: dict = field(default_factory=dict)
 
 
 def gf_impls(op: str, device: torch.device, make: Callable[[str], Callable[[dict], tuple]]) -> list[Impl]:
@@ -267,11 +266,22 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
 # ----------------------------------------------------------------------------- running
 def run_case(case: Case, device: torch.device, *, budget_s: float = CPU_BUDGET_S, log=print) -> list[dict]:
     """Checks, times and measures every implementation of ``case``; one result dict per implementation."""
-    inputs = case.make_inputs()
+    results = _run_impls(case, case.make_inputs(), device, budget_s, log)  # the inputs are freed on return
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next case starts from an empty caching allocator
+    ref_ms = results[0].get("median_ms")
+    for row in results:
+        if ref_ms and row.get("median_ms"):
+            row["speedup_vs_ref"] = ref_ms / row["median_ms"]
+    return results
+
+
+def _run_impls(case: Case, inputs: dict, device: torch.device, budget_s: float, log) -> list[dict]:
     ref_impl, results, ref_out = case.impls[0], [], None
     for impl in case.impls:
-        row = {"family": case.family, "group": case.group, "x_name": case.x_name, "x": case.x, "shape": case.shape, "impl": impl.name,
-               "reference": ref_impl.name}
+        row = {"family": case.family, "group": case.group, "x_name": case.x_name, "x": case.x, "shape": case.shape,
+               "impl": impl.name, "reference": ref_impl.name}
         results.append(row)
         if impl.skip or (ref_out is None and impl is not ref_impl):
             row.update(status="skipped", detail=impl.skip or "the reference did not run, nothing to check against")
@@ -299,14 +309,6 @@ def run_case(case: Case, device: torch.device, *, budget_s: float = CPU_BUDGET_S
             row["tflop_per_s"] = case.flops / row["median_ms"] / 1e9
         log(f"  {impl.name:<36} {row['median_ms']:10.3f} ms  [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]  "
             f"peak +{row['peak_mib']:.0f} MiB")
-    del ref_out, inputs
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the next case starts from an empty caching allocator
-    ref_ms = results[0].get("median_ms")
-    for row in results:
-        if ref_ms and row.get("median_ms"):
-            row["speedup_vs_ref"] = ref_ms / row["median_ms"]
     return results
 
 

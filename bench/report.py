@@ -124,7 +124,8 @@ def markdown(run: dict) -> str:
         groups[r["group"]].append(r)
     for group, rows in groups.items():
         lines += ["", f"## {group}", "",
-                  "| x | implementation | status | median ms [p20, p80] | x ref | peak MiB | GB/s | TFLOP/s | % meas. |",
+                  "| x | implementation | status | median ms [p20, p80] | x ref | peak MiB | GB/s | TFLOP/s "
+                  "| % meas. |",
                   "|---|---|---|---|---|---|---|---|---|"]
         skipped = {}
         for r in rows:
@@ -135,7 +136,8 @@ def markdown(run: dict) -> str:
                     r.get("tflop_per_s", 0) / measured["matmul_tflop_s"] if r.get("tflop_per_s") else None)
             timing = (f"{r['median_ms']:.4g} [{r['p20_ms']:.4g}, {r['p80_ms']:.4g}]" if r["status"] == "ok"
                       else r.get("detail", ""))
-            lines.append(f"| {r['x']} | {r['impl']} | {r['status']} | {timing} | {_fmt(r.get('speedup_vs_ref'), '.2f')} "
+            lines.append(f"| {r['x']} | {r['impl']} | {r['status']} | {timing} "
+                         f"| {_fmt(r.get('speedup_vs_ref'), '.2f')} "
                          f"| {_fmt(r.get('peak_mib'), '.0f')} | {_fmt(r.get('gb_per_s'), '.3g')} "
                          f"| {_fmt(r.get('tflop_per_s'), '.3g')} | {_fmt(frac and 100 * frac, '.0f')} |")
         if skipped:

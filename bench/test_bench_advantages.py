@@ -1,4 +1,4 @@
-"""Quick regression numbers for group_advantages and gfpo_filter (small shapes; checked against the reference, speed never asserted)."""
+"""pytest-benchmark regression numbers for group_advantages / gfpo_filter at small shapes (speed is never asserted)."""
 from bench import bench_advantages as FAMILY  # noqa: F401 (read by conftest.pytest_generate_tests)
 
 

@@ -1,4 +1,4 @@
-"""Quick regression numbers for token_logprobs (small shapes; checked against the reference, speed never asserted)."""
+"""pytest-benchmark regression numbers for token_logprobs at small shapes (speed is never asserted)."""
 from bench import bench_logprobs as FAMILY  # noqa: F401 (read by conftest.pytest_generate_tests)
 
 
