@@ -37,15 +37,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "logprobs_forward",
       [](uintptr_t logits, int dtype, int64_t n_rows, int64_t inner, int64_t stride_outer, int64_t stride_inner,
-         int64_t vocab, uintptr_t token_ids, float inv_temperature, uintptr_t logp, uintptr_t lse, uintptr_t entropy,
-         int n_threads) {
+         int64_t vocab, uintptr_t token_ids, uintptr_t active, float inv_temperature, uintptr_t logp, uintptr_t lse,
+         uintptr_t entropy, int n_threads) {
         py::gil_scoped_release release;
         gfpo::logprobs_forward(ptr<const void>(logits), dtype, n_rows, {inner, stride_outer, stride_inner}, vocab,
-                               ptr<const int64_t>(token_ids), inv_temperature, ptr<float>(logp), ptr<float>(lse),
-                               ptr<float>(entropy), n_threads);
+                               ptr<const int64_t>(token_ids), ptr<const std::uint8_t>(active), inv_temperature,
+                               ptr<float>(logp), ptr<float>(lse), ptr<float>(entropy), n_threads);
       },
       "logits rows (f32 or bf16 by dtype, row n at (n // inner) * stride_outer + (n % inner) * stride_inner), "
-      "token_ids [n_rows] i64 -> logp, lse [n_rows] f32, entropy [n_rows] f32 unless its address is 0");
+      "token_ids [n_rows] i64, active [n_rows] u8 (0 = all active; inactive rows are not read and get zeros) "
+      "-> logp, lse [n_rows] f32, entropy [n_rows] f32 unless its address is 0");
 
   m.def(
       "logprobs_backward",

@@ -18,7 +18,9 @@
 // maximum, rescales the running sums to the new maximum (online logsumexp) and adds the chunk's
 // exponentials from L1. The backward reads the row once and writes its gradient once, recomputing p_v
 // from the saved lse; rows whose incoming gradients are all zero (masked tokens) are just zero-filled.
-// Memory traffic per fp32 logit: 4 bytes read forward, 4 read + 4 written backward. The torch reference
+// Memory traffic per fp32 logit of an active token: 4 bytes read forward, 4 read + 4 written backward;
+// a token the caller marks inactive (the fused loss: mask 0, i.e. padding and GFPO's dropped rows) costs
+// nothing forward and 4 bytes written (zeros) backward, so a loss costs in proportion to its kept tokens. The torch reference
 // makes several [N, V] fp32 passes and temporaries (z, softmax, gather/log-softmax grads): at N = 2048,
 // V = 49152 its forward + backward peaks at ~5 [N, V] fp32 buffers (1.9 GiB), this one at the gradient.
 // Rows are independent and each is reduced by one thread, so results do not depend on the thread count.
@@ -167,14 +169,18 @@ RowResult forward_one(const void* row, int dtype, bool entropy, std::int64_t voc
 }  // namespace
 
 void logprobs_forward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
-                      const std::int64_t* token_ids, float inv_temperature, float* logp, float* lse, float* entropy,
-                      int n_threads) {
+                      const std::int64_t* token_ids, const std::uint8_t* active, float inv_temperature, float* logp,
+                      float* lse, float* entropy, int n_threads) {
   const std::int64_t elem = dtype == kBFloat16 ? 2 : 4;
   const char* base = static_cast<const char*>(logits);
-#pragma omp parallel for schedule(static) num_threads(n_threads)
+  // Dynamic scheduling: inactive rows come in runs (a dropped sequence is T of them), which a static split
+  // would hand to one thread while the other reads every active row.
+#pragma omp parallel for schedule(dynamic, 4) num_threads(n_threads)
   for (std::int64_t n = 0; n < n_rows; ++n) {
-    const RowResult r = forward_one(base + layout.offset(n) * elem, dtype, entropy != nullptr, vocab, token_ids[n],
-                                    inv_temperature);
+    RowResult r{0.0f, 0.0f, 0.0f};
+    if (active == nullptr || active[n] != 0) {
+      r = forward_one(base + layout.offset(n) * elem, dtype, entropy != nullptr, vocab, token_ids[n], inv_temperature);
+    }
     logp[n] = r.logp;
     lse[n] = r.lse;
     if (entropy != nullptr) entropy[n] = r.entropy;

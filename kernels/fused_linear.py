@@ -8,6 +8,9 @@ backward kernel overwrites them with ``dlogits`` (in place, no second ``[C, V]``
 ``dbias += sum_c dlogits``. The policy loss runs once on the ``[B, T]`` log-probs with the torch
 reference (:func:`gfpo_fast.policy_loss.policy_loss_ref`), so every algorithm, including the
 per-sequence ones (GSPO, GSPO-token, GMPO, VESPO), is exact, and its ``dL/dlogp`` feeds the chunks.
+In the loss, a chunk whose tokens are all masked (padding, GFPO's dropped rows) is skipped, forward
+and backward: no GEMM, no kernel, ``logp`` / ``entropy`` 0 (never seen by the loss) and a zero
+gradient; finding those chunks costs one host synchronisation per forward.
 
 Shapes and dtypes: ``hidden`` ``[B, T, H]`` or ``[N, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]`` in
 the hidden dtype (fp32 / bf16 / fp16); ``token_ids`` ``[B, T]`` / ``[N]``; ``logp`` / ``entropy`` fp32
@@ -58,20 +61,34 @@ def fused_linear_policy_loss_ref(cfg, hidden, weight, token_ids, old_logp, advan
 
 
 # ----------------------------------------------------------------------------- chunk loop
-def _chunks(n: int, chunk_size: int):
-    return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+def _chunks(n: int, chunk_size: int, active: torch.Tensor | None = None):
+    """Token slices of at most ``chunk_size``; with ``active`` (bool ``[n]``) only those holding an active token."""
+    chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    if active is None or not chunks:
+        return chunks
+    # One host synchronisation for all chunks: which hold any active token.
+    padded = F.pad(active, (0, len(chunks) * chunk_size - n)).view(len(chunks), chunk_size)
+    return [rows for rows, keep in zip(chunks, padded.any(1).tolist()) if keep]
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
-    """Autograd over ``[N, H]`` hidden states; saves the inputs and the fp32 per-token ``lse`` / entropy only."""
+    """Autograd over ``[N, H]`` hidden states; saves the inputs and the fp32 per-token ``lse`` / entropy only.
+
+    ``active`` (bool ``[N]`` or None): chunks without an active token are skipped, forward (outputs 0) and
+    backward (zero gradient, whatever ``dlogp`` says there); for a loss that ignores inactive tokens.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_ids, temperature, return_entropy, chunk_size, impl):
+    def forward(ctx, hidden, weight, bias, token_ids, temperature, return_entropy, chunk_size, impl, active):
         N = hidden.shape[0]
-        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(logp) if impl == "triton" else None
-        entropy = torch.empty_like(logp) if return_entropy else None
-        for rows in _chunks(N, chunk_size):
+        chunks = _chunks(N, chunk_size, active)
+        skipping = sum(rows.stop - rows.start for rows in chunks) < N
+        # zeros, not empty, when chunks are skipped: their outputs must be finite for the loss's masking
+        alloc = torch.zeros if skipping else torch.empty
+        logp = alloc(N, dtype=torch.float32, device=hidden.device)
+        lse = alloc(N, dtype=torch.float32, device=hidden.device) if impl == "triton" else None
+        entropy = alloc(N, dtype=torch.float32, device=hidden.device) if return_entropy else None
+        for rows in chunks:
             logits = F.linear(hidden[rows], weight, bias)  # [C, V], the only vocab-sized buffer
             if impl == "triton":
                 from .logprobs import token_logprobs_forward
@@ -85,7 +102,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             if return_entropy:
                 entropy[rows] = ent
         ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.impl = temperature, chunk_size, impl
+        ctx.temperature, ctx.impl, ctx.chunks, ctx.skipping = temperature, impl, chunks, skipping
         ctx.set_materialize_grads(False)
         return (logp, entropy) if return_entropy else logp
 
@@ -94,13 +111,15 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, token_ids, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if dlogp is None and dentropy is None:
-            return (None,) * 8
+            return (None,) * 9
         if dlogp is None:
             dlogp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        # Skipped chunks' rows of the hidden gradient are never written: they start at zero.
+        alloc_hidden = torch.zeros if ctx.skipping else torch.empty
+        grad_hidden = alloc_hidden(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
-        for rows in _chunks(hidden.shape[0], ctx.chunk_size):
+        for rows in ctx.chunks:
             h = hidden[rows]
             dlogits = _chunk_dlogits(ctx, F.linear(h, weight, bias), token_ids[rows], lse, entropy, dlogp, dentropy,
                                      rows)
@@ -114,7 +133,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             if need_bias:
                 grad_bias.add_(dlogits.sum(0, dtype=torch.float32))
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)
 
 
 def _chunk_dlogits(ctx, logits, ids, lse, entropy, dlogp, dentropy, rows):
@@ -170,11 +189,18 @@ def fused_linear_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
         and ``bias``. Equivalent to ``token_logprobs(F.linear(hidden, weight, bias), token_ids, ...)``
         (:func:`fused_linear_logprobs_ref`) without the ``[N, V]`` logits.
     """
+    return _linear_logprobs(hidden, weight, token_ids, bias, temperature, return_entropy, chunk_size, backend, None)
+
+
+def _linear_logprobs(hidden, weight, token_ids, bias, temperature, return_entropy, chunk_size, backend, active):
+    """:func:`fused_linear_logprobs`, skipping the chunks without an active token when ``active``
+    (bool, shaped like ``token_ids``) is given."""
     _check_linear_inputs(hidden, weight, bias, token_ids, temperature, chunk_size)
     # The op is a chunk loop around token_logprobs: the backend is that of the per-chunk log-probs.
     impl = backends.select("token_logprobs", backend, hidden.device)
     out = FusedLinearLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1),
-                                            float(temperature), bool(return_entropy), chunk_size, impl)
+                                            float(temperature), bool(return_entropy), chunk_size, impl,
+                                            None if active is None else active.reshape(-1))
     if return_entropy:
         return out[0].view(token_ids.shape), out[1].view(token_ids.shape)
     return out.view(token_ids.shape)
@@ -190,7 +216,8 @@ def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, ma
     ``return_entropy`` (the ``entropy`` metric, from the same pass), ``chunk_size`` and ``backend`` of
     :func:`fused_linear_logprobs`. Returns ``(loss, metrics)`` with gradients to ``hidden``, ``weight`` and
     ``bias``, equal to :func:`gfpo_fast.fused_policy_loss` on ``F.linear(hidden, weight, bias)``
-    (:func:`fused_linear_policy_loss_ref`).
+    (:func:`fused_linear_policy_loss_ref`). Chunks whose tokens are all masked are not computed (zero
+    gradient to their hidden states).
     """
     unknown = set(loss_kwargs) - set(LOSS_CONFIG_KEYS)
     if unknown:
@@ -200,7 +227,9 @@ def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, ma
     kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
                   num_items_in_batch=num_items_in_batch)
     check_loss_inputs(cfg, hidden[..., 0], old_logp, advantages, mask, **kwargs)
-    out = fused_linear_logprobs(hidden, weight, token_ids, bias=bias, temperature=temperature,
-                                return_entropy=return_entropy, chunk_size=chunk_size, backend=backend)
+    # Masked tokens' log-probs never reach the loss (policy_loss_ref zeroes them with masked()), so chunks
+    # made only of them are skipped.
+    out = _linear_logprobs(hidden, weight, token_ids, bias, temperature, return_entropy, chunk_size, backend,
+                           mask != 0)
     logp, entropy = out if return_entropy else (out, None)
     return policy_loss_ref(cfg, logp, old_logp, advantages, mask, entropy=entropy, **kwargs)

@@ -18,6 +18,9 @@ fp32 copies of them several times (``.float()``, ``/ temperature``, ``logsumexp`
 softmax, the gather's scatter, the sum and the cast back): about 60 bytes forward + backward. These
 kernels read each logit once in forward (2 bytes) and read it once and write its gradient once in
 backward (4 bytes): 6 bytes, a ~10x smaller floor; per-row extras (lse, logp, entropy) are O(N).
+Rows the caller marks inactive (the fused loss's masked tokens: padding, GFPO's dropped rows) are not
+read in forward, and rows with a zero incoming gradient are not read in backward, only zero-filled:
+2 bytes written per logit.
 Nothing of size [N, V] is allocated except the gradient itself, and not even that with ``inplace``.
 
 Run-time arguments, never constants: N, T, V, the row strides and the temperature, so a new batch
@@ -42,14 +45,24 @@ _RUNTIME_SIZES = ["stride_lb", "stride_ib", "T"]
 
 @triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _token_logprobs_fwd_kernel(
-    logits_ptr, ids_ptr, logp_ptr, lse_ptr, entropy_ptr,  # pointers; outputs are contiguous fp32 [N]
+    logits_ptr, ids_ptr, active_ptr, logp_ptr, lse_ptr, entropy_ptr,  # pointers; active, outputs contiguous [N]
     stride_lb, stride_lt, stride_ib, stride_it,  # strides (elements) of logits / token_ids over (b, t)
     T, V,  # runtime sizes: completion length (row r is (r // T, r % T)), vocab
     inv_temperature,  # runtime fp32 scalar: a new temperature does not recompile
     BLOCK_V: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,  # read active_ptr (uint8 [N]); rows where it is 0 are skipped
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 so that b * stride_lb cannot overflow past 2^31 elements
+    if HAS_ACTIVE:
+        if tl.load(active_ptr + row) == 0:
+            # A masked token (padding, a GFPO-dropped row): its log-prob is never used, so neither its
+            # logits nor its id are read; zeros keep the outputs finite.
+            tl.store(logp_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+            if HAS_ENTROPY:
+                tl.store(entropy_ptr + row, 0.0)
+            return
     b = row // T
     t = row - b * T
     x_row = logits_ptr + b * stride_lb + t * stride_lt
@@ -133,9 +146,18 @@ def _as_rows(logits: torch.Tensor, token_ids: torch.Tensor):
 
 
 @eager_launch
-def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, return_entropy: bool):
-    """Launches the forward kernel. Returns fp32 ``(logp, lse, entropy or None)`` shaped like ``token_ids``."""
+def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, return_entropy: bool,
+                           active: torch.Tensor | None = None):
+    """Launches the forward kernel. Returns fp32 ``(logp, lse, entropy or None)`` shaped like ``token_ids``.
+
+    ``active``: optional bool tensor shaped like ``token_ids``; rows where it is False read nothing and
+    get ``logp = lse = entropy = 0`` (for a loss that ignores them). None: every row is computed.
+    """
     x, ids = _as_rows(logits, token_ids)
+    if active is not None:
+        if active.dtype != torch.bool or active.shape != token_ids.shape:
+            raise ValueError(f"active must be a bool tensor of shape {tuple(token_ids.shape)}")
+        active = active.contiguous().view(torch.uint8)  # one byte per row, 0 or 1, indexed by row
     B, T, V = x.shape
     logp = torch.empty(token_ids.shape, dtype=torch.float32, device=x.device)
     lse = torch.empty_like(logp)
@@ -144,11 +166,12 @@ def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temper
     if B * T > 0:
         with device_guard(x):
             _token_logprobs_fwd_kernel[(B * T,)](
-                x, ids, logp, lse, entropy if return_entropy else logp,  # unused pointer when no entropy
+                # unused pointers (no active mask, no entropy) are stand-ins the kernel never reads
+                x, ids, ids if active is None else active, logp, lse, entropy if return_entropy else logp,
                 x.stride(0), x.stride(1), ids.stride(0), ids.stride(1),
                 T, V,
                 1.0 / temperature,
-                BLOCK_V=block_v, HAS_ENTROPY=return_entropy, num_warps=num_warps,
+                BLOCK_V=block_v, HAS_ENTROPY=return_entropy, HAS_ACTIVE=active is not None, num_warps=num_warps,
             )
     return logp, lse, entropy
 

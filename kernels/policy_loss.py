@@ -6,7 +6,9 @@ for every algorithm, loss type and importance-sampling level of :mod:`gfpo_fast.
 How the work is split:
 
 1. forward kernel (:mod:`.logprobs`): one read of the ``[B, T, V]`` logits gives fp32 ``logp``,
-   ``lse`` (and ``entropy``) ``[B, T]``;
+   ``lse`` (and ``entropy``) ``[B, T]``. Masked tokens (padding, GFPO's dropped rows) are skipped:
+   their logits are not read and their ``logp`` / entropy are 0, values the loss and its metrics never
+   see (the reference zeroes masked entries with ``masked()``);
 2. the loss, its metrics and ``dL/dlogp`` ``[B, T]`` come from the torch reference
    (:func:`gfpo_fast.policy_loss.policy_loss_ref`) run on the ``[B, T]`` log-probs with autograd:
    clipping, ratios, per-sequence reductions (GSPO, GSPO-token, GMPO's geometric mean, VESPO's
@@ -22,7 +24,8 @@ Shapes and dtypes: ``logits`` ``[B, T, V]`` fp32 / bf16 / fp16, any row strides;
 0-dim fp32 tensor; the logits gradient has the logits' dtype.
 
 Memory traffic per logit (bf16): 2 bytes forward, 2 read + 2 written backward (the bandwidth floor
-of issue 3: two reads and one write of the logits); the [B, T] part is O(N). Saved for backward:
+of issue 3: two reads and one write of the logits) for a kept token, 2 written (zeros) for a masked
+one, so GFPO costs in proportion to its kept tokens plus the zero-fill; the [B, T] part is O(N). Saved for backward:
 ``lse`` and ``dL/dlogp`` (fp32 [B, T]) besides the logits the caller holds anyway. Peak extra memory
 is the logits gradient (none with ``inplace=True``) plus O(N).
 """
@@ -75,7 +78,8 @@ def fused_policy_loss_triton(cfg: LossConfig, logits, token_ids, old_logp, advan
         ``(loss, metrics)`` exactly as :func:`gfpo_fast.fused_loss.fused_policy_loss_ref` (0-dim fp32 loss
         with autograd to ``logits``; detached 0-dim fp32 metrics).
     """
-    logp, lse, entropy = token_logprobs_forward(logits.detach(), token_ids, temperature, return_entropy)
+    active = mask != 0
+    logp, lse, entropy = token_logprobs_forward(logits.detach(), token_ids, temperature, return_entropy, active)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     with torch.enable_grad():
         lp = logp.requires_grad_(needs_grad)
@@ -85,9 +89,10 @@ def fused_policy_loss_triton(cfg: LossConfig, logits, token_ids, old_logp, advan
     if not needs_grad:
         return loss.detach(), metrics
     (dlogp,) = torch.autograd.grad(loss, lp)
-    # Masked tokens get exactly zero: the kernel then skips them, and garbage log-probs of padding
-    # (an inf ratio times a zero mask is NaN) cannot leak into the logits gradient.
-    dlogp = torch.where(mask != 0, dlogp, 0.0)
+    # Masked tokens get exactly zero: the backward kernel then skips them (it must: their lse was never
+    # computed), and a ratio against garbage old log-probs of padding (an inf ratio times a zero mask is
+    # NaN) cannot leak into the logits gradient.
+    dlogp = torch.where(active, dlogp, 0.0)
     loss = FusedPolicyLossFunction.apply(logits, token_ids, loss.detach(), lse, dlogp, float(temperature),
                                          bool(inplace))
     return loss, metrics

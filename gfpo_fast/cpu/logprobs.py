@@ -1,7 +1,8 @@
 """C++ per-token log-probs and entropies (``csrc/logprobs.cpp``) with autograd; oracle: ``gfpo_fast.logprobs``.
 
 Forward: one pass over each logits row (online logsumexp) writes ``logp``, ``lse`` and optionally the
-entropy, all ``[N]`` float32. Backward: one pass over each row writes ``dL/dlogits`` in the logits
+entropy, all ``[N]`` float32 (the fused loss passes its mask so that masked tokens are not read at all).
+Backward: one pass over each row writes ``dL/dlogits`` in the logits
 dtype, recomputing the softmax from the saved ``lse``; no float32 ``[N, V]`` temporary exists besides
 the gradient itself (for float32 logits), and not even that with ``inplace``. Rows whose incoming
 gradient is zero are only zero-filled.
@@ -79,13 +80,22 @@ def _address(x: torch.Tensor | None) -> int:
     return 0 if x is None else x.data_ptr()
 
 
-def rows_forward(rows: LogitRows, ids: torch.Tensor, inv_temperature: float, with_entropy: bool):
-    """-> ``(logp, lse, entropy or None)``, each ``[N]`` float32."""
+def rows_forward(rows: LogitRows, ids: torch.Tensor, inv_temperature: float, with_entropy: bool,
+                 active: torch.Tensor | None = None):
+    """-> ``(logp, lse, entropy or None)``, each ``[N]`` float32.
+
+    ``active``: optional ``[N]`` contiguous bool; rows where it is False are not read (neither logits nor
+    id) and get ``logp = lse = entropy = 0``. None: every row is computed.
+    """
     logp = torch.empty(rows.n_rows, dtype=torch.float32)
     lse = torch.empty(rows.n_rows, dtype=torch.float32)
     entropy = torch.empty(rows.n_rows, dtype=torch.float32) if with_entropy else None
-    _C.logprobs_forward(*rows.args(), ids.data_ptr(), inv_temperature, logp.data_ptr(), lse.data_ptr(),
-                        _address(entropy), torch.get_num_threads())
+    if active is not None and (active.dtype != torch.bool or active.numel() != rows.n_rows
+                               or not active.is_contiguous()):
+        raise ValueError(f"active must be a contiguous bool tensor of {rows.n_rows} elements")
+    # A bool tensor is one byte per element, 0 or 1: the kernel reads it as uint8.
+    _C.logprobs_forward(*rows.args(), ids.data_ptr(), _address(active), inv_temperature, logp.data_ptr(),
+                        lse.data_ptr(), _address(entropy), torch.get_num_threads())
     return logp, lse, entropy
 
 

@@ -1,7 +1,7 @@
 """C++ fused_policy_loss (gfpo_fast/cpu/policy_loss.py) against the reference composition
 (fused_policy_loss_ref): every algorithm, loss type and importance-sampling level, KL, delta, the vLLM
 IS ratio, masked and fully masked rows, fp32 / bf16, upstream-gradient scaling, no-grad, in-place and
-thread-count independence."""
+thread-count independence; masked tokens' logits are never read (NaN / inf there changes nothing)."""
 import warnings
 
 import pytest
@@ -134,3 +134,39 @@ def test_thread_count_independence(threads):
         threads(n)
         results.append(call("cpp", inputs, kw))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][2], results[1][2])
+
+
+def garbage_in_masked_tokens(inputs):
+    """The inputs with NaN, +inf and -inf logits on every masked token (and their ids left as they are)."""
+    logits = inputs["logits"].clone()
+    masked = inputs["mask"] == 0
+    garbage = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=logits.dtype)
+    logits[masked] = garbage[torch.arange(V) % 3]
+    return {**inputs, "logits": logits}
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in CONFIGS], ids=[c[0] for c in CONFIGS])
+def test_masked_tokens_logits_are_not_read(kwargs):
+    """Garbage logits on masked tokens: loss, metrics (entropy included) and gradient equal the reference
+    on clean logits, and the masked tokens' gradient is exactly 0: nothing NaN leaks from skipped rows."""
+    inputs = make_inputs()
+    got = call("cpp", garbage_in_masked_tokens(inputs), kwargs)
+    assert_same(got, call("torch", inputs, kwargs))
+    assert torch.all(got[2][inputs["mask"] == 0] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_skips_inactive_rows(dtype):
+    """rows_forward with ``active``: inactive rows get exactly 0 for logp, lse and entropy whatever their
+    logits (NaN here, which any read would propagate); active rows are unchanged."""
+    from gfpo_fast.cpu.logprobs import LogitRows, kernel_logits, rows_forward
+
+    inputs = make_inputs(dtype)
+    active = (inputs["mask"] != 0).reshape(-1).contiguous()
+    x = kernel_logits(garbage_in_masked_tokens(inputs)["logits"])
+    ids = inputs["token_ids"].reshape(-1).contiguous()
+    skipped = rows_forward(LogitRows.of(x), ids, 0.9, True, active)
+    full = rows_forward(LogitRows.of(kernel_logits(inputs["logits"])), ids, 0.9, True)
+    for got, expected in zip(skipped, full):
+        assert torch.equal(got[~active], torch.zeros_like(got[~active]))
+        assert torch.equal(got[active], expected[active])

@@ -3,6 +3,7 @@ values and gradients for hidden, weight and bias, ragged chunks, entropy gradien
 per-token and per-sequence algorithms; the Triton chunk path (interpreter on CPU) and the torch one."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gfpo_fast as gf
 from gfpo_fast.kernels.fused_linear import fused_linear_logprobs_ref, fused_linear_policy_loss_ref
@@ -108,6 +109,46 @@ def test_policy_loss_matches_reference(device, backend, spec):
     for name, a, e in zip(["hidden", "weight", "bias"], grads, ref_grads):
         assert_close(a, e, atol=1e-6, rtol=1e-4, name=f"d{name}")
     assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1]))  # the fully masked row
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_skips_fully_masked_chunks(device, backend, monkeypatch):
+    """Chunks with no unmasked token are neither projected nor differentiated: NaN hidden states there
+    change nothing, their hidden gradient is exactly 0, and only the other chunks reach F.linear."""
+    from gfpo_fast.kernels import fused_linear
+
+    hidden, weight, bias, ids = make_inputs(device)
+    mask = torch.ones(B, T, device=device)
+    mask[1, 3:] = 0
+    mask[2] = 0  # tokens 8..14 masked: chunks [8, 12) and [12, 15) are skipped, [4, 8) is partly masked
+    tensors = dict(old_logp=torch.randn(B, T, device=device) - 6.0, advantages=torch.randn(B, device=device),
+                   mask=mask)
+    garbage = hidden.clone()
+    garbage.view(-1, H)[8:] = float("nan")
+    projected = []
+    linear = F.linear
+
+    def counting_linear(x, *args):
+        projected.append(x.shape[0])
+        return linear(x, *args)
+
+    monkeypatch.setattr(fused_linear.F, "linear", counting_linear)
+    leaves = [x.clone().requires_grad_() for x in (garbage, weight, bias)]
+    loss, metrics = gf.fused_linear_policy_loss(*leaves[:2], ids, *tensors.values(), bias=leaves[2], chunk_size=CHUNK,
+                                                backend=backend, temperature=0.8, return_entropy=True)
+    grads = torch.autograd.grad(loss, leaves)
+    assert projected == [4, 4] * 2  # forward and backward recompute: chunks [0, 4) and [4, 8) only
+    monkeypatch.setattr(fused_linear.F, "linear", linear)
+    ref_leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    ref_loss, ref_metrics = fused_linear_policy_loss_ref(make_loss_config(), *ref_leaves[:2], ids, *tensors.values(),
+                                                         bias=ref_leaves[2], temperature=0.8, return_entropy=True)
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5, name="loss")
+    for key in metrics:
+        assert_close(metrics[key], ref_metrics[key], atol=1e-5, rtol=1e-5, name=key)
+    for name, a, e in zip(["hidden", "weight", "bias"], grads, ref_grads):
+        assert_close(a, e, atol=1e-6, rtol=1e-4, name=f"d{name}")
+    assert torch.equal(grads[0].view(-1, H)[8:], torch.zeros_like(grads[0].view(-1, H)[8:]))
 
 
 def test_bad_inputs_raise(device):

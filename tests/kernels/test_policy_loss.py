@@ -1,6 +1,7 @@
 """Triton fused policy loss (kernels/policy_loss.py) against the torch reference composition
 (``fused_policy_loss_ref``): loss, metrics and logits gradient for every algorithm, loss type and
-importance-sampling level, KL, delta, vLLM IS ratios, fully masked rows, GFPO keep masks, bf16.
+importance-sampling level, KL, delta, vLLM IS ratios, fully masked rows, GFPO keep masks, bf16; masked
+tokens' logits are never read (NaN / inf there changes nothing) and the skip adds no per-shape compile.
 CPU runs use the interpreter (conftest.py)."""
 import pytest
 import torch
@@ -9,9 +10,11 @@ import gfpo_fast as gf
 from gfpo_fast.fused_loss import fused_policy_loss_ref
 from gfpo_fast.logprobs import token_logprobs_ref
 from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES, make_loss_config
+from gfpo_fast.kernels import logprobs as lp_kernels
+from gfpo_fast.kernels.logprobs import token_logprobs_forward
 from gfpo_fast.kernels.policy_loss import fused_policy_loss_triton
 
-from ._helpers import INTERPRETER_NUMPY_WARNINGS, assert_close, assert_close_3way
+from ._helpers import INTERPRETER_NUMPY_WARNINGS, KernelRecorder, assert_close, assert_close_3way
 
 pytestmark = [INTERPRETER_NUMPY_WARNINGS, pytest.mark.filterwarnings("ignore:loss_type='(vespo|luspo)' is meant for")]
 
@@ -130,6 +133,63 @@ def test_gfpo_keep_mask_drops_rows(device):
     assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5, name="loss")
     assert_close(grad, ref_grad, atol=1e-7, rtol=1e-4, name="grad")
     assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
+
+
+def with_garbage_on_masked_tokens(logits, mask):
+    """A copy of ``logits`` with NaN, +inf and -inf on every masked token (cycling along the vocab)."""
+    garbage = torch.tensor([float("nan"), float("inf"), float("-inf")], device=logits.device, dtype=logits.dtype)
+    out = logits.detach().clone()
+    out[mask == 0] = garbage[torch.arange(logits.shape[-1], device=logits.device) % 3]
+    return out
+
+
+@pytest.mark.parametrize("name", ["dapo-token", "grpo-sequence", "grpo-sequence_token", "gmpo-kl-eps",
+                                  "dapo-token-rho"])
+def test_masked_tokens_logits_are_not_read(device, name):
+    """Garbage logits on masked tokens (a fully masked row, a ragged tail, a GFPO-dropped row): loss,
+    metrics (entropy included) and gradient equal the reference on clean logits, masked tokens get
+    exactly zero gradient."""
+    cfg, logits, ids, inputs = make_inputs(device, spec=dict(CONFIGS)[name])
+    inputs["mask"][3] = 0  # as GFPO drops a row: mask 0 and advantage 0
+    inputs["advantages"][3] = 0.0
+    loss, metrics, grad = run(fused_policy_loss_triton, cfg, with_garbage_on_masked_tokens(logits, inputs["mask"]),
+                              ids, inputs)
+    ref_loss, ref_metrics, ref_grad = run(fused_policy_loss_ref, cfg, logits, ids, inputs)
+    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5, name="loss")
+    assert metrics.keys() == ref_metrics.keys()
+    for key in metrics:
+        assert_close(metrics[key], ref_metrics[key], atol=1e-5, rtol=1e-5, name=key)
+    assert_close(grad, ref_grad, atol=1e-7, rtol=1e-4, name="grad")
+    masked = inputs["mask"] == 0
+    assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_skips_inactive_rows(device, dtype):
+    """The forward kernel with ``active``: inactive rows get exactly 0 for logp, lse and entropy whatever
+    their logits (NaN / inf, which any read would propagate); active rows are bitwise unchanged."""
+    _, logits, ids, inputs = make_inputs(device, dtype)
+    active = inputs["mask"] != 0
+    skipped = token_logprobs_forward(with_garbage_on_masked_tokens(logits, inputs["mask"]), ids, TEMPERATURE, True,
+                                     active)
+    full = token_logprobs_forward(logits, ids, TEMPERATURE, True)
+    for got, expected in zip(skipped, full):
+        assert torch.equal(got[~active], torch.zeros_like(got[~active]))
+        assert torch.equal(got[active], expected[active])
+
+
+def test_skip_mask_does_not_change_the_specialisation(device, monkeypatch):
+    """The fused loss always launches the forward with its mask (HAS_ACTIVE): one compiled variant across
+    batch shapes, masks and temperatures."""
+    fwd = KernelRecorder(lp_kernels._token_logprobs_fwd_kernel)
+    monkeypatch.setattr(lp_kernels, "_token_logprobs_fwd_kernel", fwd)
+    for b, t in [(3, 3), (4, 16), (5, 17)]:
+        cfg, logits, ids, inputs = make_inputs(device, b=b, t=t, v=130, spec=dict(loss_type="dapo"))
+        fused_policy_loss_triton(cfg, logits, ids, inputs["old_logp"], inputs["advantages"], inputs["mask"],
+                                 temperature=0.5 * t)
+    assert len(fwd.launches) == 3
+    assert all(launch["HAS_ACTIVE"] for launch in fwd.launches)
+    assert len(fwd.specialization_keys()) == 1
 
 
 def test_inplace_and_no_grad(device):
