@@ -30,3 +30,8 @@ def sigterm_at_step_1(completion_ids, trainer_state, **kwargs):
 
 def shortest_text(group_completions, group_rewards):
     return [[-len(str(c)) for c in group] for group in group_completions]
+
+
+def count_a(completions, **kwargs):
+    """Fraction of 'a' characters: a reward a random char-level model can learn in a few steps."""
+    return [c[-1]["content"].count("a") / 8 for c in completions]
