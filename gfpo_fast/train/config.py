@@ -59,7 +59,9 @@ class TrainConfig:
     epsilon_high: float | None = _f(None, "upper clip range (None: epsilon)")
     delta: float | None = _f(None, "upper cap on the ratio inside the min (two-sided clipping)")
     beta: float = _f(0.0, "coefficient of the KL to the initial model (0: no reference model)")
-    mask_truncated_completions: bool = _f(False, "exclude completions that hit max_completion_length from the loss")
+    mask_truncated_completions: bool = _f(True, "exclude completions that hit max_completion_length from the loss "
+                                             "(TRL: False; on here: with 48 tokens, unmasked rambling answers that "
+                                             "happen to end on the right number drove lengths to the cap)")
     num_iterations: int = _f(1, "optimizer steps on each generation batch (mu); > 1 computes old log-probs")
     # ---------------------------------------------------------------- generation
     generation_backend: str = _f("transformers", "transformers or vllm (colocate; needs vllm installed)")

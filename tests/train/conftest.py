@@ -29,7 +29,8 @@ def make_config(tiny_model, tmp_path):
                       num_generations=4, num_remains_in_group=2, per_device_train_batch_size=8,
                       max_completion_length=6, temperature=1.0, arithmetic_num_train=40, eval_num_prompts=4,
                       eval_batch_size=4, do_eval=False, reward_funcs=["reward_fns:id_parity"], reward_weights=None,
-                      learning_rate=1e-3, save_steps=100)
+                      learning_rate=1e-3, save_steps=100,
+                      mask_truncated_completions=False)  # the tiny model rarely ends a completion
         values.update(overrides)
         return TrainConfig(**values)
 
