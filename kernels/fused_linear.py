@@ -232,4 +232,7 @@ def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, ma
     out = _linear_logprobs(hidden, weight, token_ids, bias, temperature, return_entropy, chunk_size, backend,
                            mask != 0)
     logp, entropy = out if return_entropy else (out, None)
+    # Masked tokens pass no gradient to the chunks: the reference's backward can be NaN there (a zero
+    # gradient times an overflowed ratio), and must not reach dhidden / dweight (as in fused_policy_loss).
+    logp = torch.where(mask != 0, logp, logp.detach())
     return policy_loss_ref(cfg, logp, old_logp, advantages, mask, entropy=entropy, **kwargs)

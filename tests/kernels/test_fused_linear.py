@@ -187,3 +187,20 @@ class TestRealisticShapes:
         for name, a, e in zip(["hidden", "weight"], grads, ref_grads):
             rel = (a.float() - e.float()).norm() / e.float().norm()
             assert rel < 2e-2, f"d{name}: relative error {rel:.3g}"
+
+
+def test_masked_tokens_with_overflowing_ratio_give_finite_gradients():
+    """A masked token whose ratio overflows (old_logp = -1e30) must not put NaN into dhidden / dweight."""
+    torch.manual_seed(0)
+    B, T, H, V = 2, 3, 8, 11
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    old = torch.full((B, T), -1.0)
+    old[mask == 0] = -1e30
+    loss, _ = gf.fused_linear_policy_loss(hidden, weight, ids, old, torch.tensor([1.0, -1.0]), mask, chunk_size=2,
+                                          backend="torch", loss_type="grpo")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    assert torch.all(hidden.grad[mask == 0] == 0)
