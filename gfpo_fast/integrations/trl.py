@@ -7,13 +7,27 @@ tested on a GPU. Importing this module with another TRL raises ``ImportError`` n
 with ``pip install 'gfpo-fast[trl]'``.
 
 Fast loss (``FastGRPOTrainer``, ``FastGMPOTrainer``, or ``patch(trainer)`` on an existing instance):
-only ``_compute_loss`` changes. The policy forward returns the completion logits (the model's own
-forward, ``logits_to_keep = T + 1``) and :func:`gfpo_fast.fused_policy_loss` computes log-probs, the loss
-and its gradient in one op, with TRL's normalisers and metric names (``entropy``, ``kl``, ``clip_ratio/*``,
-``cispo_clip_ratio``, ``vespo/phi_seq_mean``, reduced over processes as TRL does). Generation, rewards,
-advantages, old / reference log-probs and the optimizer are TRL's. GSPO-token, which TRL 1.14 dropped with
+only ``_compute_loss`` changes. The policy forward is the model's own, through its DDP / PEFT wrappers (DDP
+synchronises gradients only through its own forward, so the decoder is not called alone) and with its
+gradient checkpointing, with ``output_hidden_states=True`` and ``logits_to_keep=1``, so the lm_head
+projects one position per row; the last hidden states of the ``T`` completion positions and the lm_head
+weight (tied or not, and its bias) go to :func:`gfpo_fast.fused_linear_policy_loss`, which computes
+log-probs, the loss and its gradient one chunk of tokens at a time: the ``[B, T, V]`` logits never exist
+whole. Under autocast the projection runs in the autocast dtype, as the model's lm_head would. TRL's
+normalisers and metric names are kept (``entropy``, ``kl``, ``clip_ratio/*``, ``cispo_clip_ratio``,
+``vespo/phi_seq_mean``, reduced over processes as TRL does). Generation, rewards, advantages, old /
+reference log-probs and the optimizer are TRL's. GSPO-token, which TRL 1.14 dropped with
 ``trl.experimental.gspo_token``, is ``FastGRPOTrainer`` with ``GRPOConfig(importance_sampling_level=
 "sequence_token")`` (loss types grpo, bnpo, dr_grpo, dapo).
+
+Logits path (the fallback): where the logits are not ``hidden @ weight.T + bias`` -- the output layer is not
+a plain ``torch.nn.Linear`` (a LoRA-adapted or quantized lm_head), the config scales or soft-caps the logits
+(``final_logit_softcapping``, ``logit_scale``, ...), or, checked once on the first step, the model's logits
+at the last position differ from that product of its last hidden state -- or where the lm_head weight is
+sharded outside the forward (FSDP, DeepSpeed ZeRO-3), the trainer logs the reason once and uses the model's
+own forward with ``logits_to_keep = T + 1`` and :func:`gfpo_fast.fused_policy_loss` on the ``[B, T, V]``
+completion logits: the same objective, with the memory of full logits. In evaluation (no grad) the hidden-state
+path briefly holds every layer's hidden states of the micro-batch (training keeps them for backward anyway).
 
 Config fields that shape the loss are honoured: ``loss_type``, ``importance_sampling_level``, ``epsilon``,
 ``epsilon_high``, ``delta``, ``beta``, ``use_bias_correction_kl``, ``max_completion_length`` (dr_grpo),
@@ -23,9 +37,8 @@ at construction with a ``ValueError`` naming the field: ``top_entropy_quantile <
 ``off_policy_mask_threshold``, ``entropy_coef != 0`` / ``use_adaptive_entropy``, a MoE auxiliary loss
 (``router_aux_loss_coef`` must be 0 for MoE models); for GMPO also the fields TRL's GMPO ignores
 (``delta``, ``importance_sampling_level != "token"``, ``use_bias_correction_kl`` with ``beta != 0``, the vLLM
-ratio). Vision-language batches are refused at the first step. The model must accept ``logits_to_keep``
-(transformers' causal LMs do). Memory: the fast path holds the ``[B, T, V]`` completion logits of a
-micro-batch, which TRL's chunked LM-head log-probs (1.14+) avoid; with long vocabularies keep micro-batches small.
+ratio). Vision-language batches are refused at the first step. The model must accept ``logits_to_keep`` and
+``output_hidden_states`` (transformers' causal LMs do).
 
 GFPO (``GFPOConfig``, ``GFPOTrainer``; API of TRL v1.7.1's removed experimental trainer, section 11 of
 the spec): after TRL scores a generation batch, ``group_filter_func`` scores every completion, the top
@@ -72,6 +85,7 @@ with warnings.catch_warnings():  # TRL warns on every import of an experimental 
 
 from ..advantages import gfpo_filter  # noqa: E402
 from ..fused_loss import fused_policy_loss  # noqa: E402
+from ..kernels.fused_linear import fused_linear_policy_loss  # noqa: E402
 from ..policy_loss import make_loss_config  # noqa: E402
 
 __all__ = ["SUPPORTED_TRL", "FastGMPOTrainer", "FastGRPOTrainer", "GFPOConfig", "GFPOTrainer", "patch"]
@@ -82,6 +96,10 @@ logger = logging.getLogger(__name__)
 VISION_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 EXTREME_METRICS = ("clip_ratio/low_min", "clip_ratio/high_max")
+# Text-config fields with which transformers models transform the logits after the lm_head (the neutral value
+# is None or 1): such a model's logits are not ``hidden @ weight.T + bias``, so the loss takes the logits path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                    "output_multiplier")
 
 
 # ----------------------------------------------------------------------------- fast loss
@@ -122,7 +140,8 @@ def _loss_kwargs(args: GRPOConfig, algorithm: str) -> dict:
 
 
 def _install(trainer: GRPOTrainer, algorithm: str) -> None:
-    """Checks a constructed trainer and stores the loss keywords the fast ``_compute_loss`` reads."""
+    """Checks a constructed trainer and stores what the fast ``_compute_loss`` reads: the loss keywords and
+    ``_gf_logits_reason``, why the loss must come from the logits (None: from the hidden states)."""
     kwargs = _loss_kwargs(trainer.args, algorithm)
     if trainer.aux_loss_enabled:
         raise ValueError(
@@ -130,6 +149,59 @@ def _install(trainer: GRPOTrainer, algorithm: str) -> None:
             "loss does not compute; set router_aux_loss_coef=0.0 or use TRL's trainer"
         )
     trainer._gf_loss_kwargs = kwargs
+    trainer._gf_head_verified = False
+    trainer._gf_logits_reason = None
+    reason = _static_logits_reason(trainer)
+    if reason is not None:
+        _use_logits_path(trainer, reason)
+
+
+def _static_logits_reason(trainer) -> str | None:
+    """Why, from the setup alone, the lm_head weight cannot stand for the model's output layer (None: it can)."""
+    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
+        return "FSDP / DeepSpeed ZeRO-3 shard the lm_head weight outside the model's forward"
+    head = trainer.model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"its output layer is a {type(head).__name__}, not a plain torch.nn.Linear"
+    config = trainer.model.config.get_text_config()
+    transforms = [f"{name}={getattr(config, name)}" for name in LOGIT_TRANSFORMS
+                  if getattr(config, name, None) not in (None, 1)]
+    if transforms:
+        return f"its config transforms the logits after the lm_head ({', '.join(transforms)})"
+    return None
+
+
+def _use_logits_path(trainer, reason: str) -> None:
+    trainer._gf_logits_reason = reason
+    logger.warning("gfpo-fast computes the loss of this model from its full [B, T, V] completion logits, not from "
+                   "its hidden states and lm_head weight: %s", reason)
+
+
+def _completion_hidden(trainer, model, input_ids, attention_mask, T: int):
+    """``(hidden [B, T, H], weight, bias)`` cast to the lm_head's compute dtype, from the model's own forward.
+
+    The lm_head projects only the last position. On the first call its logits there are checked against
+    ``hidden @ weight.T + bias``; if they differ, the trainer switches to the logits path and this returns None.
+    """
+    head = trainer.accelerator.unwrap_model(model).get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    with trainer.accelerator.autocast():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True,
+                    use_cache=False)
+        last = out.hidden_states[-1]
+        device = last.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        if not trainer._gf_head_verified:
+            with torch.no_grad():
+                expected = torch.nn.functional.linear(last[:, -1], weight, bias).float()
+                error = (out.logits[:, -1].float() - expected).abs().max()
+            if error > 1e-2 * expected.abs().max():  # host sync, once
+                _use_logits_path(trainer, f"its logits differ from its last hidden states @ lm_head.weight.T "
+                                          f"(+ bias) by up to {error.item():.3g}")
+                return None
+            trainer._gf_head_verified = True
+    return (last[:, -(T + 1):-1].to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 def _fast_compute_loss(self, model, inputs):
@@ -142,11 +214,8 @@ def _fast_compute_loss(self, model, inputs):
     completion_mask = inputs["completion_mask"]
     mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
     T = completion_ids.size(1)
-    with self.accelerator.autocast():
-        out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-                    attention_mask=torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
-                    logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # (B, T, V): position t predicts completion token t
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
 
     train = self.model.training
     kwargs = dict(self._gf_loss_kwargs, num_processes=self.accelerator.num_processes,
@@ -158,8 +227,18 @@ def _fast_compute_loss(self, model, inputs):
         kwargs["num_items_in_batch"] = n * kwargs["grad_accum_steps"] / self.args.steps_per_generation if train else n
         if self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction):
             kwargs["importance_sampling_ratio"] = inputs.get("importance_sampling_ratio")
-    loss, metrics = fused_policy_loss(logits, completion_ids, inputs.get("old_per_token_logps"), inputs["advantages"],
-                                      mask, temperature=self.temperature, return_entropy=True, **kwargs)
+    loss_args = (completion_ids, inputs.get("old_per_token_logps"), inputs["advantages"], mask)
+    kwargs.update(temperature=self.temperature, return_entropy=True)
+
+    linear = None if self._gf_logits_reason else _completion_hidden(self, model, input_ids, attention_mask, T)
+    if linear is not None:
+        hidden, weight, bias = linear
+        loss, metrics = fused_linear_policy_loss(hidden, weight, *loss_args, bias=bias, **kwargs)
+    else:
+        with self.accelerator.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, use_cache=False)
+        # (B, T, V): position t predicts completion token t
+        loss, metrics = fused_policy_loss(out.logits[:, :-1], *loss_args, **kwargs)
     _log_loss_metrics(self, metrics, mask)
     return loss
 

@@ -1,9 +1,11 @@
 """gfpo_fast.integrations.trl against the real TRL on the CPU (skipped when trl is not installed).
 
-A 2-layer Llama (hidden 16) built from a config, a word-level tokenizer made here and an 8-prompt dataset:
-nothing comes from the Hub. Two runs with the same seed generate the same completions, so after two
-optimizer steps (``num_iterations=2``: the second step is off-policy and clips) the logged losses, metrics and
-parameters of the fast path must equal TRL's own path (fp32, 1e-5).
+A 2-layer Llama (hidden 16) built from a config (and a Phi with tied embeddings and an lm_head bias), a
+word-level tokenizer made here and an 8-prompt dataset: nothing comes from the Hub. Two runs with the same
+seed generate the same completions, so after two optimizer steps (``num_iterations=2``: the second step is
+off-policy and clips; TRL's default gradient checkpointing is on) the logged losses, metrics and parameters of
+the fast path must equal TRL's own path (fp32, 1e-5). :class:`LossPaths` checks which path the fast loss took:
+from the hidden states (the lm_head never projects more than one position) or from the full logits.
 """
 import importlib
 import math
@@ -19,11 +21,12 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.experimental.gmpo import GMPOConfig, GMPOTrainer  # noqa: E402
 
 import gfpo_fast as gf  # noqa: E402
+import gfpo_fast.integrations.trl as gf_trl  # noqa: E402
 from gfpo_fast.integrations.trl import (  # noqa: E402
     SUPPORTED_TRL, FastGMPOTrainer, FastGRPOTrainer, GFPOConfig, GFPOTrainer, patch,
 )
@@ -33,20 +36,38 @@ WORDS = "abcdefghijklmnop"
 NOT_COMPARED = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model directory, tokenizer): a seeded tiny Llama saved locally, and its word-level tokenizer."""
+def tokenizer_and_sizes():
     vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+    sizes = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=2, max_position_embeddings=64, eos_token_id=1, pad_token_id=0, bos_token_id=None)
+    return tokenizer, sizes
+
+
+def save_tiny(tmp_path_factory, model_cls, config):
+    """(model directory, tokenizer): a seeded tiny model saved locally, and the word-level tokenizer."""
+    tokenizer, _ = tokenizer_and_sizes()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         eos_token_id=1, pad_token_id=0, bos_token_id=None)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    path = tmp_path_factory.mktemp(model_cls.__name__)
+    model_cls(config).save_pretrained(path)
     return str(path), tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer Llama (untied lm_head without bias)."""
+    return save_tiny(tmp_path_factory, LlamaForCausalLM, LlamaConfig(**tokenizer_and_sizes()[1], num_key_value_heads=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_phi(tmp_path_factory):
+    """A 2-layer Phi whose lm_head has a bias and shares its weight with the input embeddings."""
+    model = save_tiny(tmp_path_factory, PhiForCausalLM, PhiConfig(**tokenizer_and_sizes()[1], tie_word_embeddings=True))
+    loaded = PhiForCausalLM.from_pretrained(model[0])
+    assert loaded.lm_head.bias is not None and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    return model
 
 
 def dataset():
@@ -85,6 +106,36 @@ def assert_same_training(trl_run, fast_run, compare_metrics=True):
         torch.testing.assert_close(params_b[name], p, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+class LossPaths:
+    """Counts the fast loss's calls of each op and the most positions the lm_head projected in one call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"hidden": 0, "logits": 0}
+        self.lm_head_positions = 0
+        for path, name in (("hidden", "fused_linear_policy_loss"), ("logits", "fused_policy_loss")):
+            monkeypatch.setattr(gf_trl, name, self._counted(path, getattr(gf_trl, name)))
+
+    def _counted(self, path, fn):
+        def op(*args, **kwargs):
+            self.calls[path] += 1
+            return fn(*args, **kwargs)
+        return op
+
+    def watch(self, trainer):
+        def record(module, args, output):
+            self.lm_head_positions = max(self.lm_head_positions, args[0].shape[-2])
+        trainer.model.get_output_embeddings().register_forward_hook(record)
+
+    def assert_hidden_path(self, micro_batches):
+        assert self.calls == {"hidden": micro_batches, "logits": 0}
+        assert self.lm_head_positions == 1  # generation and the loss's forward: the last position only
+
+
+@pytest.fixture
+def loss_paths(monkeypatch):
+    return LossPaths(monkeypatch)
+
+
 # (id, TRL trainer, TRL config, fast trainer or "patch", config overrides, compare metrics)
 PARITY = [
     ("grpo-dapo", GRPOTrainer, GRPOConfig, FastGRPOTrainer, dict(loss_type="dapo"), True),
@@ -99,14 +150,70 @@ PARITY = [
 
 
 @pytest.mark.parametrize("name,trl_cls,config_cls,fast_cls,overrides,metrics", PARITY, ids=[p[0] for p in PARITY])
-def test_fast_path_trains_like_trl(tiny, name, trl_cls, config_cls, fast_cls, overrides, metrics):
+def test_fast_path_trains_like_trl(tiny, loss_paths, name, trl_cls, config_cls, fast_cls, overrides, metrics):
     reference = train(tiny, trl_cls, config_cls, **overrides)
     if fast_cls == "patch":
-        fast = train(tiny, trl_cls, config_cls, after_init=patch, **overrides)
+        fast = train(tiny, trl_cls, config_cls, after_init=lambda t: loss_paths.watch(patch(t)), **overrides)
     else:
-        fast = train(tiny, fast_cls, config_cls, **overrides)
+        fast = train(tiny, fast_cls, config_cls, after_init=loss_paths.watch, **overrides)
     assert_same_training(reference, fast, compare_metrics=metrics)
     assert any(step.get("clip_ratio/region_mean", 0) > 0 for step in reference[0]) or name == "gspo-sequence"
+    loss_paths.assert_hidden_path(micro_batches=2 * overrides.get("gradient_accumulation_steps", 1))
+
+
+def test_fast_path_with_tied_embeddings_and_lm_head_bias_trains_like_trl(tiny_phi, loss_paths):
+    overrides = dict(loss_type="dapo", beta=0.04)
+    reference = train(tiny_phi, GRPOTrainer, **overrides)
+    fast = train(tiny_phi, FastGRPOTrainer, after_init=loss_paths.watch, **overrides)
+    assert_same_training(reference, fast)
+    loss_paths.assert_hidden_path(micro_batches=2)
+
+
+def test_fast_path_with_lora_trains_like_trl(tiny, loss_paths):
+    """PEFT-wrapped policy (LoRA on the attention; TRL refuses an adapter on the lm_head): the hidden-state path."""
+    peft = pytest.importorskip("peft")
+    overrides = dict(loss_type="dapo", trainer_kwargs={"peft_config": peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)})
+    reference = train(tiny, GRPOTrainer, **overrides)
+    fast = train(tiny, FastGRPOTrainer, after_init=loss_paths.watch, **overrides)
+    assert_same_training(reference, fast)
+    loss_paths.assert_hidden_path(micro_batches=2)
+
+
+class SubclassedHead(torch.nn.Linear):
+    """An lm_head that is not a plain torch.nn.Linear (as a LoRA-adapted or quantized one), same math."""
+
+
+def subclass_head(trainer):
+    trainer.model.get_output_embeddings().__class__ = SubclassedHead
+
+
+def softcap_config(trainer):
+    trainer.model.config.final_logit_softcapping = 30.0  # Llama ignores it: a stand-in for Gemma 2's config
+
+
+def scale_logits(trainer):  # a logit transform the config does not name: found by the first step's check
+    trainer.model.get_output_embeddings().register_forward_hook(lambda module, args, logits: 2 * logits)
+
+
+@pytest.mark.parametrize("setup,reason", [
+    (subclass_head, "SubclassedHead, not a plain torch.nn.Linear"),
+    (softcap_config, "final_logit_softcapping=30.0"),
+    (scale_logits, "logits differ from its last hidden states"),
+])
+def test_logits_path_when_the_lm_head_is_not_a_plain_linear(tiny, loss_paths, caplog, setup, reason):
+    def after_init(trainer):
+        setup(trainer)
+        loss_paths.watch(patch(trainer))
+
+    with caplog.at_level("WARNING", logger=gf_trl.__name__):
+        fast = train(tiny, GRPOTrainer, loss_type="dapo", after_init=after_init)
+    said = [r.getMessage() for r in caplog.records if "full [B, T, V] completion logits" in r.getMessage()]
+    assert len(said) == 1 and reason in said[0]  # said once
+    assert loss_paths.calls == {"hidden": 0, "logits": 2} and loss_paths.lm_head_positions > 1  # T + 1
+    if setup is subclass_head:  # the same objective as TRL's: the logits path keeps parity
+        assert_same_training(train(tiny, GRPOTrainer, loss_type="dapo"), fast)
+    assert all(math.isfinite(step["loss"]) for step in fast[0])
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -235,14 +342,15 @@ def test_gfpo_filters_the_right_groups_and_trains(tiny):
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
-def test_gfpo_on_the_fast_loss_matches_trl_loss(tiny):
+def test_gfpo_on_the_fast_loss_matches_trl_loss(tiny, loss_paths):
     def shortest(group_completions, group_rewards):  # v1.7.1's two-argument contract
         return [[-len(c) for c in group] for group in group_completions]
 
     common = dict(num_remains_in_group=2, per_device_train_batch_size=8, trainer_kwargs={"group_filter_func": shortest})
     reference = train(tiny, GFPOTrainer, GFPOConfig, **common)
-    fast = train(tiny, GFPOTrainer, GFPOConfig, after_init=patch, **common)
+    fast = train(tiny, GFPOTrainer, GFPOConfig, after_init=lambda t: loss_paths.watch(patch(t)), **common)
     assert_same_training(reference, fast)
+    loss_paths.assert_hidden_path(micro_batches=2)
 
 
 @pytest.mark.parametrize("k", [1, 4, 0])
