@@ -6,6 +6,8 @@ gradient in one pass (Triton on CUDA, C++ on CPU). The reference is that composi
 """
 from __future__ import annotations
 
+import torch
+
 from . import backends
 from .logprobs import check_logits_and_ids, token_logprobs_ref
 from .policy_loss import check_loss_inputs, make_loss_config, policy_loss_ref
@@ -16,6 +18,28 @@ LOSS_CONFIG_KEYS = (
     "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
     "vespo_lambda_neg",
 )
+
+
+def loss_and_logp_grad(cfg, logp, old_logp, advantages, mask, *, needs_grad, entropy=None, ref_logp=None,
+                       importance_sampling_ratio=None, num_items_in_batch=None):
+    """The ``[B, T]`` half of every fast backend: the reference loss on the backend's log-probs.
+
+    Takes float32 ``logp`` / ``entropy`` ``[B, T]`` (no autograd) from a backend's forward pass and returns
+    ``(loss, metrics, dlogp)``: the detached loss and metrics of :func:`policy_loss_ref`, and ``dL/dlogp``
+    ``[B, T]`` for an upstream gradient of 1 (``None`` unless ``needs_grad``), which the backend's backward
+    pass turns into ``dL/dlogits``. So clipping, ratios, per-sequence reductions and normalisers exist once.
+    Masked tokens get exactly zero: the backends skip them (their log-sum-exp was never computed), and a
+    ratio against meaningless old log-probs of padding (inf times a zero mask is NaN) cannot leak.
+    """
+    with torch.enable_grad():
+        lp = logp.requires_grad_(needs_grad)
+        loss, metrics = policy_loss_ref(cfg, lp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
+                                        importance_sampling_ratio=importance_sampling_ratio,
+                                        num_items_in_batch=num_items_in_batch)
+    if not needs_grad:
+        return loss.detach(), metrics, None
+    (dlogp,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), metrics, torch.where(mask != 0, dlogp, 0.0)
 
 
 def fused_policy_loss_ref(cfg, logits, token_ids, old_logp, advantages, mask, *, temperature=1.0, ref_logp=None,

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from gfpo_fast.policy_loss import LossConfig, policy_loss_ref
+from gfpo_fast.fused_loss import loss_and_logp_grad
+from gfpo_fast.policy_loss import LossConfig
 
 from .logprobs import token_logprobs_backward, token_logprobs_forward
 
@@ -81,18 +82,12 @@ def fused_policy_loss_triton(cfg: LossConfig, logits, token_ids, old_logp, advan
     active = mask != 0
     logp, lse, entropy = token_logprobs_forward(logits.detach(), token_ids, temperature, return_entropy, active)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    with torch.enable_grad():
-        lp = logp.requires_grad_(needs_grad)
-        loss, metrics = policy_loss_ref(cfg, lp, old_logp, advantages, mask, ref_logp=ref_logp,
-                                        importance_sampling_ratio=importance_sampling_ratio,
-                                        num_items_in_batch=num_items_in_batch, entropy=entropy)
+    loss, metrics, dlogp = loss_and_logp_grad(cfg, logp, old_logp, advantages, mask, needs_grad=needs_grad,
+                                              entropy=entropy, ref_logp=ref_logp,
+                                              importance_sampling_ratio=importance_sampling_ratio,
+                                              num_items_in_batch=num_items_in_batch)
     if not needs_grad:
-        return loss.detach(), metrics
-    (dlogp,) = torch.autograd.grad(loss, lp)
-    # Masked tokens get exactly zero: the backward kernel then skips them (it must: their lse was never
-    # computed), and a ratio against garbage old log-probs of padding (an inf ratio times a zero mask is
-    # NaN) cannot leak into the logits gradient.
-    dlogp = torch.where(active, dlogp, 0.0)
-    loss = FusedPolicyLossFunction.apply(logits, token_ids, loss.detach(), lse, dlogp, float(temperature),
+        return loss, metrics
+    loss = FusedPolicyLossFunction.apply(logits, token_ids, loss, lse, dlogp, float(temperature),
                                          bool(inplace))
     return loss, metrics

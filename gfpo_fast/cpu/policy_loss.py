@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..policy_loss import LossConfig, policy_loss_ref
+from ..fused_loss import loss_and_logp_grad
+from ..policy_loss import LossConfig
 from .logprobs import LogitRows, kernel_logits, rows_backward, rows_forward, token_ids_flat
 
 
@@ -78,18 +79,12 @@ def fused_policy_loss_cpp(cfg: LossConfig, logits, token_ids, old_logp, advantag
     logp, lse, entropy = rows_forward(LogitRows.of(x.detach()), ids, inv_t, return_entropy, active)
     shape = token_ids.shape
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    with torch.enable_grad():
-        lp = logp.view(shape).requires_grad_(needs_grad)
-        loss, metrics = policy_loss_ref(cfg, lp, old_logp, advantages, mask, ref_logp=ref_logp,
-                                        importance_sampling_ratio=importance_sampling_ratio,
-                                        num_items_in_batch=num_items_in_batch,
-                                        entropy=None if entropy is None else entropy.view(shape))
+    loss, metrics, dlogp = loss_and_logp_grad(cfg, logp.view(shape), old_logp, advantages, mask,
+                                              needs_grad=needs_grad,
+                                              entropy=None if entropy is None else entropy.view(shape),
+                                              ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
+                                              num_items_in_batch=num_items_in_batch)
     if not needs_grad:
-        return loss.detach(), metrics
-    (dlogp,) = torch.autograd.grad(loss, lp)
-    # Masked tokens get exactly zero, as in the Triton backend: the backward pass then skips them (it must:
-    # their lse was never computed), and a ratio against garbage old log-probs of padding (an inf ratio
-    # times a zero mask is NaN) cannot reach the gradient.
-    dlogp = torch.where(active, dlogp.reshape(-1), 0.0)
-    loss = FusedPolicyLossFunction.apply(x, ids, loss.detach(), lse, dlogp, inv_t, bool(inplace))
+        return loss, metrics
+    loss = FusedPolicyLossFunction.apply(x, ids, loss, lse, dlogp.reshape(-1), inv_t, bool(inplace))
     return loss, metrics
