@@ -59,9 +59,10 @@ class TrainConfig:
     epsilon_high: float | None = _f(None, "upper clip range (None: epsilon)")
     delta: float | None = _f(None, "upper cap on the ratio inside the min (two-sided clipping)")
     beta: float = _f(0.0, "coefficient of the KL to the initial model (0: no reference model)")
-    mask_truncated_completions: bool = _f(True, "exclude completions that hit max_completion_length from the loss "
-                                             "(TRL: False; on here: with 48 tokens, unmasked rambling answers that "
-                                             "happen to end on the right number drove lengths to the cap)")
+    mask_truncated_completions: bool = _f(False, "exclude completions that hit max_completion_length from the loss. "
+                                             "Off (TRL's default): GFPO's length filter already drops the longest "
+                                             "completions, so masking the remaining truncated ones as well removes "
+                                             "the only signal against running into the cap")
     num_iterations: int = _f(1, "optimizer steps on each generation batch (mu); > 1 computes old log-probs")
     # ---------------------------------------------------------------- generation
     generation_backend: str = _f("transformers", "transformers or vllm (colocate; needs vllm installed)")
@@ -73,9 +74,10 @@ class TrainConfig:
     vllm_importance_sampling_cap: float = _f(3.0, "vllm: sequence-level importance ratios above this are masked "
                                              "(TRL's default 'sequence_mask' mode)")
     # ---------------------------------------------------------------- optimisation
-    learning_rate: float = _f(2e-5, "AdamW learning rate (TRL: 1e-6)")
+    learning_rate: float = _f(5e-6, "AdamW learning rate (TRL: 1e-6; 2e-5 drove the default run to the length cap "
+                                                "within 3 steps)")
     lr_scheduler_type: str = _f("linear", "linear (decay to 0), cosine or constant")
-    warmup_steps: int = _f(0, "linear warm-up steps")
+    warmup_steps: int = _f(3, "linear warm-up steps (TRL: 0; Adam's first, sign-like steps are the largest)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     per_device_train_batch_size: int = _f(16, "completions per micro-batch per process (before the GFPO filter; TRL: 8)")
