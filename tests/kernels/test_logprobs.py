@@ -56,18 +56,23 @@ def test_matches_reference(device, dtype, temperature, entropy_grad):
         assert_close_3way(x.grad, exact, ref_grad, atol=1e-6, name="grad")
 
 
+def check_logp_and_grad(logits, ids, temperature):
+    """Kernel logp (no entropy) and its logits gradient for sum(logp) equal the reference."""
+    x = logits.clone().requires_grad_()
+    logp = token_logprobs_triton(x, ids, temperature=temperature, return_entropy=False)
+    logp.sum().backward()
+    x_ref = logits.clone().requires_grad_()
+    ref = token_logprobs_ref(x_ref, ids, temperature=temperature)
+    ref.sum().backward()
+    assert_close(logp, ref, atol=1e-5, rtol=1e-5, name="logp")
+    assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5, name="grad")
+
+
 def test_flat_rows_int32_ids_and_logp_only(device):
     """[N, V] logits with int32 ids; without return_entropy only logp comes back."""
     logits = torch.randn(7, V, device=device) * 2
     ids = torch.randint(0, V, (7,), device=device, dtype=torch.int32)
-    x = logits.clone().requires_grad_()
-    logp = token_logprobs_triton(x, ids, temperature=1.3, return_entropy=False)
-    logp.sum().backward()
-    x_ref = logits.clone().requires_grad_()
-    ref = token_logprobs_ref(x_ref, ids, temperature=1.3)
-    ref.sum().backward()
-    assert_close(logp, ref, atol=1e-5, rtol=1e-5, name="logp")
-    assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5, name="grad")
+    check_logp_and_grad(logits, ids, temperature=1.3)
 
 
 def test_entropy_alone_gets_a_gradient(device):
@@ -119,14 +124,7 @@ def test_masked_vocab_range(device):
     logits = torch.randn(B, T, V, device=device)
     logits[..., :200] = float("-inf")
     ids = torch.randint(200, V, (B, T), device=device)
-    x = logits.clone().requires_grad_()
-    logp = token_logprobs_triton(x, ids, temperature=1.0, return_entropy=False)
-    logp.sum().backward()
-    x_ref = logits.clone().requires_grad_()
-    ref = token_logprobs_ref(x_ref, ids)
-    ref.sum().backward()
-    assert_close(logp, ref, atol=1e-5, rtol=1e-5, name="logp")
-    assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5, name="grad")
+    check_logp_and_grad(logits, ids, temperature=1.0)
 
 
 def test_public_op_dispatches_to_triton(device):
