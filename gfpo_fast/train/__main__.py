@@ -40,12 +40,13 @@ from gfpo_fast.advantages import weighted_rewards
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, parse_args
-from .data import PromptSampler, arithmetic_dataset, is_conversational, load_local_dataset, prompt_token_ids
+from .data import PromptSampler, arithmetic_dataset, load_local_dataset, prompt_token_ids
 from .filters import GroupFilter
 from .generation import VLLMColocate, eos_token_ids, generate_transformers
 from .models import load_model_and_tokenizer, resolve_model_path
 from .reporting import Reporter, StepTimer
-from .rewards import RewardFunctionError, build_reward_funcs, score
+from .evaluation import evaluate
+from .rewards import RewardFunctionError, as_completions, build_reward_funcs, score
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -66,11 +67,6 @@ def make_scheduler(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.Lamb
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def as_completions(texts: list[str], rows: list[dict]) -> list:
-    """Decoded texts in TRL's shape: a one-message assistant turn for conversational prompts."""
-    return [[{"role": "assistant", "content": t}] if is_conversational(r["prompt"]) else t for t, r in zip(texts, rows)]
 
 
 def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -108,41 +104,6 @@ def batch_logprobs(model, batch: dict, cfg: TrainConfig) -> torch.Tensor:
                                    batch["completion_mask"][s])
         out.append(gf.token_logprobs(logits, batch["completion_ids"][s], temperature=cfg.temperature))
     return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model, tokenizer, rows, prompts, cfg, accelerator, reward_names, reward_funcs, eos_ids) -> dict:
-    """Held-out accuracy (mean accuracy reward; weighted reward if there is no accuracy reward) and mean
-    completion length, greedy and sampled (one sample per prompt, seeded: the same draws before and after)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(rows), world))
-    out = {}
-    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        for mode in ("greedy", "sampled"):
-            sums = torch.zeros(4, device=accelerator.device)  # [score, length, truncated, count]
-            for i in range(0, len(mine), cfg.eval_batch_size):
-                chunk = mine[i:i + cfg.eval_batch_size]
-                ro = generate_transformers(accelerator.unwrap_model(model), tokenizer, [prompts[j] for j in chunk],
-                                           max_new_tokens=cfg.max_completion_length, do_sample=mode == "sampled",
-                                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos_ids)
-                ids = ro.completion_lists()  # host sync
-                chunk_rows = [rows[j] for j in chunk]
-                comps = as_completions(tokenizer.batch_decode(ids, skip_special_tokens=True), chunk_rows)
-                r = score(reward_funcs, reward_names, chunk_rows, comps, ids, None, {})  # (n, F)
-                if "accuracy" in reward_names:
-                    s = r[:, reward_names.index("accuracy")]
-                else:
-                    s = weighted_rewards(r, cfg.reward_weights)
-                sums += torch.tensor([float(torch.nan_to_num(s).sum()), sum(map(len, ids)),
-                                      float(ro.truncated.sum()), len(chunk)], device=sums.device)
-            total = accelerator.reduce(sums, reduction="sum").tolist()  # host sync
-            out[f"eval/{mode}_accuracy"] = total[0] / max(total[3], 1)
-            out[f"eval/{mode}_mean_length"] = total[1] / max(total[3], 1)
-            out[f"eval/{mode}_truncated"] = total[2] / max(total[3], 1)
-    out["eval/num_prompts"] = len(rows)
-    return out
 
 
 # ----------------------------------------------------------------------------- the run

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .data import is_conversational
+
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 ENDS_WITH_ANSWER = re.compile(r"(?:-?\d[\d,]*(?:\.\d+)?|\\boxed\{[^{}]*\})[\s.!)*]*$")
@@ -41,6 +43,11 @@ class RewardFunctionError(RuntimeError):
 
 def completion_text(completion) -> str:
     return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def as_completions(texts: list[str], rows: list[dict]) -> list:
+    """Decoded texts in TRL's shape: a one-message assistant turn for conversational prompts."""
+    return [[{"role": "assistant", "content": t}] if is_conversational(r["prompt"]) else t for t, r in zip(texts, rows)]
 
 
 def parse_number(text: str) -> float | None:
