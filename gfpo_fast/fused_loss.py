@@ -70,7 +70,7 @@ def fused_policy_loss(logits, token_ids, old_logp, advantages, mask, *, temperat
         raise ValueError(f"logits must be [B, T, V] for a policy loss, got shape {tuple(logits.shape)}")
     kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
                   num_items_in_batch=num_items_in_batch)
-    check_loss_inputs(cfg, logits[..., 0], old_logp, advantages, mask, **kwargs)
+    check_loss_inputs(cfg, logits[..., 0], old_logp, advantages, mask, source="logits", **kwargs)
     impl = backends.select("fused_policy_loss", backend, logits.device)
     if impl == "triton":
         from .kernels.policy_loss import fused_policy_loss_triton as fast

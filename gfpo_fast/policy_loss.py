@@ -138,14 +138,20 @@ def make_loss_config(
 
 
 def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_logp=None,
-                      importance_sampling_ratio=None, num_items_in_batch=None, entropy=None) -> None:
-    """Shape, dtype and device checks for the tensors of one policy-loss call (no host sync)."""
-    require_tensor("logp", logp, ndim=(2,))
+                      importance_sampling_ratio=None, num_items_in_batch=None, entropy=None,
+                      source: str = "logp") -> None:
+    """Shape, dtype and device checks for the tensors of one policy-loss call (no host sync).
+
+    ``logp`` is ``[B, T]``; the fused losses pass a ``[B, T]`` slice of their logits or hidden states
+    and name it in ``source``, so that errors say "same [B, T] as logits" rather than "logp".
+    """
+    require_tensor(source, logp, ndim=(2,))
     if not logp.is_floating_point():
-        raise ValueError(f"logp must be a float tensor, got {logp.dtype}")
+        raise ValueError(f"{source} must be a float tensor, got {logp.dtype}")
     B, T = logp.shape
+    same = "same as logp" if source == "logp" else f"[B, T] of {source}"
     require_tensor("mask", mask, ndim=(2,))
-    require_shape("mask", mask, (B, T), "same as logp")
+    require_shape("mask", mask, (B, T), same)
     require_tensor("advantages", advantages, ndim=(1, 2))
     if advantages.dim() == 1 or advantages.shape[1] == 1:
         if advantages.shape[0] != B:
@@ -158,7 +164,7 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
     for name, x in [("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy)]:
         if x is not None:
             require_tensor(name, x, ndim=(2,))
-            require_shape(name, x, (B, T), "same as logp")
+            require_shape(name, x, (B, T), same)
     if cfg.beta != 0.0 and ref_logp is None:
         raise ValueError(f"beta={cfg.beta} adds a KL term to the reference model: pass ref_logp of shape ({B}, {T})")
     rho = importance_sampling_ratio

@@ -226,7 +226,7 @@ def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, ma
     require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,))
     kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
                   num_items_in_batch=num_items_in_batch)
-    check_loss_inputs(cfg, hidden[..., 0], old_logp, advantages, mask, **kwargs)
+    check_loss_inputs(cfg, hidden[..., 0], old_logp, advantages, mask, source="hidden", **kwargs)
     # Masked tokens' log-probs never reach the loss (policy_loss_ref zeroes them with masked()), so chunks
     # made only of them are skipped.
     out = _linear_logprobs(hidden, weight, token_ids, bias, temperature, return_entropy, chunk_size, backend,
