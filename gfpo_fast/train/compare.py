@@ -9,6 +9,10 @@ comparison resumes where it stopped.
 
     python -m gfpo_fast.train.compare                                   # grpo, gfpo, gfpo_te; seed 42
     python -m gfpo_fast.train.compare --seeds 0 1 2 --output_dir runs/cmp --max_steps 25
+    python -m gfpo_fast.train.compare --trl_run runs/bench-trainer-trl   # adds TRL's GRPOTrainer as a row
+
+``--trl_run`` takes the output directory of ``python -m bench.bench_trainer`` (TRL's GRPOTrainer on the
+same task and config, from a checkout: ``bench/`` is not installed); it is summarised like the others.
 
 Columns: seconds per step and completion tokens per second (means over steps), the fraction of steps
 whose gradient was nonzero, held-out greedy and sampled accuracy and mean completion length before and
@@ -66,6 +70,18 @@ def summarize(out: Path) -> dict:
     return row
 
 
+def seed_means(rows: dict[str, dict], variants: list[str], seeds: list[int]) -> dict[str, dict]:
+    """One row per variant with the mean of every scalar column over the seeds (only with two seeds or more)."""
+    if len(seeds) < 2:
+        return {}
+    out = {}
+    for variant in variants:
+        runs = [rows[f"{variant} seed {seed}"] for seed in seeds]
+        out[f"{variant} mean of {len(seeds)} seeds"] = {
+            k: statistics.mean(r[k] for r in runs) for k, v in runs[0].items() if not isinstance(v, list)}
+    return out
+
+
 def table(rows: dict[str, dict]) -> str:
     head = ("| run | s/step | tok/s | steps with grad | greedy acc before -> after | sampled acc before -> after | "
             "greedy len before -> after | sampled len before -> after |")
@@ -88,6 +104,8 @@ def plot(rows: dict[str, dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, r in rows.items():
+        if "length_per_step" not in r:  # a mean over seeds
+            continue
         axes[0].plot(range(1, r["steps"] + 1), r["length_per_step"], label=name)
         axes[1].plot(range(1, r["steps"] + 1), r["accuracy_per_step"], label=name)
     for ax, title in zip(axes, ("train completion length (tokens)", "train accuracy")):
@@ -104,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--output_dir", default="runs/compare")
+    parser.add_argument("--trl_run", default=None, help="a finished `python -m bench.bench_trainer` output directory")
     args, passthrough = parser.parse_known_args(argv)
     out = Path(args.output_dir)
     rows = {}
@@ -112,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
             run_dir = out / f"{variant}-seed{seed}"
             run_one(run_dir, [*VARIANTS[variant], "--seed", str(seed), *passthrough])
             rows[f"{variant} seed {seed}"] = summarize(run_dir)
+    rows.update(seed_means(rows, args.variants, args.seeds))
+    if args.trl_run:
+        rows["trl grpo"] = summarize(Path(args.trl_run))
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     header = (f"# GRPO vs GFPO, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"

@@ -111,3 +111,11 @@ def test_no_signal_warning(tmp_path, capsys):
     assert "no learning signal" in out.out + out.err and "raise num_generations, temperature" in out.out + out.err
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == ZERO_STD_PATIENCE
     assert rep.plot().is_file()
+
+
+def test_compare_seed_means_average_scalar_columns_only():
+    from gfpo_fast.train.compare import seed_means
+
+    rows = {f"grpo seed {s}": {"s_per_step": float(s), "length_per_step": [1.0, 2.0]} for s in (1, 3)}
+    assert seed_means(rows, ["grpo"], [1, 3]) == {"grpo mean of 2 seeds": {"s_per_step": 2.0}}
+    assert seed_means(rows, ["grpo"], [1]) == {}
