@@ -43,7 +43,7 @@ from .data import PromptSampler, arithmetic_dataset, load_local_dataset, prompt_
 from .filters import GroupFilter
 from .generation import VLLMColocate, eos_token_ids, generate_transformers
 from .models import load_model_and_tokenizer, resolve_model_path
-from .reporting import Reporter, StepTimer
+from .reporting import Reporter, StepTimer, peak_memory_gb
 from .evaluation import evaluate
 from .rewards import RewardFunctionError, as_completions, build_reward_funcs, score
 
@@ -315,6 +315,7 @@ def train(cfg: TrainConfig) -> dict:
             })
             metrics.update(timer.metrics())
             metrics["tokens_per_s"] = tokens / metrics["time/step"]
+            metrics["memory/peak_gb"] = peak_memory_gb(device)
             reporter.log(metrics)
             stop_now = accelerator.reduce(torch.tensor(float(stop["requested"]), device=device), "max").item()
             if step % cfg.save_steps == 0 or step >= cfg.max_steps or stop_now:

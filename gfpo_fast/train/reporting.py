@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import sys
 import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 ZERO_STD_FRACTION = 0.5  # warn when more than this fraction of groups has identical rewards ...
@@ -36,6 +39,15 @@ class StepTimer:
         out = {f"time/{k}": v for k, v in self.seconds.items()}
         out["time/step"] = time.perf_counter() - self.start
         return out
+
+
+def peak_memory_gb(device) -> float:
+    """Peak memory of this process so far: CUDA ``max_memory_allocated`` on a GPU, else the resident set's
+    high-water mark (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 class Reporter:
