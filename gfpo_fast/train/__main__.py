@@ -43,6 +43,7 @@ from .data import PromptSampler, arithmetic_dataset, load_local_dataset, prompt_
 from .filters import GroupFilter
 from .generation import VLLMColocate, eos_token_ids, generate_transformers
 from .models import load_model_and_tokenizer, resolve_model_path
+from .prefix import cache_name, prompt_cache
 from .reporting import Reporter, StepTimer, peak_memory_gb
 from .evaluation import evaluate
 from .rewards import RewardFunctionError, as_completions, build_reward_funcs, score
@@ -79,12 +80,20 @@ def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return prompt_ids[:, p0:], prompt_mask[:, p0:], completion_ids[:, :t1], completion_mask[:, :t1]
 
 
-def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """Policy logits for the completion tokens: ``(B, T, V)``, position t predicts ``completion_ids[:, t]``."""
-    T = completion_ids.shape[1]
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool = False):
+    """Policy logits for the completion tokens: ``(B, T, V)``, position t predicts ``completion_ids[:, t]``.
+
+    With ``share_prompts`` each distinct prompt runs once (``prefix.prompt_cache``) and the rows continue
+    from its KV cache; same values and gradients, without G copies of the prompt's work.
+    """
+    P, T = prompt_ids.shape[1], completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + T)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1)  # (B, P + T)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as in generate, despite the left padding
+    cache = prompt_cache(model, prompt_ids, prompt_mask) if share_prompts else None
+    if cache is not None:  # feed the last prompt token and the completion but its last token: T positions
+        return model(input_ids=input_ids[:, P - 1:-1], attention_mask=attention_mask[:, :-1],
+                     position_ids=position_ids[:, P - 1:-1], use_cache=True, **{cache_name(model): cache}).logits
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=T + 1, use_cache=False)
     return out.logits[:, :-1]  # (B, T, V)
@@ -96,12 +105,12 @@ def micro_batches(n: int, parts: int) -> list[slice]:
 
 
 @torch.no_grad()
-def batch_logprobs(model, batch: dict, cfg: TrainConfig) -> torch.Tensor:
+def batch_logprobs(model, batch: dict, cfg: TrainConfig, share_prompts: bool) -> torch.Tensor:
     """No-grad per-token log-probs ``(B, T)`` of ``batch`` under ``model`` (old or reference policy)."""
     out = []
     for s in micro_batches(batch["completion_ids"].shape[0], cfg.gradient_accumulation_steps):
         logits = completion_logits(model, batch["prompt_ids"][s], batch["prompt_mask"][s], batch["completion_ids"][s],
-                                   batch["completion_mask"][s])
+                                   batch["completion_mask"][s], share_prompts)
         out.append(gf.token_logprobs(logits, batch["completion_ids"][s], temperature=cfg.temperature))
     return torch.cat(out)
 
@@ -147,6 +156,10 @@ def train(cfg: TrainConfig) -> dict:
         ref_model = accelerator.prepare_model(ref_model.eval().requires_grad_(False), evaluation_mode=True)
     eos_ids = eos_token_ids(model, tokenizer)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
+    # One prompt pass per group (prefix.py) needs a KV cache in the training forward: not with gradient
+    # checkpointing (transformers then runs without a cache); single process or DDP only (FSDP, DeepSpeed: untested).
+    dist = accelerator.distributed_type.value
+    share_prompts = not cfg.gradient_checkpointing and (dist == "NO" or dist.startswith("MULTI_"))
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
     sampler = PromptSampler(len(train_rows), cfg.seed)
     step, rng = 0, None
@@ -254,8 +267,8 @@ def train(cfg: TrainConfig) -> dict:
                 num_items = accelerator.gather(c_mask.sum()).sum()  # global loss-token count (dapo/cispo/vespo)
             # ---- 5. old / reference / sampling log-probs (only when needed)
             with timer("logprobs"):
-                old_logp = batch_logprobs(model, batch, cfg) if cfg.num_iterations > 1 or vllm is not None else None
-                ref_logp = batch_logprobs(ref_model, batch, cfg) if ref_model is not None else None
+                old_logp = batch_logprobs(model, batch, cfg, share_prompts) if cfg.num_iterations > 1 or vllm is not None else None
+                ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts) if ref_model is not None else None
                 is_ratio = None
                 if vllm is not None:  # TRL's default "sequence_mask": drop sequences far off the trainer's policy
                     delta = ((old_logp - ro.sampling_logp[kept][:, :c_ids.shape[1]]) * c_mask).sum(1)  # (B_kept,)
@@ -275,7 +288,8 @@ def train(cfg: TrainConfig) -> dict:
                     with accelerator.no_sync(model) if j < len(parts) - 1 else nullcontext():
                         with timer("logprobs"):
                             with accelerator.autocast():
-                                logits = completion_logits(model, p_ids[s], p_mask[s], c_ids[s], c_mask[s])  # (b, T, V)
+                                logits = completion_logits(model, p_ids[s], p_mask[s], c_ids[s], c_mask[s],
+                                                           share_prompts)  # (b, T, V)
                         with timer("loss"):
                             loss, m = gf.fused_policy_loss(
                                 logits, c_ids[s], None if old_logp is None else old_logp[s], batch["advantages"][s],

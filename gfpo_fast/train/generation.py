@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .prefix import cache_name, prompt_cache
+
 
 @dataclass
 class Rollout:
@@ -76,7 +78,7 @@ def _trim(rollout_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[t
 def generate_transformers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, do_sample: bool,
                           temperature: float, top_p: float, top_k: int, eos_ids: list[int]) -> Rollout:
     """Samples one completion per prompt id list with ``model.generate`` (no ``num_return_sequences``:
-    the caller repeats each prompt ``G`` times)."""
+    the caller repeats each prompt ``G`` times; repeated prompts are prefilled once, ``prefix.prompt_cache``)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else \
@@ -84,9 +86,10 @@ def generate_transformers(model, tokenizer, prompts: list[list[int]], *, max_new
     was_training = model.training
     model.eval()  # also keeps gradient checkpointing (train-mode only) out of the KV-cached decode
     try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                             disable_compile=True, **sampling)
+        cache = prompt_cache(model, prompt_ids, prompt_mask)  # None when every prompt is distinct (evals)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **{cache_name(model): cache},
+                             max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                             use_cache=True, disable_compile=True, **sampling)
     finally:
         model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
