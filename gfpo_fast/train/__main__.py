@@ -40,12 +40,12 @@ from gfpo_fast.advantages import weighted_rewards
 from . import checkpoint as ckpt
 from .config import TrainConfig, parse_args
 from .data import PromptSampler, arithmetic_dataset, load_local_dataset, prompt_token_ids
+from .evaluation import evaluate
 from .filters import GroupFilter
 from .generation import VLLMColocate, eos_token_ids, generate_transformers
 from .models import load_model_and_tokenizer, resolve_model_path
 from .prefix import cache_name, prompt_cache
 from .reporting import Reporter, StepTimer, peak_memory_gb
-from .evaluation import evaluate
 from .rewards import RewardFunctionError, as_completions, build_reward_funcs, score
 
 
@@ -267,7 +267,8 @@ def train(cfg: TrainConfig) -> dict:
                 num_items = accelerator.gather(c_mask.sum()).sum()  # global loss-token count (dapo/cispo/vespo)
             # ---- 5. old / reference / sampling log-probs (only when needed)
             with timer("logprobs"):
-                old_logp = batch_logprobs(model, batch, cfg, share_prompts) if cfg.num_iterations > 1 or vllm is not None else None
+                needs_old = cfg.num_iterations > 1 or vllm is not None
+                old_logp = batch_logprobs(model, batch, cfg, share_prompts) if needs_old else None
                 ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts) if ref_model is not None else None
                 is_ratio = None
                 if vllm is not None:  # TRL's default "sequence_mask": drop sequences far off the trainer's policy
