@@ -14,7 +14,7 @@ figures that run writes, so that the two can be compared row by row
 * the same reward functions and weights (accuracy 1.0, format 0.1), named as ours so that TRL logs
   ``rewards/accuracy/mean`` like our trainer;
 * every ``GRPOConfig`` field that has a ``TrainConfig`` counterpart is taken from ``TrainConfig(algorithm="grpo")``:
-  2 prompts x 8 completions of at most 48 tokens per step, temperature 0.7, top_p 1, top_k 0, lr 5e-6
+  2 prompts x 8 completions of at most 48 tokens per step, temperature 0.7, top_p 1, top_k 0, lr 1e-5
   with 3 warm-up steps then linear decay, max_grad_norm 1, weight decay 0, dapo loss, group-scaled
   advantages, epsilon 0.2, on-policy (num_iterations 1), seed 42; TRL logs every step and saves nothing.
 
