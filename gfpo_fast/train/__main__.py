@@ -4,7 +4,9 @@ One step: sample prompts -> generate G completions each -> score them -> GFPO fi
 completions are removed before the policy forward: compaction) -> group-relative advantages -> loss
 with ``gfpo_fast.fused_policy_loss`` (Triton on CUDA, C++ or torch on the CPU) -> backward -> step.
 It is on-policy by default (``num_iterations=1``): the ratio is 1 in value and the loss is the
-clipped surrogate's plain policy gradient, exactly as TRL computes it without old log-probs.
+clipped surrogate's plain policy gradient, exactly as TRL computes it without old log-probs. The G
+completions of a prompt share its forward pass: each distinct prompt is prefilled once for generation
+and run once in the policy forward and backward (``prefix.py``), with the same values and gradients.
 
 The embedded default (no arguments) trains SmolLM2-135M-Instruct with GFPO (length filter, 6 of 8
 kept) on single-digit arithmetic word problems: 40 steps of 2 prompts x 8 completions of at most 48
