@@ -20,9 +20,10 @@ at T=0.7 and 31% greedy on those problems, so almost every group carries a learn
     python -m gfpo_fast.train --config run.yaml --resume_from_checkpoint latest
     accelerate launch --num_processes 2 -m gfpo_fast.train ...  # DDP; FSDP / DeepSpeed via --config_file
 
-FSDP and DeepSpeed come from ``accelerate config`` files (``accelerate launch --config_file fsdp.yaml``):
-the loop does its own gradient accumulation (the loss is already normalised by TRL's rules), so with
-DeepSpeed set ``gradient_accumulation_steps: 1`` in its config; checkpoints gather a full state dict.
+FSDP and DeepSpeed come from ``accelerate config`` files (``examples/accelerate/``: ``accelerate launch
+--config_file examples/accelerate/fsdp.yaml -m gfpo_fast.train``): the loop does its own gradient
+accumulation (the loss is already normalised by TRL's rules), so DeepSpeed runs with
+``gradient_accumulation_steps: 1`` in its config and in the trainer; checkpoints gather a full state dict.
 """
 from __future__ import annotations
 
@@ -133,6 +134,10 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("bf16=True on the CPU: without AVX512-BF16/AMX it is ~20x slower than float32; "
                          "leave bf16 unset (or false) here")
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu)
+    if accelerator.distributed_type.value == "DEEPSPEED" and cfg.gradient_accumulation_steps > 1:
+        raise ValueError("gradient_accumulation_steps > 1 under DeepSpeed: its engine steps the optimizer on every "
+                         "backward, so the micro-batches would each take a step; use gradient_accumulation_steps=1 "
+                         "with a larger per_device_train_batch_size, or DDP / FSDP")
     rank, world, G = accelerator.process_index, accelerator.num_processes, cfg.num_generations
     device = accelerator.device
     set_seed(cfg.seed)
