@@ -97,17 +97,28 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def plot(rows: dict[str, dict], path: Path) -> None:
+    """Train completion length and accuracy per step: one colour per variant, each seed a thin line and,
+    with several seeds, their mean a thick one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    per_variant: dict[str, list[dict]] = {}
     for name, r in rows.items():
-        if "length_per_step" not in r:  # a mean over seeds
-            continue
-        axes[0].plot(range(1, r["steps"] + 1), r["length_per_step"], label=name)
-        axes[1].plot(range(1, r["steps"] + 1), r["accuracy_per_step"], label=name)
+        if "length_per_step" in r:  # not a mean-over-seeds row
+            per_variant.setdefault(name.split(" seed ")[0], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (variant, runs) in enumerate(per_variant.items()):
+        color = f"C{i}"
+        for ax, key in zip(axes, ("length_per_step", "accuracy_per_step")):
+            steps = min(len(r[key]) for r in runs)
+            for r in runs:
+                ax.plot(range(1, len(r[key]) + 1), r[key], color=color, lw=0.7, alpha=0.45 if len(runs) > 1 else 1.0,
+                        label=None if len(runs) > 1 else variant)
+            if len(runs) > 1:
+                mean = [statistics.mean(r[key][t] for r in runs) for t in range(steps)]
+                ax.plot(range(1, steps + 1), mean, color=color, lw=2.2, label=f"{variant} (mean of {len(runs)})")
     for ax, title in zip(axes, ("train completion length (tokens)", "train accuracy")):
         ax.set_title(title)
         ax.set_xlabel("step")
