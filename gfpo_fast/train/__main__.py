@@ -47,7 +47,7 @@ from .evaluation import evaluate
 from .filters import GroupFilter
 from .generation import VLLMColocate, eos_token_ids, generate_transformers
 from .models import load_model_and_tokenizer, resolve_model_path
-from .prefix import cache_name, prompt_cache
+from .prefix import cache_name, left_padded_positions, prompt_cache
 from .reporting import Reporter, StepTimer, peak_memory_gb
 from .rewards import RewardFunctionError, as_completions, build_reward_funcs, score
 
@@ -92,7 +92,7 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + T)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1)  # (B, P + T)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as in generate, despite the left padding
+    position_ids = left_padded_positions(attention_mask)  # (B, P + T)
     cache = prompt_cache(model, prompt_ids, prompt_mask) if share_prompts else None
     if cache is not None:  # feed the last prompt token and the completion but its last token: T positions
         return model(input_ids=input_ids[:, P - 1:-1], attention_mask=attention_mask[:, :-1],

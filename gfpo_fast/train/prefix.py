@@ -9,6 +9,7 @@ shared prompt is the sum over its rows (the indexing's backward), as in the per-
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -17,13 +18,18 @@ import torch
 def cache_name(model) -> str:
     """The KV-cache keyword and output of ``model`` (through a DDP wrapper): transformers 5.24 renamed
     ``past_key_values`` to ``cache``."""
-    forward = getattr(model, "module", model).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return _cache_name(type(getattr(model, "module", model)))
 
 
-def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids ``(B, P)`` of left-padded prompts: 0 at the first real token (padding gets 0; it is masked)."""
-    return (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
+@functools.cache
+def _cache_name(model_class) -> str:  # one signature lookup per model class, not per forward
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``(B, L)`` of left-padded rows, as ``generate`` numbers them: 0 at the first real token
+    (padding gets 0; it is masked)."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
 def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
@@ -43,7 +49,7 @@ def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
     P = prompt_ids.shape[1]
     ids, mask = distinct[:, :P - 1], distinct[:, P:2 * P - 1]
     name = cache_name(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask), use_cache=True,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask), use_cache=True,
                 logits_to_keep=1)
     cache = out[name]
     cache.batch_select_indices(inverse)

@@ -38,6 +38,7 @@ def test_shared_prompts_give_the_same_logits_and_gradients(model_and_tokenizer):
     B, T = ids.shape[0], 7
     c_ids = torch.randint(4, len(tok), (B, T))
     c_mask = (torch.arange(T)[None] < torch.tensor([7, 3, 5, 1, 6, 7])[:, None]).long()  # right padding
+    assert prompt_cache(model, ids, mask) is not None  # the shared path really runs
     weights = torch.randn(B, T, model.config.vocab_size)
     results = []
     for share in (False, True):
@@ -57,6 +58,8 @@ def test_generation_with_shared_prefill_matches_row_by_row(model_and_tokenizer, 
     model, tok = model_and_tokenizer
     prompts = [tok(t)["input_ids"] for t in ["5+1=", "5+1=", "5+1=", "two plus two", "two plus two"]]
     kwargs = dict(max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, eos_ids=[tok.eos_token_id])
+    ids, mask = left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
+    assert prompt_cache(model, ids, mask) is not None  # the shared path really runs
     shared = generate_transformers(model, tok, prompts, **kwargs)
     monkeypatch.setattr(generation, "prompt_cache", lambda *args: None)
     plain = generate_transformers(model, tok, prompts, **kwargs)
