@@ -13,6 +13,8 @@ using std::uintptr_t;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gfpo-fast C++ CPU backend (pybind11, no torch linkage)";
+  // Digest of the csrc/ sources this module was built from (setup.py): a checkout warns when it differs.
+  m.attr("csrc_digest") = GFPO_CSRC_DIGEST;
 
   m.def(
       "group_advantages",

@@ -9,6 +9,8 @@ Public ops (each dispatches to Triton on CUDA, C++ on CPU, or the torch referenc
 * :func:`fused_linear_logprobs`, :func:`fused_linear_policy_loss` -- the same from hidden states and the
   lm_head weight, one chunk of tokens at a time (the logits never exist whole).
 """
+from . import _checkout  # noqa: F401  (first: in a source checkout, wires in kernels/ and the built _C)
+
 from .advantages import gfpo_filter, group_advantages, reward_metrics
 from .backends import force_backend
 from .fused_loss import fused_policy_loss
