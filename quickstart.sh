@@ -2,10 +2,11 @@
 # The README's quickstart: set up a virtual environment, then train or test.
 #
 #   ./quickstart.sh train [flags]   # python -m gfpo_fast.train [flags]  (the embedded default without flags)
-#   ./quickstart.sh test [args]     # python -m pytest tests -q [args]
+#   ./quickstart.sh test [args]     # python -m pytest -q [args]  (testpaths: tests/ and bench/)
 #   ./quickstart.sh setup           # only the environment
 #
-# The environment is .venv/ in the checkout, or the one already active ($VIRTUAL_ENV), whose torch is kept.
+# The environment is the one already active ($VIRTUAL_ENV, or a conda environment other than base), else .venv/
+# in the checkout (seeing the system's packages when python3 already has torch, so that torch is kept).
 # torch: an installed one (CUDA or CPU) is kept; else a CUDA build where `nvidia-smi` sees a GPU, else the CPU
 # build (never a CUDA download on a machine without a GPU). Then this checkout is installed editable with the
 # train, trl and test extras, Triton (its interpreter runs the kernel tests on a CPU) and the default model.
@@ -21,13 +22,20 @@ TORCH_VERSION="${GFPO_TORCH_VERSION:-2.13.0}"  # the version this project is tes
 
 if [[ -n "${VIRTUAL_ENV:-}" ]]; then
   py="$VIRTUAL_ENV/bin/python"
+elif [[ -n "${CONDA_PREFIX:-}" && "${CONDA_DEFAULT_ENV:-base}" != base ]]; then
+  py="$CONDA_PREFIX/bin/python"
 else
   if [[ ! -x .venv/bin/python ]]; then
     command -v python3 >/dev/null || { echo "quickstart: python3 (>= 3.10) is needed" >&2; exit 1; }
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
       || { echo "quickstart: python3 >= 3.10 is needed, found $(python3 -V)" >&2; exit 1; }
-    echo "quickstart: creating .venv"
-    python3 -m venv .venv
+    if python3 -c 'import torch' 2>/dev/null; then
+      echo "quickstart: creating .venv on top of python3's packages (keeps its torch)"
+      python3 -m venv --system-site-packages .venv
+    else
+      echo "quickstart: creating .venv"
+      python3 -m venv .venv
+    fi
   fi
   py=".venv/bin/python"
 fi
@@ -64,6 +72,6 @@ fi
 
 case "$cmd" in
   train) exec "$py" -m gfpo_fast.train "$@" ;;
-  test) exec "$py" -m pytest tests -q "$@" ;;
+  test) exec "$py" -m pytest -q "$@" ;;
   setup) echo "quickstart: ready ($py)" ;;
 esac
