@@ -55,3 +55,11 @@ def require_float(name: str, value, *, minimum=None, exclusive=False, allow_none
     if minimum is not None and (value <= minimum if exclusive else value < minimum):
         op = ">" if exclusive else ">="
         raise ValueError(f"{name} must be {op} {minimum}, got {value!r}")
+
+
+def require_num_remains(num_remains_in_group, num_generations: int) -> None:
+    """GFPO's ``k``: an integer with ``2 <= k < G`` (``k = 1`` has no group std; ``k = G`` is plain GRPO)."""
+    k = num_remains_in_group
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k < num_generations:
+        raise ValueError(f"num_remains_in_group must be an integer with 2 <= k < num_generations={num_generations} "
+                         f"(k = 1 has no group std; k = num_generations is plain GRPO), got {k!r}")
