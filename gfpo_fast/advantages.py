@@ -12,29 +12,27 @@ are the right rows (its filter saw a shifted window, spec section 14b.1) and the
 in their original order (TRL reorders them by score; nothing in the loss depends on order).
 
 The ``*_ref`` functions are the float32 torch oracle; ``group_advantages`` and ``gfpo_filter``
-dispatch to a fast backend (``gfpo_fast.backends``) and are tested against them.
+validate, then dispatch (``gfpo_fast.backends``) to the torch reference or to the launchers
+``group_advantages_forward`` / ``gfpo_filter_forward`` of ``kernels/advantages.py`` (Triton) or
+``gfpo_fast/cpu/advantages.py`` (C++), which take the same arguments and are tested against the references.
 """
 from __future__ import annotations
 
 import torch
 
 from . import backends
-from ._checks import require_choice, require_positive_int, require_same_device, require_shape, require_tensor
+from ._checks import (
+    require_choice,
+    require_num_remains,
+    require_positive_int,
+    require_same_device,
+    require_shape,
+    require_tensor,
+)
+from .nanstats import STD_EPS, nanstd
 
-STD_EPS = 1e-4  # TRL adds this to the std (A = (r - mean) / (std + 1e-4))
 SCALE_MODES = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
-
-
-# ----------------------------------------------------------------------------- NaN-aware statistics
-def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
-    """Unbiased std ignoring NaN (TRL ``nanstd``): NaN when fewer than two values are finite."""
-    if dim is None:
-        x, dim = x.reshape(-1), 0
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=keepdim)
-    count = (~torch.isnan(x)).sum(dim=dim, keepdim=keepdim)
-    return torch.sqrt(var * count / (count - 1))
 
 
 def normalize_scale_rewards(scale_rewards) -> str:
@@ -132,6 +130,15 @@ def gfpo_filter_ref(
 
 
 # ----------------------------------------------------------------------------- public API
+def _launchers(impl: str):
+    """The launchers of ``impl`` ("triton" or "cpp"), imported on first use (Triton may be absent)."""
+    if impl == "triton":
+        from .kernels import advantages as launchers
+    else:
+        from .cpu import advantages as launchers
+    return launchers
+
+
 def group_advantages(
     rewards: torch.Tensor,
     num_generations: int,
@@ -159,20 +166,17 @@ def group_advantages(
         scored rows, get 0.
     """
     _check_rewards(rewards, num_generations, allow_2d=True)
-    normalize_scale_rewards(scale_rewards)
+    scale = normalize_scale_rewards(scale_rewards)
     require_choice("aggregation", aggregation, AGGREGATIONS)
-    _weights(reward_weights, rewards.shape[1] if rewards.dim() == 2 else 1, rewards.device)
-    kwargs = dict(reward_weights=reward_weights, scale_rewards=scale_rewards, aggregation=aggregation)
+    weights = _weights(reward_weights, rewards.shape[1] if rewards.dim() == 2 else 1, rewards.device)
     impl = backends.select("group_advantages", backend, rewards.device)
-    if impl == "triton":
-        from .kernels.group_advantages import group_advantages_triton
-
-        return group_advantages_triton(rewards, num_generations, **kwargs)
-    if impl == "cpp":
-        from .cpu.advantages import group_advantages_cpp
-
-        return group_advantages_cpp(rewards, num_generations, **kwargs)
-    return group_advantages_ref(rewards, num_generations, **kwargs)
+    if impl == "torch":
+        return group_advantages_ref(rewards, num_generations, reward_weights=reward_weights, scale_rewards=scale,
+                                    aggregation=aggregation)
+    r = rewards.detach().float()
+    r = (r if r.dim() == 2 else r.unsqueeze(1)).contiguous()
+    return _launchers(impl).group_advantages_forward(r, weights.contiguous(), num_generations, scale=scale,
+                                                     normalize_then_sum=aggregation == "normalize_then_sum")
 
 
 def gfpo_filter(
@@ -202,26 +206,16 @@ def gfpo_filter(
     require_tensor("scores", scores, ndim=(1,))
     require_shape("scores", scores, tuple(rewards.shape), "one score per row of rewards")
     require_same_device("rewards", rewards, scores=scores)
-    if isinstance(num_remains_in_group, bool) or not isinstance(num_remains_in_group, int) or not (
-        2 <= num_remains_in_group < num_generations
-    ):
-        raise ValueError(
-            f"num_remains_in_group must be an integer with 2 <= k < num_generations={num_generations}, "
-            f"got {num_remains_in_group!r}"
-        )
+    require_num_remains(num_remains_in_group, num_generations)
     if torch.isnan(scores.float()).any():  # one small host read; a NaN score has no rank
         raise ValueError("scores contains NaN; a GFPO filter score must be a number for every row")
-    normalize_scale_rewards(scale_rewards)
+    scale = normalize_scale_rewards(scale_rewards)
     impl = backends.select("gfpo_filter", backend, rewards.device)
-    if impl == "triton":
-        from .kernels.group_advantages import gfpo_filter_triton
-
-        return gfpo_filter_triton(rewards, scores, num_generations, num_remains_in_group, scale_rewards=scale_rewards)
-    if impl == "cpp":
-        from .cpu.advantages import gfpo_filter_cpp
-
-        return gfpo_filter_cpp(rewards, scores, num_generations, num_remains_in_group, scale_rewards=scale_rewards)
-    return gfpo_filter_ref(rewards, scores, num_generations, num_remains_in_group, scale_rewards=scale_rewards)
+    if impl == "torch":
+        return gfpo_filter_ref(rewards, scores, num_generations, num_remains_in_group, scale_rewards=scale)
+    return _launchers(impl).gfpo_filter_forward(rewards.detach().float().contiguous(),
+                                                scores.detach().float().contiguous(), num_generations,
+                                                num_remains_in_group, scale=scale)
 
 
 def reward_metrics(

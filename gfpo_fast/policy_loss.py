@@ -20,6 +20,7 @@ Every normalisation is written as one per-row weight ``w_i`` with ``loss = sum_{
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -47,13 +48,19 @@ DEFAULT_EPSILON = {"grpo": 0.2, "gmpo": 0.4}  # GMPOConfig's epsilon is 0.4, in 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Validated scalar hyperparameters of one policy-loss call (shared by every backend)."""
+    """The scalar hyperparameters of one policy-loss call: the loss keywords of every public op.
+
+    The field names are the keywords of :func:`policy_loss`, :func:`gfpo_fast.fused_policy_loss`,
+    :func:`gfpo_fast.fused_linear_policy_loss` and the loss modules, and the field defaults are theirs:
+    this class is their one source. Build it with :func:`make_loss_config` (by keyword; it validates and
+    resolves ``epsilon`` / ``epsilon_high``); every backend reads the result.
+    """
 
     algorithm: str = "grpo"
     loss_type: str = "dapo"
     importance_sampling_level: str = "token"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
+    epsilon: float | None = None  # None: TRL's default of the algorithm (DEFAULT_EPSILON)
+    epsilon_high: float | None = None  # None: epsilon
     delta: float | None = None
     beta: float = 0.0
     use_bias_correction_kl: bool = False
@@ -68,73 +75,66 @@ class LossConfig:
     vespo_lambda_neg: float = 2.0
 
 
-def make_loss_config(
-    *,
-    algorithm="grpo",
-    loss_type="dapo",
-    importance_sampling_level="token",
-    epsilon=None,
-    epsilon_high=None,
-    delta=None,
-    beta=0.0,
-    use_bias_correction_kl=False,
-    max_completion_length=None,
-    grad_accum_steps=1,
-    num_processes=1,
-    sapo_temperature_pos=1.0,
-    sapo_temperature_neg=1.05,
-    vespo_k_pos=2.0,
-    vespo_lambda_pos=3.0,
-    vespo_k_neg=3.0,
-    vespo_lambda_neg=2.0,
-) -> LossConfig:
-    """Validates the keyword arguments of :func:`policy_loss` and resolves the defaults.
+LOSS_KEYWORDS = frozenset(f.name for f in dataclasses.fields(LossConfig))
+
+
+def loss_config_from(caller: str, loss_kwargs: dict) -> LossConfig:
+    """:func:`make_loss_config` for the ``**loss_kwargs`` of the public op ``caller``; an unknown keyword
+    is a ``TypeError`` naming ``caller``, as for a plain Python signature."""
+    unknown = set(loss_kwargs) - LOSS_KEYWORDS
+    if unknown:
+        raise TypeError(f"{caller} got unexpected keyword arguments {sorted(unknown)}")
+    return make_loss_config(**loss_kwargs)
+
+
+def make_loss_config(**loss_kwargs) -> LossConfig:
+    """Validates the loss keywords (the fields of :class:`LossConfig`) and resolves the defaults.
 
     ``epsilon=None`` means TRL's default for the algorithm (0.2 for grpo, 0.4 in log space for
-    gmpo); ``epsilon_high=None`` means ``epsilon``.
+    gmpo); ``epsilon_high=None`` means ``epsilon``. The returned config has every float as a float.
     """
-    require_choice("algorithm", algorithm, ALGORITHMS)
-    require_choice("loss_type", loss_type, LOSS_TYPES)
-    require_choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
-    eps = DEFAULT_EPSILON[algorithm] if epsilon is None else epsilon
+    c = LossConfig(**loss_kwargs)
+    require_choice("algorithm", c.algorithm, ALGORITHMS)
+    require_choice("loss_type", c.loss_type, LOSS_TYPES)
+    require_choice("importance_sampling_level", c.importance_sampling_level, IS_LEVELS)
+    eps = DEFAULT_EPSILON[c.algorithm] if c.epsilon is None else c.epsilon
     require_float("epsilon", eps, minimum=0.0)
-    eps_high = eps if epsilon_high is None else epsilon_high
+    eps_high = eps if c.epsilon_high is None else c.epsilon_high
     require_float("epsilon_high", eps_high, minimum=0.0)
-    require_float("delta", delta, minimum=0.0, exclusive=True, allow_none=True)
-    require_float("beta", beta, minimum=0.0)
-    require_positive_int("grad_accum_steps", grad_accum_steps)
-    require_positive_int("num_processes", num_processes)
-    for name, value in [("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)]:
-        require_float(name, value, minimum=0.0, exclusive=True)
-    for name, value in [("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
-                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)]:
-        require_float(name, value)
-    if max_completion_length is not None:
-        require_positive_int("max_completion_length", max_completion_length)
-    if algorithm == "grpo" and loss_type == "dr_grpo" and max_completion_length is None:
+    require_float("delta", c.delta, minimum=0.0, exclusive=True, allow_none=True)
+    require_float("beta", c.beta, minimum=0.0)
+    require_positive_int("grad_accum_steps", c.grad_accum_steps)
+    require_positive_int("num_processes", c.num_processes)
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        require_float(name, getattr(c, name), minimum=0.0, exclusive=True)
+    for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+        require_float(name, getattr(c, name))
+    if c.max_completion_length is not None:
+        require_positive_int("max_completion_length", c.max_completion_length)
+    if c.algorithm == "grpo" and c.loss_type == "dr_grpo" and c.max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' divides by max_completion_length; pass it (an integer >= 1)")
-    if importance_sampling_level == "sequence_token" and loss_type not in SEQUENCE_TOKEN_LOSSES:
+    if c.importance_sampling_level == "sequence_token" and c.loss_type not in SEQUENCE_TOKEN_LOSSES:
         raise ValueError(
             f"importance_sampling_level='sequence_token' (GSPO-token) supports loss_type in {SEQUENCE_TOKEN_LOSSES}, "
-            f"got {loss_type!r}"
+            f"got {c.loss_type!r}"
         )
-    if importance_sampling_level == "sequence_token" and use_bias_correction_kl:
+    if c.importance_sampling_level == "sequence_token" and c.use_bias_correction_kl:
         raise ValueError("use_bias_correction_kl is not defined for importance_sampling_level='sequence_token'")
-    if algorithm == "gmpo":
-        for name, value, default in [("importance_sampling_level", importance_sampling_level, "token"),
-                                     ("delta", delta, None), ("use_bias_correction_kl", use_bias_correction_kl, False)]:
-            if value != default:
-                raise ValueError(f"algorithm='gmpo' does not use {name} (TRL's GMPO ignores it); got {value!r}")
-    elif loss_type == "vespo" and importance_sampling_level != "token":
+    if c.algorithm == "gmpo":
+        for name, default in [("importance_sampling_level", "token"), ("delta", None),
+                              ("use_bias_correction_kl", False)]:
+            if getattr(c, name) != default:
+                raise ValueError(f"algorithm='gmpo' does not use {name} (TRL's GMPO ignores it); got {getattr(c, name)!r}")
+    elif c.loss_type == "vespo" and c.importance_sampling_level != "token":
         warnings.warn("loss_type='vespo' is meant for importance_sampling_level='token' (TRL warns too)", stacklevel=3)
-    elif loss_type == "luspo" and importance_sampling_level != "sequence":
+    elif c.loss_type == "luspo" and c.importance_sampling_level != "sequence":
         warnings.warn("loss_type='luspo' is meant for importance_sampling_level='sequence' (TRL warns too)", stacklevel=3)
-    return LossConfig(
-        algorithm, loss_type, importance_sampling_level, float(eps), float(eps_high),
-        None if delta is None else float(delta), float(beta), bool(use_bias_correction_kl), max_completion_length,
-        grad_accum_steps, num_processes, float(sapo_temperature_pos), float(sapo_temperature_neg),
-        float(vespo_k_pos), float(vespo_lambda_pos), float(vespo_k_neg), float(vespo_lambda_neg),
-    )
+    floats = {name: float(getattr(c, name)) for name in (
+        "beta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+        "vespo_lambda_neg")}
+    return dataclasses.replace(c, epsilon=float(eps), epsilon_high=float(eps_high),
+                               delta=None if c.delta is None else float(c.delta),
+                               use_bias_correction_kl=bool(c.use_bias_correction_kl), **floats)
 
 
 def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_logp=None,
@@ -294,12 +294,12 @@ def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling
         rho = rho.to(lp.dtype).reshape(rho.shape[0], -1)
     lt = cfg.loss_type
     if lt in PPO_CLIP_LOSSES:
-        r_clipped = torch.clamp(r, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
+        r_clipped = torch.clamp(r, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high)
         if cfg.delta is not None:
             r = torch.clamp(r, max=cfg.delta)  # INTELLECT-2 upper cap inside the min; metrics see it too
         loss_tok = -torch.min(r * A, r_clipped * A)
         rd = r.detach()
-        metrics.update(clip_metrics((rd < 1 - cfg.epsilon_low) & (A < 0), (rd > 1 + cfg.epsilon_high) & (A > 0), M))
+        metrics.update(clip_metrics((rd < 1 - cfg.epsilon) & (A < 0), (rd > 1 + cfg.epsilon_high) & (A > 0), M))
     elif lt == "cispo":
         loss_tok = -torch.clamp(r, max=cfg.epsilon_high).detach() * A * lp  # epsilon_high is an absolute cap
         metrics["cispo_clip_ratio"] = masked_mean(((r.detach() > cfg.epsilon_high) & (A > 0)).float(), M)
@@ -322,7 +322,7 @@ def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None):
     """Float32 reference for ``algorithm="gmpo"`` (TRL ``GMPOTrainer._compute_loss``)."""
     lp_old = lp.detach() if old_logp is None else old_logp.to(lp.dtype)
     log_ratio = lp - lp_old
-    c = torch.clamp(log_ratio, -cfg.epsilon_low, cfg.epsilon_high)
+    c = torch.clamp(log_ratio, -cfg.epsilon, cfg.epsilon_high)
     # Sign-aware one-sided clip in log space: only the upper side clips for A > 0, only the lower for A <= 0.
     clipped = torch.where(A > 0, torch.minimum(log_ratio, c), torch.maximum(log_ratio, c))
     count = M.sum(-1, keepdim=True).clamp(min=1.0)
@@ -335,7 +335,7 @@ def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None):
         metrics["kl"] = masked_mean(kl.detach(), M)
     loss = per_seq.sum() / (per_seq.shape[0] * cfg.grad_accum_steps)
     ld = log_ratio.detach()
-    metrics.update(clip_metrics((ld < -cfg.epsilon_low) & (A < 0), (ld > cfg.epsilon_high) & (A > 0), M))
+    metrics.update(clip_metrics((ld < -cfg.epsilon) & (A < 0), (ld > cfg.epsilon_high) & (A > 0), M))
     return loss, metrics
 
 
@@ -361,13 +361,8 @@ def policy_loss_ref(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_lo
 
 
 # ----------------------------------------------------------------------------- public API
-def policy_loss(
-    logp, old_logp, advantages, mask, *, algorithm="grpo", loss_type="dapo", importance_sampling_level="token",
-    epsilon=None, epsilon_high=None, delta=None, beta=0.0, ref_logp=None, use_bias_correction_kl=False,
-    importance_sampling_ratio=None, num_items_in_batch=None, max_completion_length=None, grad_accum_steps=1,
-    num_processes=1, entropy=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
-    vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, backend="auto",
-):
+def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, importance_sampling_ratio=None,
+                num_items_in_batch=None, entropy=None, backend="auto", **loss_kwargs):
     """GRPO-family loss from per-token log-probs, with TRL's semantics and metric names.
 
     Args:
@@ -391,6 +386,9 @@ def policy_loss(
         grad_accum_steps, num_processes: TRL's GA and P (section 7.6).
         entropy: optional ``[B, T]`` token entropies, only for the ``entropy`` metric.
         sapo_* / vespo_*: TRL's loss-specific hyperparameters, same defaults.
+
+        The hyperparameter keywords (``algorithm`` ... ``vespo_lambda_neg``) are the fields of
+        :class:`LossConfig`, which holds their defaults; any other keyword is a ``TypeError``.
         backend: ``"auto"`` or ``"torch"``; the fused fast paths start from logits (``fused_policy_loss``).
 
     Returns:
@@ -398,15 +396,7 @@ def policy_loss(
         float32 tensors with TRL's names (``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``,
         ``vespo/phi_seq_mean``) computed on this call's rows (reduce over processes yourself).
     """
-    cfg = make_loss_config(
-        algorithm=algorithm, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, beta=beta,
-        use_bias_correction_kl=use_bias_correction_kl, max_completion_length=max_completion_length,
-        grad_accum_steps=grad_accum_steps, num_processes=num_processes,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-        vespo_lambda_neg=vespo_lambda_neg,
-    )
+    cfg = loss_config_from("policy_loss", loss_kwargs)
     kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
                   num_items_in_batch=num_items_in_batch, entropy=entropy)
     check_loss_inputs(cfg, logp, old_logp, advantages, mask, **kwargs)

@@ -1,33 +1,34 @@
-"""C++ group advantages and GFPO filter (``csrc/advantages.cpp``); tested against ``advantages.py``."""
+"""C++ launchers of the group advantages and the GFPO filter (``csrc/advantages.cpp``), with the signatures of
+``kernels/advantages.py``; oracle: the references of :mod:`gfpo_fast.advantages`. Statistics run in float64."""
 from __future__ import annotations
 
 import torch
 
 from .. import _C
-from ..advantages import normalize_scale_rewards
 
 SCALE_CODES = {"group": 0, "batch": 1, "none": 2}  # csrc/advantages.h ScaleMode
 
 
-def group_advantages_cpp(rewards, num_generations, *, reward_weights=None, scale_rewards="group",
-                         aggregation="sum_then_normalize"):
-    r = rewards.detach().float()
-    r = (r if r.dim() == 2 else r.unsqueeze(1)).contiguous()
-    n, f = r.shape
-    w = torch.ones(f) if reward_weights is None else torch.as_tensor(reward_weights, dtype=torch.float32)
-    w = w.reshape(-1).contiguous()
+def group_advantages_forward(rewards: torch.Tensor, weights: torch.Tensor, num_generations: int, *, scale: str,
+                             normalize_then_sum: bool) -> torch.Tensor:
+    """``rewards`` ``[N, F]`` float32 contiguous, ``weights`` ``[F]`` float32 -> ``[N]`` float32 advantages.
+
+    ``scale`` is one of "group", "batch", "none"; ``normalize_then_sum`` selects GDPO. Inputs validated by
+    :func:`gfpo_fast.group_advantages`.
+    """
+    n, f = rewards.shape
     out = torch.empty(n, dtype=torch.float32)
-    _C.group_advantages(r.data_ptr(), n, f, w.data_ptr(), num_generations,
-                        SCALE_CODES[normalize_scale_rewards(scale_rewards)],
-                        aggregation == "normalize_then_sum", out.data_ptr())
+    _C.group_advantages(rewards.data_ptr(), n, f, weights.data_ptr(), num_generations, SCALE_CODES[scale],
+                        normalize_then_sum, out.data_ptr())
     return out
 
 
-def gfpo_filter_cpp(rewards, scores, num_generations, num_remains_in_group, *, scale_rewards="group"):
-    r = rewards.detach().float().contiguous()
-    s = scores.detach().float().contiguous()
-    adv = torch.empty(r.shape[0], dtype=torch.float32)
-    keep = torch.empty(r.shape[0], dtype=torch.bool)
-    _C.gfpo_filter(r.data_ptr(), s.data_ptr(), r.shape[0], num_generations, num_remains_in_group,
-                   SCALE_CODES[normalize_scale_rewards(scale_rewards)], adv.data_ptr(), keep.data_ptr())
+def gfpo_filter_forward(rewards: torch.Tensor, scores: torch.Tensor, num_generations: int, num_remains_in_group: int,
+                        *, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rewards``, ``scores`` ``[N]`` float32 contiguous -> ``([N] float32 advantages, [N] bool keep)``."""
+    n = rewards.shape[0]
+    adv = torch.empty(n, dtype=torch.float32)
+    keep = torch.empty(n, dtype=torch.bool)
+    _C.gfpo_filter(rewards.data_ptr(), scores.data_ptr(), n, num_generations, num_remains_in_group,
+                   SCALE_CODES[scale], adv.data_ptr(), keep.data_ptr())
     return adv, keep

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gfpo_fast.advantages import STD_EPS, nanstd, normalize_scale_rewards
+from gfpo_fast.nanstats import STD_EPS, nanstd
 
 from ._launch import device_guard, eager_launch
 
@@ -96,18 +96,16 @@ def _group_advantages_kernel(
 
 
 @eager_launch
-def _launch(rewards, weights, scores, G, k, *, has_filter, normalize_then_sum, scale_by_group_std):
-    """Runs the kernel over ``N / G`` groups; returns ``[N]`` fp32 ``adv``, ``value`` and int8 ``keep`` (or None)."""
-    r = rewards.detach().float()
-    r = (r if r.dim() == 2 else r.unsqueeze(1)).contiguous()
+def _launch(r, weights, scores, G, k, *, has_filter, normalize_then_sum, scale_by_group_std):
+    """Runs the kernel over ``N / G`` groups of ``r`` (``[N, F]`` fp32 contiguous); returns ``[N]`` fp32 ``adv``,
+    ``value`` and int8 ``keep`` (or None)."""
     N, F = r.shape
     adv = torch.empty(N, dtype=torch.float32, device=r.device)
     value = torch.empty_like(adv)
     keep = torch.empty(N, dtype=torch.int8, device=r.device) if has_filter else None
-    s = scores.detach().float().contiguous() if has_filter else None
     with device_guard(r):
         _group_advantages_kernel[(N // G,)](
-            r, weights, s if has_filter else adv, adv, value, keep if has_filter else adv,  # unused pointers: adv
+            r, weights, scores if has_filter else adv, adv, value, keep if has_filter else adv,  # unused: adv
             G, F, k,
             STD_EPS,
             BLOCK_G=triton.next_power_of_2(G), BLOCK_F=triton.next_power_of_2(F),
@@ -122,30 +120,31 @@ def _divide_by_batch_std(adv, value):
     return torch.nan_to_num(adv / (std + STD_EPS), nan=0.0)
 
 
-def group_advantages_triton(rewards, num_generations, *, reward_weights=None, scale_rewards="group",
-                            aggregation="sum_then_normalize"):
-    """Triton :func:`gfpo_fast.group_advantages` (inputs validated by it): ``[N]`` fp32 advantages."""
-    G = num_generations
-    scale = normalize_scale_rewards(scale_rewards)
-    F = rewards.shape[1] if rewards.dim() == 2 else 1
-    w = torch.ones(F) if reward_weights is None else torch.as_tensor(reward_weights, dtype=torch.float32)
-    w = w.reshape(-1).to(device=rewards.device, dtype=torch.float32).contiguous()
-    gdpo = aggregation == "normalize_then_sum"
-    adv, value, _ = _launch(rewards, w, None, G, 0, has_filter=False, normalize_then_sum=gdpo,
-                            scale_by_group_std=scale == "group")
-    if gdpo:  # batch baseline and std of the summed z-scores (scale_rewards is ignored, as in TRL)
+def group_advantages_forward(rewards: torch.Tensor, weights: torch.Tensor, num_generations: int, *, scale: str,
+                             normalize_then_sum: bool) -> torch.Tensor:
+    """Launcher of :func:`gfpo_fast.group_advantages` (inputs validated there): ``[N]`` fp32 advantages.
+
+    ``rewards`` ``[N, F]`` fp32 contiguous, ``weights`` ``[F]`` fp32 on the same device, ``scale`` one of
+    "group", "batch", "none"; ``normalize_then_sum`` selects GDPO.
+    """
+    adv, value, _ = _launch(rewards, weights, None, num_generations, 0, has_filter=False,
+                            normalize_then_sum=normalize_then_sum, scale_by_group_std=scale == "group")
+    if normalize_then_sum:  # batch baseline and std of the summed z-scores (scale is ignored, as in TRL)
         return _divide_by_batch_std(value - torch.nanmean(value), value)
     if scale == "batch":
         return _divide_by_batch_std(adv, value)
     return adv
 
 
-def gfpo_filter_triton(rewards, scores, num_generations, num_remains_in_group, *, scale_rewards="group"):
-    """Triton :func:`gfpo_fast.gfpo_filter` (inputs validated by it): ``([N] fp32 advantages, [N] bool keep)``."""
-    scale = normalize_scale_rewards(scale_rewards)
+def gfpo_filter_forward(rewards: torch.Tensor, scores: torch.Tensor, num_generations: int, num_remains_in_group: int,
+                        *, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher of :func:`gfpo_fast.gfpo_filter` (inputs validated there): ``([N] fp32 advantages, [N] bool keep)``.
+
+    ``rewards`` and ``scores`` ``[N]`` fp32 contiguous; ``scale`` one of "group", "batch", "none".
+    """
     w = torch.ones(1, dtype=torch.float32, device=rewards.device)
-    adv, value, keep = _launch(rewards, w, scores, num_generations, num_remains_in_group, has_filter=True,
-                               normalize_then_sum=False, scale_by_group_std=scale == "group")
+    adv, value, keep = _launch(rewards.unsqueeze(1), w, scores, num_generations, num_remains_in_group,
+                               has_filter=True, normalize_then_sum=False, scale_by_group_std=scale == "group")
     keep = keep.bool()
     if scale == "batch":  # std of every kept reward in the batch; dropped rows stay 0
         adv = torch.where(keep, _divide_by_batch_std(adv, value), 0.0)

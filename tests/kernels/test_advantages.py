@@ -1,16 +1,20 @@
-"""Triton group kernel (kernels/group_advantages.py) against the torch references: group advantages
+"""Triton group kernel (kernels/advantages.py, through the public ops) against the torch references: group advantages
 (every scale mode, both aggregations, NaN rewards, G = 1 and 2) and the GFPO filter (top-k with ties
 to the lower index, statistics over kept rows, batch scaling). CPU runs use the interpreter."""
+import functools
+
 import pytest
 import torch
 
 import gfpo_fast as gf
 from gfpo_fast.advantages import gfpo_filter_ref, gfpo_keep_mask, group_advantages_ref
-from gfpo_fast.kernels.group_advantages import gfpo_filter_triton, group_advantages_triton
 
 from ._helpers import INTERPRETER_NUMPY_WARNINGS, assert_close
 
 pytestmark = INTERPRETER_NUMPY_WARNINGS
+
+group_advantages_triton = functools.partial(gf.group_advantages, backend="triton")
+gfpo_filter_triton = functools.partial(gf.gfpo_filter, backend="triton")
 
 
 def rewards_with_gaps(n, f, device, nan_fraction=0.2):
