@@ -193,7 +193,7 @@ def write_summary(out: Path, cfg: TrainConfig, args: GRPOConfig, steps: list[dic
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
         "- GRPOConfig: " + ", ".join(f"{k}={getattr(getattr(args, k), 'value', getattr(args, k))}" for k in fields),
         f"- Rewards: {cfg.reward_funcs} weights {cfg.reward_weights}; eval: "
-        + (f"{cfg.eval_num_prompts} held-out prompts, before and after" if cfg.do_eval else "none (--no_eval)"),
+        + (f"{cfg.eval_split()[1]} held-out prompts, before and after" if cfg.do_eval else "none (--no_eval)"),
         "- What differs from our trainer: see the docstring of bench/bench_trainer.py", "",
         f"Steps: {len(steps)}; s/step mean {statistics.mean(seconds):.2f} (min {min(seconds):.2f}, max "
         f"{max(seconds):.2f}; without step 1: {statistics.mean(later):.2f}); completion tokens/s: mean over steps "
@@ -219,8 +219,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env, load_start = environment(torch.device("cuda" if on_gpu else "cpu")), os.getloadavg()[0]
 
-    train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, cfg.eval_num_prompts,
+    held_out, num_eval = cfg.eval_split()
+    train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, held_out,
                                                max_operand=cfg.arithmetic_max_operand, ops=cfg.arithmetic_ops)
+    eval_rows = eval_rows[:num_eval]
     names, funcs = build_reward_funcs(cfg.reward_funcs, cfg.max_completion_length)
     model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.gradient_checkpointing)
     recorder = StepRecorder(cfg, train_rows, out / "metrics.jsonl")

@@ -11,12 +11,13 @@ and run once in the policy forward and backward (``prefix.py``), with the same v
 The embedded default (no arguments) trains SmolLM2-135M-Instruct with GFPO (length filter, 6 of 8
 kept) on single-digit arithmetic word problems: 40 steps of 2 prompts x 8 completions of at most 48
 tokens at temperature 0.7, lr 1e-5 (3 warm-up steps, then linear decay), evaluating greedy and sampled
-accuracy on 128 held-out problems before and after. The base model is right 24% of the time sampled
-at T=0.7 and 31% greedy on those problems, so almost every group carries a learning signal
+accuracy on 128 held-out problems before and after (a shorter run evaluates fewer: ``--eval_num_prompts``).
+The base model is right 24% of the time sampled at T=0.7 and 31% greedy on those problems, so almost
+every group carries a learning signal
 (``bench/results/train/`` has the measured runs: step time, accuracy before and after).
 
     python -m gfpo_fast.train                                  # the embedded default
-    python -m gfpo_fast.train --algorithm grpo --max_steps 2   # quick look
+    python -m gfpo_fast.train --algorithm grpo --max_steps 2   # quick look (evals on 16 prompts)
     python -m gfpo_fast.train --config run.yaml --resume_from_checkpoint latest
     accelerate launch --num_processes 2 -m gfpo_fast.train ...  # DDP; FSDP / DeepSpeed via --config_file
 
@@ -143,12 +144,14 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
 
     # ---- data
+    held_out, num_eval = cfg.eval_split()
     if cfg.dataset_name == "arithmetic":
-        train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, cfg.eval_num_prompts,
+        train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, held_out,
                                                    max_operand=cfg.arithmetic_max_operand, ops=cfg.arithmetic_ops)
     else:
         train_rows = load_local_dataset(cfg.dataset_name)
-        eval_rows = load_local_dataset(cfg.eval_dataset_name)[:cfg.eval_num_prompts] if cfg.eval_dataset_name else []
+        eval_rows = load_local_dataset(cfg.eval_dataset_name) if cfg.eval_dataset_name else []
+    eval_rows = eval_rows[:num_eval]
     reward_names, reward_funcs = build_reward_funcs(cfg.reward_funcs, cfg.max_completion_length)
     group_filter = GroupFilter(cfg.group_filter, G, cfg.num_remains_in_group, adaptive=cfg.adaptive_difficulty,
                                scale_rewards=cfg.scale_rewards) if cfg.algorithm == "gfpo" else None

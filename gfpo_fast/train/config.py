@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ALGORITHMS = ("grpo", "gfpo", "gmpo", "gspo", "gspo_token")
 GROUP_FILTERS = ("length", "token_efficiency")
+DEFAULT_MAX_STEPS = 40
+EVAL_PROMPTS = 128  # held-out prompts when eval_num_prompts is None; a run of DEFAULT_MAX_STEPS evaluates them all
+EVAL_PROMPTS_MIN = 16  # the fewest a shorter run evaluates (eval_num_prompts None)
 
 
 def _f(default, help: str, **kw):
@@ -82,7 +86,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     per_device_train_batch_size: int = _f(16, "completions per micro-batch per process (before the GFPO filter; TRL: 8)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    max_steps: int = _f(40, "optimizer steps")
+    max_steps: int = _f(DEFAULT_MAX_STEPS, "optimizer steps")
     bf16: bool | None = _f(None, "bf16 mixed precision (None: on for CUDA, off on the CPU, where it is ~20x slower)")
     seed: int = _f(42, "seed of data order, sampling and initialisation")
     # ---------------------------------------------------------------- logging, eval, checkpoints
@@ -91,8 +95,12 @@ class TrainConfig:
     save_steps: int = _f(10, "checkpoint every this many steps (and at the end; TRL: 500)")
     save_total_limit: int = _f(2, "checkpoints to keep (older ones are deleted)")
     resume_from_checkpoint: str | None = _f(None, "a checkpoint directory, or 'latest' for the newest in output_dir")
-    do_eval: bool = _f(True, "evaluate on the held-out prompts before and after training")
-    eval_num_prompts: int = _f(128, "held-out prompts per eval")
+    do_eval: bool = _f(True, "evaluate on the held-out prompts before and after training (false: no evals)")
+    eval_num_prompts: int | None = _f(None, f"held-out prompts per eval. None: {EVAL_PROMPTS} are held out of "
+                                      f"training and a run of max_steps >= {DEFAULT_MAX_STEPS} (the default) evaluates "
+                                      f"all of them; a shorter run evaluates the first {EVAL_PROMPTS} * max_steps / "
+                                      f"{DEFAULT_MAX_STEPS}, at least {EVAL_PROMPTS_MIN}, so a quick look stays "
+                                      "quick. An integer holds out and evaluates exactly that many")
     eval_batch_size: int = _f(128, "prompts per generate call in the evals")
 
     def __post_init__(self):
@@ -110,10 +118,14 @@ class TrainConfig:
         choice("dtype", ("float32", "bfloat16", "float16"))
         for name in ("num_generations", "max_completion_length", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "max_steps", "logging_steps", "save_steps", "num_iterations",
-                     "eval_num_prompts", "eval_batch_size", "save_total_limit", "arithmetic_num_train"):
+                     "eval_batch_size", "save_total_limit", "arithmetic_num_train"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        n = self.eval_num_prompts
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"eval_num_prompts must be None or an integer >= 1 (--do_eval false skips the evals), "
+                             f"got {n!r}")
         G = self.num_generations
         if G < 2:
             raise ValueError(f"num_generations must be >= 2 (a group needs two completions to compare), got {G}")
@@ -152,6 +164,18 @@ class TrainConfig:
                     epsilon_high=self.epsilon_high, delta=self.delta, beta=self.beta,
                     max_completion_length=self.max_completion_length,
                     grad_accum_steps=self.gradient_accumulation_steps, num_processes=num_processes)
+
+    def eval_split(self) -> tuple[int, int]:
+        """``(held_out, evaluated)``: prompts held out of training, and how many of them each eval runs.
+
+        The held-out split does not depend on ``max_steps`` (a short run trains on the same rows as the
+        full one); only the evaluated count does, when ``eval_num_prompts`` is None (see its help).
+        """
+        if self.eval_num_prompts is not None:
+            return self.eval_num_prompts, self.eval_num_prompts
+        if self.max_steps >= DEFAULT_MAX_STEPS:
+            return EVAL_PROMPTS, EVAL_PROMPTS
+        return EVAL_PROMPTS, max(EVAL_PROMPTS_MIN, math.ceil(EVAL_PROMPTS * self.max_steps / DEFAULT_MAX_STEPS))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,7 +5,8 @@ A dataset is a list of dict rows with a ``prompt`` (a string, or a conversation:
 
 ``dataset_name="arithmetic"`` generates seeded one-step word problems ("Maya has 7 apples. She buys 5
 more. How many apples does Maya have now?") with an ``answer`` column. The stream is seeded by a constant (runs with different ``--seed``
-share it); its first ``eval_num_prompts`` problems are the eval split, and no train problem repeats their text.
+share it); its first ``num_eval`` problems are the eval split (``TrainConfig.eval_split``: 128 unless
+``eval_num_prompts`` says otherwise), and no train problem repeats their text.
 Local files: ``.jsonl``, ``.json`` (a list of rows, or ``{"data": [...]}``), ``.csv``, ``.parquet``
 (needs pyarrow), or a directory written by ``datasets.Dataset.save_to_disk`` (needs datasets).
 """

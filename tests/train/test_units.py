@@ -25,6 +25,23 @@ def test_cli_overrides_yaml(tmp_path):
         parse_args(["--config", str(cfg_file)])
 
 
+@pytest.mark.parametrize("flags, split", [
+    ([], (128, 128)),  # the embedded default evaluates all 128 held-out prompts
+    (["--max_steps", "100"], (128, 128)),
+    (["--max_steps", "20"], (128, 64)),  # shorter runs evaluate in proportion ...
+    (["--max_steps", "2"], (128, 16)),  # ... and at least 16, from the same held-out split
+    (["--max_steps", "2", "--eval_num_prompts", "128"], (128, 128)),  # an explicit count is exact
+    (["--eval_num_prompts", "4"], (4, 4)),
+])
+def test_eval_split_scales_with_max_steps(flags, split):
+    assert parse_args(flags).eval_split() == split
+
+
+def test_eval_num_prompts_is_checked():
+    with pytest.raises(ValueError, match="eval_num_prompts must be None or an integer >= 1"):
+        parse_args(["--eval_num_prompts", "0"])
+
+
 @pytest.mark.parametrize("text, answer", [
     ("5 + 2 = 7 pencils.", 7.0), ("The answer is \\boxed{1,204} (not 3)", 1204.0), ("no number", None),
     ("It is 12.0", 12.0), ("from 9 to -3", -3.0),
