@@ -13,11 +13,11 @@ import warnings
 
 import torch
 
-from . import bench_advantages, bench_fused_linear, bench_logprobs, bench_policy_loss, harness, report
+from . import bench_advantages, bench_fused_linear, bench_logprobs, bench_fused_policy_loss, harness, report
 
 FAMILIES = {
     "logprobs": bench_logprobs,
-    "policy_loss": bench_policy_loss,
+    "fused_policy_loss": bench_fused_policy_loss,
     "fused_linear": bench_fused_linear,
     "advantages": bench_advantages,
 }

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import gfpo_fast as gf
-from gfpo_fast.fused_loss import fused_policy_loss_ref
+from gfpo_fast.fused_policy_loss import fused_policy_loss_ref
 from gfpo_fast.logprobs import token_logprobs_ref
 from gfpo_fast.policy_loss import make_loss_config, policy_loss_ref
 
@@ -84,7 +84,7 @@ def implementations(variant: str, T: int, device: torch.device, compile: bool) -
 
     def liger(cls):
         module = cls(beta=0.0, use_ref_model=False, compiled=device.type == "cuda", loss_type=cfg.loss_type,
-                     importance_sampling_level=cfg.importance_sampling_level, epsilon_low=cfg.epsilon_low,
+                     importance_sampling_level=cfg.importance_sampling_level, epsilon_low=cfg.epsilon,
                      epsilon_high=cfg.epsilon_high, temperature=1.0, max_completion_length=T)
         return _with_grads(lambda x: module(x["hidden"], x["weight"], x["ids"], x["mask"], x["adv"],
                                             old_per_token_logps=x["old"]))

@@ -39,7 +39,7 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
         rows.append({"target": name, "value": value, "goal": goal, "unit": unit,
                      "verdict": "not measured" if value is None else ("met" if ok(value) else "not met")})
 
-    variants = {v: _find(results, "policy_loss", gf, "fused loss fwd+bwd by variant", variant=v)
+    variants = {v: _find(results, "fused_policy_loss", gf, "fused loss fwd+bwd by variant", variant=v)
                 for v in ("dapo", "grpo", "gmpo", "gfpo-half")}
     if env["device_type"] == "cpu":
         shape = dict(N=2048, V=49152, dtype="float32")
@@ -52,21 +52,21 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
         add(f"same: peak memory / the fp32 gradient ({grad_mib:.0f} MiB)", lp and lp["peak_mib"] / grad_mib,
             "<= 1.1 (no [N, V] temporaries beyond the gradient)", lambda v: v <= 1.1)
         add("fused loss dapo fwd+bwd N=2048 V=49152 fp32: speed-up vs reference log-probs + reference loss",
-            _ratio(_find(results, "policy_loss", ref, variant="dapo", **shape),
-                   _find(results, "policy_loss", gf, variant="dapo", **shape)), ">= 2", lambda v: v >= 2)
+            _ratio(_find(results, "fused_policy_loss", ref, variant="dapo", **shape),
+                   _find(results, "fused_policy_loss", gf, variant="dapo", **shape)), ">= 2", lambda v: v >= 2)
     else:
         shape = dict(N=16384, V=151936, dtype="bfloat16")
         bw = measured["bandwidth_gb_s"]
         lp = _find(results, "logprobs", gf, mode="fwd", **shape)
         add("token_logprobs fwd N=16384 V=151936 bf16: fraction of measured bandwidth", lp and lp["gb_per_s"] / bw,
             ">= 0.80", lambda v: v >= 0.8, "")
-        fused = _find(results, "policy_loss", gf, variant="dapo", **shape)
+        fused = _find(results, "fused_policy_loss", gf, variant="dapo", **shape)
         add("fused loss dapo fwd+bwd, same shape: fraction of measured bandwidth (3-pass floor)",
             fused and fused["gb_per_s"] / bw, ">= 0.75", lambda v: v >= 0.75, "")
         add("same: speed-up vs torch reference",
-            _ratio(_find(results, "policy_loss", ref, variant="dapo", **shape), fused), ">= 8", lambda v: v >= 8)
+            _ratio(_find(results, "fused_policy_loss", ref, variant="dapo", **shape), fused), ">= 8", lambda v: v >= 8)
         add("same: speed-up vs Liger triton_grpo_loss",
-            _ratio(_find(results, "policy_loss", "Liger", variant="dapo", **shape), fused), ">= 1.3",
+            _ratio(_find(results, "fused_policy_loss", "Liger", variant="dapo", **shape), fused), ">= 1.3",
             lambda v: v >= 1.3)
         logits_mib = 16384 * 151936 * 2 / 2**20
         add(f"same: peak memory / the bf16 logits ({logits_mib:.0f} MiB)", fused and fused["peak_mib"] / logits_mib,
@@ -82,7 +82,7 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
     add("GFPO keeping half of each group: time / unfiltered dapo", _ratio(variants["gfpo-half"], variants["dapo"]),
         "<= 0.55", lambda v: v <= 0.55)
     dapo = variants["dapo"]
-    half = dapo and _find(results, "policy_loss", gf, "fused loss dapo", variant="dapo", N=dapo["shape"]["N"] // 2)
+    half = dapo and _find(results, "fused_policy_loss", gf, "fused loss dapo", variant="dapo", N=dapo["shape"]["N"] // 2)
     rows.append({"target": "for comparison: dapo on the kept half of the rows only (compacted) / unfiltered dapo",
                  "value": _ratio(half, dapo), "goal": "none", "unit": "x", "verdict": "information"})
     return rows

@@ -10,7 +10,7 @@
 //   dL/dlogits_v = dL/dz_v / temperature.
 //
 // Shapes and dtypes: logits [N, V] float32 or bfloat16 (any row strides, vocab contiguous), token_ids [N]
-// int64; logp, lse, entropy [N] float32; the gradient [N, V] in the logits dtype, placed by its own row
+// int64 (an id outside [0, V) is never dereferenced: its logp and gradient row are NaN); logp, lse, entropy [N] float32; the gradient [N, V] in the logits dtype, placed by its own row
 // layout (a new contiguous buffer, or the logits themselves). All math is float32. -inf logits (banned
 // tokens) contribute exactly 0, to the entropy too (the torch reference gets 0 * -inf = NaN there).
 //
@@ -37,6 +37,7 @@ namespace gfpo {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // 2048 floats (8 KiB) of scaled logits per chunk: re-read from L1 by the exponential pass.
 constexpr std::int64_t kChunk = 2048;
 
@@ -119,12 +120,18 @@ GFPO_INLINE RowResult forward_row(const T* x, std::int64_t vocab, std::int64_t t
   }
   const float log_s = std::log(S);
   const float lse = m + log_s;
-  return {to_float(x[target]) * inv_t - lse, lse, kEntropy ? log_s - U / S : 0.0f};
+  // An id outside [0, vocab) is never dereferenced: its log-prob is NaN (the Python ops reject such ids first).
+  const float z_y = target >= 0 && target < vocab ? to_float(x[target]) * inv_t : kNaN;
+  return {z_y - lse, lse, kEntropy ? log_s - U / S : 0.0f};
 }
 
 template <typename T, bool kEntropy>
 GFPO_INLINE void backward_row(const T* x, T* grad, std::int64_t vocab, std::int64_t target, float inv_t, float lse,
                               float entropy, float g, float h) {
+  if (target < 0 || target >= vocab) {  // no one-hot column: NaN, not a silently wrong gradient
+    for (std::int64_t v = 0; v < vocab; ++v) store(grad + v, kNaN);
+    return;
+  }
   const float a = g * inv_t;  // fold 1/temperature into the two coefficients
   const float b = h * inv_t;
   // The target column, whole, in float32: g (1 - p) rather than (-g p) + g rounded in between. Computed

@@ -16,6 +16,7 @@ struct RowLayout {
 };
 
 // logits [n_rows, vocab] (layout above; float32 or bfloat16 by dtype), token_ids [n_rows] int64 in [0, vocab)
+// (an id outside it is not dereferenced: its logp is NaN, and so is its gradient row in the backward)
 // -> logp, lse [n_rows] float32 of z = logits * inv_temperature, and entropy [n_rows] float32 when not null.
 // active [n_rows] uint8 (null = every row active): rows with active[n] == 0 (masked tokens, whose log-probs
 // a loss never uses) read neither their logits nor their token id and get logp = lse = entropy = 0.

@@ -8,13 +8,28 @@ Public ops (each dispatches to Triton on CUDA, C++ on CPU, or the torch referenc
 * :func:`fused_policy_loss` -- log-probs and policy loss from logits in one op.
 * :func:`fused_linear_logprobs`, :func:`fused_linear_policy_loss` -- the same from hidden states and the
   lm_head weight, one chunk of tokens at a time (the logits never exist whole).
+
+Where each part lives, in import order (a module imports only from the layers above it):
+
+1. ``_checks.py`` (argument validation, the bad-token-id rule), ``backends.py`` (backend selection);
+   ``nanstats.py`` (TRL's NaN-aware std).
+2. References, the torch oracle of every op: ``policy_loss.py`` (the loss math once: ``LossConfig``,
+   ``policy_loss_ref``, and the torch-only public ``policy_loss``), and the ``*_ref`` functions of
+   ``logprobs.py``, ``advantages.py``, ``fused_policy_loss.py`` and ``fused_linear.py``.
+3. Backends, launchers only, never importing the public layer: ``kernels/`` (Triton kernels, installed as
+   ``gfpo_fast.kernels``: ``logprobs.py``, ``advantages.py``) and ``cpu/`` (the same launcher signatures
+   over the C++ extension ``_C`` built from ``csrc/``: ``logprobs.py``, ``advantages.py``).
+4. Public ops, importing a backend lazily (``import gfpo_fast`` works without Triton): ``logprobs.py`` (with
+   the one autograd layer over both backends' launchers), ``advantages.py``, ``fused_policy_loss.py``,
+   ``fused_linear.py`` (the chunk loop), ``modules.py`` (``nn.Module`` wrappers).
+5. Applications: ``train/`` (``python -m gfpo_fast.train``) and ``integrations/`` (TRL drop-ins).
 """
 from . import _checkout  # noqa: F401  (first: in a source checkout, wires in kernels/ and the built _C)
 
 from .advantages import gfpo_filter, group_advantages, reward_metrics
 from .backends import force_backend
-from .fused_loss import fused_policy_loss
-from .kernels.fused_linear import fused_linear_logprobs, fused_linear_policy_loss
+from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss
+from .fused_policy_loss import fused_policy_loss
 from .logprobs import token_logprobs
 from .modules import FusedLinearGRPOLoss, GRPOLoss
 from .policy_loss import policy_loss

@@ -2,7 +2,8 @@
 
 Every public function checks its inputs here and raises ``ValueError`` (or ``TypeError``)
 with a message that names the argument, what was expected and what was received. These
-checks never synchronise with a device: they read shapes, dtypes and devices only.
+checks never synchronise with a device: they read shapes, dtypes and devices only, except
+:func:`require_token_ids_in_range`, which reads two integers (see there).
 """
 from __future__ import annotations
 
@@ -63,3 +64,24 @@ def require_num_remains(num_remains_in_group, num_generations: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k < num_generations:
         raise ValueError(f"num_remains_in_group must be an integer with 2 <= k < num_generations={num_generations} "
                          f"(k = 1 has no group std; k = num_generations is plain GRPO), got {k!r}")
+
+
+def require_row_mask(name: str, x: torch.Tensor, shape) -> None:
+    """A bool tensor of ``shape`` (one entry per token row), as the log-prob launchers take ``active``."""
+    if x.dtype != torch.bool or tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must be a bool tensor of shape {tuple(shape)}")
+
+
+def require_token_ids_in_range(token_ids: torch.Tensor, vocab: int, vocab_of: str = "logits") -> None:
+    """Every id (masked positions included) lies in ``[0, vocab)``, else a ``ValueError`` before any launch.
+
+    One ``aminmax`` pass and one host read of two integers: on a CUDA tensor this is a synchronisation,
+    the price of an error that names the argument instead of a device-side fault or a silently wrong loss
+    (the kernels never dereference such an id either way: they give NaN).
+    """
+    if token_ids.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(token_ids.detach())).tolist()
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token_ids must lie in [0, {vocab}) (the vocab size of {vocab_of}), "
+                         f"got values in [{lo}, {hi}]")

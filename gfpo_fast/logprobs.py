@@ -5,13 +5,19 @@ with ``z = logits / temperature`` (TRL divides the logits by the sampling temper
 both, section 2.3). Results are float32 whatever the logits dtype: unlike TRL's
 ``selective_log_softmax``, bf16 logits do not give bf16 log-probs (TRL's ``cast_lm_head_to_fp32``
 behaviour, without the fp32 logits copy in the fast paths).
+
+Layers: :func:`token_logprobs_ref` (the oracle), then the launchers of a fast backend (Triton in
+``kernels/logprobs.py``, C++ in ``gfpo_fast/cpu/logprobs.py``, same signatures), then the one autograd
+layer over them (:class:`TokenLogprobsFunction`), used by :func:`token_logprobs`, the fused policy loss and
+the fused-linear chunk loop.
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import backends
-from ._checks import FLOAT_DTYPES, require_float, require_same_device, require_tensor
+from ._checks import FLOAT_DTYPES, require_float, require_same_device, require_tensor, require_token_ids_in_range
 
 
 def token_logprobs_ref(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
@@ -26,7 +32,9 @@ def token_logprobs_ref(logits: torch.Tensor, token_ids: torch.Tensor, *, tempera
     return logp, entropy
 
 
-def check_logits_and_ids(logits, token_ids, temperature) -> None:
+def check_logits_and_ids(logits, token_ids, temperature, vocab_of: str = "logits") -> None:
+    """Dtype, shape and device checks of a log-prob call, and the one bad-id rule of every backend: an id
+    outside ``[0, V)`` is a ``ValueError`` (one host read, see :func:`require_token_ids_in_range`)."""
     require_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(2, 3))
     require_tensor("token_ids", token_ids, ndim=(1, 2))
     if token_ids.dtype not in (torch.int64, torch.int32):
@@ -40,6 +48,59 @@ def check_logits_and_ids(logits, token_ids, temperature) -> None:
         raise ValueError("logits has an empty vocab dimension")
     require_float("temperature", temperature, minimum=0.0, exclusive=True)
     require_same_device("logits", logits, token_ids=token_ids)
+    require_token_ids_in_range(token_ids, logits.shape[-1], vocab_of)
+
+
+def launchers(impl: str):
+    """The log-prob launchers of ``impl`` ("triton": ``kernels/logprobs.py``, "cpp": ``gfpo_fast/cpu/logprobs.py``),
+    imported on first use (Triton may be absent). Both modules define ``token_logprobs_forward(logits,
+    token_ids, temperature, return_entropy, active=None) -> (logp, lse, entropy or None)`` and
+    ``token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entropy=None, dentropy=None,
+    inplace=False) -> dlogits``."""
+    if impl == "triton":
+        from .kernels import logprobs as fast
+    else:
+        from .cpu import logprobs as fast
+    return fast
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Autograd over a backend's launchers: ``(logits, token_ids, launchers, temperature, return_entropy,
+    inplace) -> logp`` or ``(logp, entropy)``, float32 shaped like ``token_ids``.
+
+    Saves the logits, the ids and the float32 per-token ``lse`` (and entropy), nothing ``[N, V]``; backward
+    recomputes the softmax from ``lse`` in one launch. The entropy carries a gradient, as in the reference
+    (TRL's entropy bonus needs it); an unused output costs nothing in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, token_ids, fast, temperature, return_entropy, inplace):
+        logp, lse, entropy = fast.token_logprobs_forward(logits, token_ids, temperature, return_entropy)
+        ctx.save_for_backward(logits, token_ids, lse, entropy)
+        ctx.fast, ctx.temperature, ctx.inplace = fast, temperature, inplace
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None and costs nothing
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dlogp, dentropy=None):
+        logits, token_ids, lse, entropy = ctx.saved_tensors
+        if dlogp is None and dentropy is None:
+            return (None,) * 6
+        grad = ctx.fast.token_logprobs_backward(logits, token_ids, lse, dlogp, ctx.temperature, entropy=entropy,
+                                                dentropy=dentropy, inplace=ctx.inplace)
+        return grad, None, None, None, None, None
+
+
+def apply_token_logprobs(fast, logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
+                         return_entropy: bool = False, inplace: bool = False):
+    """:func:`token_logprobs` on the launchers ``fast`` (:func:`launchers`), inputs already validated.
+
+    ``inplace``: backward writes the gradient over ``logits`` (or over the copy a backend made of them)
+    instead of allocating one; only when nothing needs the logits after backward (e.g. an lm_head output).
+    """
+    return TokenLogprobsFunction.apply(logits, token_ids, fast, float(temperature), bool(return_entropy),
+                                       bool(inplace))
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
@@ -47,10 +108,11 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature
     """Log-probs of ``token_ids`` under ``softmax(logits / temperature)``, differentiable w.r.t. logits.
 
     Args:
-        logits: ``[B, T, V]`` or ``[N, V]``, float32, bfloat16 or float16.
-        token_ids: ``[B, T]`` or ``[N]`` int64/int32 ids in ``[0, V)``.
+        logits: ``[B, T, V]`` or ``[N, V]``, float32, bfloat16 or float16, any row strides.
+        token_ids: ``[B, T]`` or ``[N]`` int64/int32 ids in ``[0, V)``; any other id is a ``ValueError``
+            on every backend (checked before any launch: one host read).
         temperature: > 0; the logits are divided by it (TRL's generation temperature).
-        return_entropy: also return the entropy of each token's distribution.
+        return_entropy: also return the entropy of each token's distribution (differentiable).
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
@@ -59,13 +121,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature
     """
     check_logits_and_ids(logits, token_ids, temperature)
     impl = backends.select("token_logprobs", backend, logits.device)
-    kwargs = dict(temperature=temperature, return_entropy=return_entropy)
-    if impl == "triton":
-        from .kernels.logprobs import token_logprobs_triton
-
-        return token_logprobs_triton(logits, token_ids, **kwargs)
-    if impl == "cpp":
-        from .cpu.logprobs import token_logprobs_cpp
-
-        return token_logprobs_cpp(logits, token_ids, **kwargs)
-    return token_logprobs_ref(logits, token_ids, **kwargs)
+    if impl == "torch":
+        return token_logprobs_ref(logits, token_ids, temperature=temperature, return_entropy=return_entropy)
+    return apply_token_logprobs(launchers(impl), logits, token_ids, temperature=temperature,
+                                return_entropy=return_entropy)

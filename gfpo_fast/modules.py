@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from ._checks import require_positive_int
-from .fused_loss import LOSS_CONFIG_KEYS, fused_policy_loss
-from .kernels.fused_linear import DEFAULT_CHUNK_SIZE, fused_linear_policy_loss
-from .policy_loss import make_loss_config
+from .fused_linear import DEFAULT_CHUNK_SIZE, fused_linear_policy_loss
+from .fused_policy_loss import fused_policy_loss
+from .policy_loss import loss_config_from
 
 
 class _PolicyLossModule(torch.nn.Module):
@@ -22,10 +22,7 @@ class _PolicyLossModule(torch.nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto", **loss_kwargs):
         super().__init__()
-        unknown = set(loss_kwargs) - set(LOSS_CONFIG_KEYS)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
-        make_loss_config(**loss_kwargs)
+        loss_config_from(type(self).__name__, loss_kwargs)  # validates now; forward passes the keywords on
         self.loss_kwargs = loss_kwargs
         self.temperature = temperature
         self.return_entropy = return_entropy

@@ -96,9 +96,10 @@ def _group_advantages_kernel(
 
 
 @eager_launch
-def _launch(r, weights, scores, G, k, *, has_filter, normalize_then_sum, scale_by_group_std):
-    """Runs the kernel over ``N / G`` groups of ``r`` (``[N, F]`` fp32 contiguous); returns ``[N]`` fp32 ``adv``,
-    ``value`` and int8 ``keep`` (or None)."""
+def _launch(rewards, weights, scores, G, k, *, has_filter, normalize_then_sum, scale_by_group_std):
+    """Runs the kernel over ``N / G`` groups of ``rewards`` (``[N]`` or ``[N, F]`` fp32 contiguous); returns
+    ``[N]`` fp32 ``adv``, ``value`` and int8 ``keep`` (or None)."""
+    r = rewards if rewards.dim() == 2 else rewards.unsqueeze(1)
     N, F = r.shape
     adv = torch.empty(N, dtype=torch.float32, device=r.device)
     value = torch.empty_like(adv)
@@ -143,7 +144,7 @@ def gfpo_filter_forward(rewards: torch.Tensor, scores: torch.Tensor, num_generat
     ``rewards`` and ``scores`` ``[N]`` fp32 contiguous; ``scale`` one of "group", "batch", "none".
     """
     w = torch.ones(1, dtype=torch.float32, device=rewards.device)
-    adv, value, keep = _launch(rewards.unsqueeze(1), w, scores, num_generations, num_remains_in_group,
+    adv, value, keep = _launch(rewards, w, scores, num_generations, num_remains_in_group,
                                has_filter=True, normalize_then_sum=False, scale_by_group_std=scale == "group")
     keep = keep.bool()
     if scale == "batch":  # std of every kept reward in the batch; dropped rows stay 0

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gfpo_fast._checks import require_row_mask
+
 from ._launch import device_guard, eager_launch, vocab_tile
 
 # Sizes that change with the batch shape every step: T, and the batch strides that are multiples
@@ -67,6 +69,8 @@ def _token_logprobs_fwd_kernel(
     t = row - b * T
     x_row = logits_ptr + b * stride_lb + t * stride_lt
     target = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
+    # An id outside [0, V) is never dereferenced: its log-prob is NaN (the public ops reject such ids first).
+    target_ok = (target >= 0) & (target < V)
 
     # Online softmax (Milakov & Gimelshein 2018): m = running max of z, d = sum exp(z - m), and for
     # the entropy s = sum exp(z - m) z; each tile rescales the running sums by exp(m_old - m_new).
@@ -87,7 +91,7 @@ def _token_logprobs_fwd_kernel(
             s = s * scale + tl.sum(e * tl.where(in_vocab, z, 0.0), axis=0)  # where: 0 * -inf would be NaN
         m = m_new
     lse = m + tl.log(d)
-    z_target = tl.load(x_row + target).to(tl.float32) * inv_temperature
+    z_target = tl.load(x_row + target, mask=target_ok, other=float("nan")).to(tl.float32) * inv_temperature
     tl.store(logp_ptr + row, z_target - lse)
     tl.store(lse_ptr + row, lse)
     if HAS_ENTROPY:
@@ -122,6 +126,8 @@ def _token_logprobs_bwd_kernel(
             tl.store(g_row + offs, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < V)
     else:
         target = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
+        # An id outside [0, V) has no one-hot lane: its row gets NaN rather than a silently wrong gradient.
+        onehot_off = tl.where((target >= 0) & (target < V), 0.0, float("nan"))
         lse = tl.load(lse_ptr + row)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
@@ -129,7 +135,7 @@ def _token_logprobs_bwd_kernel(
             z = tl.load(x_row + offs, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
             p = tl.exp(z - lse)  # softmax recomputed from the saved lse: nothing [N, V] was kept
             # (onehot - p) in fp32: for the target lane 1 - p stays exact enough even when p -> 1.
-            dz = g * (tl.where(offs == target, 1.0, 0.0) - p)
+            dz = g * (tl.where(offs == target, 1.0, onehot_off) - p)
             if HAS_DENTROPY:
                 dz -= gh * p * (z + c)
             # Each tile is read before it is written, so grad_ptr may alias logits_ptr (inplace).
@@ -150,13 +156,16 @@ def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temper
                            active: torch.Tensor | None = None):
     """Launches the forward kernel. Returns fp32 ``(logp, lse, entropy or None)`` shaped like ``token_ids``.
 
-    ``active``: optional bool tensor shaped like ``token_ids``; rows where it is False read nothing and
-    get ``logp = lse = entropy = 0`` (for a loss that ignores them). None: every row is computed.
+    The launcher contract shared with the C++ backend (``gfpo_fast/cpu/logprobs.py``), driven by
+    :class:`gfpo_fast.logprobs.TokenLogprobsFunction`: ``logits`` ``[B, T, V]`` / ``[N, V]`` (no autograd),
+    ``token_ids`` shaped ``logits.shape[:-1]``; an id outside ``[0, V)`` is never dereferenced and gives a
+    NaN log-prob (the public ops raise before they launch). ``active``: optional bool tensor shaped like
+    ``token_ids``; rows where it is False read nothing (neither logits nor id) and get
+    ``logp = lse = entropy = 0`` (for a loss that ignores them). None: every row is computed.
     """
     x, ids = _as_rows(logits, token_ids)
     if active is not None:
-        if active.dtype != torch.bool or active.shape != token_ids.shape:
-            raise ValueError(f"active must be a bool tensor of shape {tuple(token_ids.shape)}")
+        require_row_mask("active", active, token_ids.shape)
         active = active.contiguous().view(torch.uint8)  # one byte per row, 0 or 1, indexed by row
     B, T, V = x.shape
     logp = torch.empty(token_ids.shape, dtype=torch.float32, device=x.device)
@@ -179,17 +188,19 @@ def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temper
 @eager_launch
 def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entropy=None, dentropy=None,
                             inplace=False) -> torch.Tensor:
-    """dL/dlogits from ``dlogp`` (and ``dentropy``), [N]-shaped like ``token_ids``.
+    """dL/dlogits from ``dlogp`` (and ``dentropy``), fp32 shaped like ``token_ids`` (None counts as zeros),
+    with the ``lse`` (and ``entropy``) of the forward launcher; shared contract with the C++ backend.
 
     ``inplace=True`` writes the gradient over ``logits`` and returns it (the caller must not need
-    the logits afterwards); otherwise a new tensor of the logits' shape and dtype is returned.
-    Rows whose ``dlogp`` (and ``dentropy``) is 0 get a zero gradient without reading their logits.
+    the logits afterwards; a strided vocab is first copied, and the copy is written); otherwise a new
+    tensor of the logits' shape and dtype is returned. Rows whose ``dlogp`` (and ``dentropy``) is 0 get a
+    zero gradient without reading their logits or id; a row with an id outside ``[0, V)`` gets NaN.
     """
     x, ids = _as_rows(logits, token_ids)
     B, T, V = x.shape
     grad = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     has_dentropy = dentropy is not None
-    dlogp = dlogp.float().contiguous()
+    dlogp = torch.zeros_like(lse) if dlogp is None else dlogp.float().contiguous()
     if has_dentropy:
         dentropy = dentropy.float().contiguous()
     block_v, num_warps = vocab_tile(V, x.device)
@@ -203,47 +214,3 @@ def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entro
                 BLOCK_V=block_v, HAS_DENTROPY=has_dentropy, num_warps=num_warps,
             )
     return grad.view(logits.shape) if logits.dim() == 2 else grad
-
-
-class TokenLogprobsFunction(torch.autograd.Function):
-    """Autograd for :func:`token_logprobs_triton`: saves the logits, ids and the fp32 lse (and entropy)."""
-
-    @staticmethod
-    def forward(ctx, logits, token_ids, temperature, return_entropy, inplace):
-        logp, lse, entropy = token_logprobs_forward(logits, token_ids, temperature, return_entropy)
-        ctx.save_for_backward(logits, token_ids, lse, entropy)
-        ctx.temperature, ctx.inplace = temperature, inplace
-        ctx.set_materialize_grads(False)  # an unused output (entropy) brings None, not a zeros tensor
-        return (logp, entropy) if return_entropy else logp
-
-    @staticmethod
-    def backward(ctx, dlogp, dentropy=None):
-        logits, token_ids, lse, entropy = ctx.saved_tensors
-        if dlogp is None and dentropy is None:
-            return None, None, None, None, None
-        if dlogp is None:
-            dlogp = torch.zeros_like(lse)
-        grad = token_logprobs_backward(logits, token_ids, lse, dlogp, ctx.temperature, entropy=entropy,
-                                       dentropy=dentropy, inplace=ctx.inplace)
-        return grad, None, None, None, None
-
-
-def token_logprobs_triton(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
-                          return_entropy: bool = False, inplace: bool = False):
-    """Log-probs of ``token_ids`` under ``softmax(logits / temperature)``, with the Triton kernels.
-
-    Args:
-        logits: ``[B, T, V]`` or ``[N, V]``, fp32, bf16 or fp16, any row strides.
-        token_ids: ``[B, T]`` or ``[N]`` int64/int32 ids in ``[0, V)``.
-        temperature: > 0, a run-time scalar (no recompile per value).
-        return_entropy: also return the entropies. They are differentiable (TRL's entropy bonus
-            back-propagates through them); unused, they cost nothing in backward.
-        inplace: backward overwrites ``logits`` with its gradient instead of allocating one; use it
-            only when nothing else needs the logits after this op (e.g. the lm_head output).
-
-    Returns:
-        fp32 ``logp`` shaped like ``token_ids``, or ``(logp, entropy)``. Equivalent to
-        :func:`gfpo_fast.logprobs.token_logprobs_ref` (``log_softmax(logits.float() / temperature)``
-        gathered at ``token_ids``) with autograd to ``logits``.
-    """
-    return TokenLogprobsFunction.apply(logits, token_ids, float(temperature), bool(return_entropy), bool(inplace))

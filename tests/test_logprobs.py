@@ -1,9 +1,11 @@
 """gf.token_logprobs on the torch reference: parity 1-2 (selective log-softmax, temperature), shapes,
 entropy, gradients and bad input. Fast backends are compared with it in tests/cpu and tests/kernels."""
+import bad_token_ids
 import pytest
 import torch
 
 import gfpo_fast as gf
+from gfpo_fast import backends
 
 
 def make(shape=(3, 5, 37), dtype=torch.float32, seed=0):
@@ -59,3 +61,11 @@ def test_bad_input(call, match):
     logits, ids = make()
     with pytest.raises(ValueError, match=match):
         call(logits, ids)
+
+
+@pytest.mark.parametrize("op,bad,where", bad_token_ids.CASES)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_out_of_range_ids_are_a_value_error(backend, op, bad, where):
+    if backend == "cpp" and not backends.cpp_status()[0]:
+        pytest.skip("the C++ extension is not built")
+    bad_token_ids.check_rejected(backend, torch.device("cpu"), op, bad, where)

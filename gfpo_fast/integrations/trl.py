@@ -84,8 +84,8 @@ with warnings.catch_warnings():  # TRL warns on every import of an experimental 
     from trl.experimental.gmpo import GMPOTrainer  # noqa: E402
 
 from ..advantages import gfpo_filter  # noqa: E402
-from ..fused_loss import fused_policy_loss  # noqa: E402
-from ..kernels.fused_linear import fused_linear_policy_loss  # noqa: E402
+from ..fused_linear import fused_linear_policy_loss  # noqa: E402
+from ..fused_policy_loss import fused_policy_loss  # noqa: E402
 from ..policy_loss import make_loss_config  # noqa: E402
 
 __all__ = ["SUPPORTED_TRL", "FastGMPOTrainer", "FastGRPOTrainer", "GFPOConfig", "GFPOTrainer", "patch"]

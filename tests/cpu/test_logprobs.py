@@ -1,12 +1,18 @@
 """C++ token_logprobs (csrc/logprobs.cpp) against the torch reference: forward and backward, fp32 / bf16 /
 fp16, ragged vocab sizes across the 2048-wide chunks, temperature, entropy with gradient, strided views,
 -inf and NaN logits, in-place backward and thread-count independence."""
+import functools
+
 import pytest
 import torch
 
 import gfpo_fast as gf
-from gfpo_fast.cpu.logprobs import kernel_logits, token_logprobs_cpp
-from gfpo_fast.logprobs import token_logprobs_ref
+from gfpo_fast.cpu import logprobs as cpp_launchers
+from gfpo_fast.cpu.logprobs import kernel_logits
+from gfpo_fast.logprobs import apply_token_logprobs, token_logprobs_ref
+
+# The C++ launchers under the one autograd layer, with the inplace option the public op does not expose.
+token_logprobs_cpp = functools.partial(apply_token_logprobs, cpp_launchers)
 
 # The reference's own float32 error grows with V (its entropy sums p z terms of both signs), so
 # tolerances are absolute at the scale of the values; test_more_accurate_than_float32_reference pins
@@ -181,7 +187,17 @@ def test_inplace_backward_overwrites_logits_with_the_gradient():
 def test_out_of_range_ids_are_rejected():
     logits, ids = make((2, 10))
     with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 10\)"):
-        token_logprobs_cpp(logits, ids + 10)
+        gf.token_logprobs(logits, ids + 10, backend="cpp")
+
+
+def test_launchers_never_dereference_an_out_of_range_id():
+    """Below the public check, an id outside [0, V) gives a NaN log-prob and a NaN gradient row, nothing read."""
+    logits, ids = make((4, 10))
+    ids[1], ids[2] = -100, 10
+    logp, lse, _ = cpp_launchers.token_logprobs_forward(logits, ids, 1.0, False)
+    assert torch.isnan(logp[1:3]).all() and torch.isfinite(logp[[0, 3]]).all() and torch.isfinite(lse).all()
+    grad = cpp_launchers.token_logprobs_backward(logits, ids, lse, torch.ones(4), 1.0)
+    assert torch.isnan(grad[1:3]).all() and torch.isfinite(grad[[0, 3]]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

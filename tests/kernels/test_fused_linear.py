@@ -1,4 +1,4 @@
-"""Fused-linear log-probs and policy loss (kernels/fused_linear.py) against the unchunked reference:
+"""Fused-linear log-probs and policy loss (gfpo_fast/fused_linear.py) against the unchunked reference:
 values and gradients for hidden, weight and bias, ragged chunks, entropy gradients, fp32 and bf16,
 per-token and per-sequence algorithms; the Triton chunk path (interpreter on CPU) and the torch one."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import gfpo_fast as gf
-from gfpo_fast.kernels.fused_linear import fused_linear_logprobs_ref, fused_linear_policy_loss_ref
+from gfpo_fast.fused_linear import fused_linear_logprobs_ref, fused_linear_policy_loss_ref
 from gfpo_fast.policy_loss import make_loss_config
 
 from ._helpers import INTERPRETER_NUMPY_WARNINGS, assert_close, assert_close_3way
@@ -115,7 +115,7 @@ def test_policy_loss_matches_reference(device, backend, spec):
 def test_policy_loss_skips_fully_masked_chunks(device, backend, monkeypatch):
     """Chunks with no unmasked token are neither projected nor differentiated: NaN hidden states there
     change nothing, their hidden gradient is exactly 0, and only the other chunks reach F.linear."""
-    from gfpo_fast.kernels import fused_linear
+    from gfpo_fast import fused_linear
 
     hidden, weight, bias, ids = make_inputs(device)
     mask = torch.ones(B, T, device=device)

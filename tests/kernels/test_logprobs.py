@@ -1,17 +1,22 @@
 """Triton token log-probs (kernels/logprobs.py) against the torch reference: values, entropies and
 gradients, fp32 / bf16 / fp16, strided and 2-D inputs, ragged vocab tiles, the in-place backward,
 skipped rows, and no recompilation across batch shapes. CPU runs use the interpreter (conftest.py)."""
+import functools
+
+import bad_token_ids
 import pytest
 import torch
 
 import gfpo_fast as gf
 from gfpo_fast.kernels import logprobs as lp_kernels
-from gfpo_fast.kernels.logprobs import token_logprobs_triton
-from gfpo_fast.logprobs import token_logprobs_ref
+from gfpo_fast.logprobs import apply_token_logprobs, token_logprobs_ref
 
 from ._helpers import INTERPRETER_NUMPY_WARNINGS, KernelRecorder, assert_close, assert_close_3way, compiled_variants
 
 pytestmark = INTERPRETER_NUMPY_WARNINGS
+
+# The Triton launchers under the one autograd layer, with the inplace option the public op does not expose.
+token_logprobs_triton = functools.partial(apply_token_logprobs, lp_kernels)
 
 B, T, V = 3, 5, 300  # V = 300 is three ragged 128-wide tiles under the interpreter
 
@@ -168,6 +173,23 @@ def test_inside_torch_compile(device):
         fn(x, 0.7).backward()
         grads.append(x.grad)
     assert_close(grads[0], grads[1], atol=0, name="grad")
+
+
+@pytest.mark.parametrize("op,bad,where", bad_token_ids.CASES)
+def test_out_of_range_ids_are_a_value_error(device, op, bad, where):
+    bad_token_ids.check_rejected("triton", device, op, bad, where)
+
+
+def test_launchers_never_dereference_an_out_of_range_id(device):
+    """Below the public check, an id outside [0, V) gives a NaN log-prob (its load is masked off) and a NaN
+    gradient row (not a gradient silently missing its one-hot term)."""
+    logits = torch.randn(4, V, device=device)
+    ids = torch.randint(0, V, (4,), device=device)
+    ids[1], ids[2] = -100, V
+    logp, lse, _ = lp_kernels.token_logprobs_forward(logits, ids, 1.0, False)
+    assert torch.isnan(logp[1:3]).all() and torch.isfinite(logp[[0, 3]]).all() and torch.isfinite(lse).all()
+    grad = lp_kernels.token_logprobs_backward(logits, ids, lse, torch.ones(4, device=device), 1.0)
+    assert torch.isnan(grad[1:3]).all() and torch.isfinite(grad[[0, 3]]).all()
 
 
 @pytest.mark.gpu

@@ -1,22 +1,25 @@
-"""Triton fused policy loss (kernels/policy_loss.py) against the torch reference composition
+"""fused_policy_loss on the Triton launchers (kernels/logprobs.py) against the torch reference composition
 (``fused_policy_loss_ref``): loss, metrics and logits gradient for every algorithm, loss type and
 importance-sampling level, KL, delta, vLLM IS ratios, fully masked rows, GFPO keep masks, bf16; masked
 tokens' logits are never read (NaN / inf there changes nothing) and the skip adds no per-shape compile.
 CPU runs use the interpreter (conftest.py)."""
+import functools
+
 import pytest
 import torch
 
 import gfpo_fast as gf
-from gfpo_fast.fused_loss import fused_policy_loss_ref
+from gfpo_fast.fused_policy_loss import fused_policy_loss_fast, fused_policy_loss_ref
 from gfpo_fast.logprobs import token_logprobs_ref
 from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES, make_loss_config
 from gfpo_fast.kernels import logprobs as lp_kernels
 from gfpo_fast.kernels.logprobs import token_logprobs_forward
-from gfpo_fast.kernels.policy_loss import fused_policy_loss_triton
 
 from ._helpers import INTERPRETER_NUMPY_WARNINGS, KernelRecorder, assert_close, assert_close_3way
 
 pytestmark = [INTERPRETER_NUMPY_WARNINGS, pytest.mark.filterwarnings("ignore:loss_type='(vespo|luspo)' is meant for")]
+
+fused_policy_loss_triton = functools.partial(fused_policy_loss_fast, lp_kernels)
 
 B, T, V = 4, 5, 300
 TEMPERATURE = 0.9

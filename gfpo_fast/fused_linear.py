@@ -1,9 +1,10 @@
 """Log-probs and the policy loss from hidden states and the lm_head weight, one chunk of tokens at a time.
 
 ``logits = hidden @ weight.T + bias`` is never held whole: each chunk of ``C = chunk_size`` tokens is
-projected (one cuBLAS GEMM), reduced by the log-prob kernel (:mod:`.logprobs`) to fp32 ``logp``,
-``lse`` (and ``entropy``) and dropped. Backward, per chunk: the logits are projected again, the
-backward kernel overwrites them with ``dlogits`` (in place, no second ``[C, V]`` buffer), then
+projected (one GEMM), reduced by a backend's forward log-prob launcher (:func:`gfpo_fast.logprobs.launchers`:
+Triton or C++) to fp32 ``logp``, ``lse`` (and ``entropy``) and dropped. Backward, per chunk: the logits are
+projected again, the backward launcher overwrites them with ``dlogits`` from the saved ``lse`` (in place,
+no second ``[C, V]`` buffer), then
 ``dhidden_c = dlogits @ weight``, ``dweight += dlogits.T @ hidden_c`` into an fp32 accumulator and
 ``dbias += sum_c dlogits``. The policy loss runs once on the ``[B, T]`` log-probs with the torch
 reference (:func:`gfpo_fast.policy_loss.policy_loss_ref`), so every algorithm, including the
@@ -20,23 +21,23 @@ Cost: 4 GEMMs of ``2 N V H`` FLOPs (forward, recomputed forward, two backward) i
 recompute is the price of never storing ``[N, V]``. Peak extra memory: one ``[C, V]`` logits chunk,
 the fp32 ``[V, H]`` weight-gradient accumulator (plus one ``[V, H]`` product in the weight dtype per
 chunk when that is not fp32) and O(N). Memory traffic of the log-prob part per logit: 2 bytes read
-forward, 2 read + 2 written backward, as in :mod:`.logprobs`, on a chunk that is still in L2 for
+forward, 2 read + 2 written backward, as in ``kernels/logprobs.py``, on a chunk that is still in L2 for
 small chunks.
 
-Backends: ``"triton"`` (CUDA, or the CPU interpreter) uses the kernels directly; otherwise each chunk
-goes through :func:`gfpo_fast.token_logprobs` (C++ or torch) and its autograd, still one chunk at a time.
-This module imports Triton only when the Triton backend runs, so ``gfpo_fast`` imports without it.
+Backends: ``"triton"`` (CUDA, or the CPU interpreter) and ``"cpp"`` (CPU) run the same chunk loop over their
+launchers; ``"torch"`` runs each chunk through the reference log-probs and, in backward, through autograd
+(the forward recomputed), still one chunk at a time. Triton is imported only when its backend runs, so
+``gfpo_fast`` imports without it.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from gfpo_fast import backends
-from gfpo_fast._checks import FLOAT_DTYPES, require_positive_int, require_same_device, require_tensor
-from gfpo_fast.fused_loss import LOSS_CONFIG_KEYS
-from gfpo_fast.logprobs import check_logits_and_ids, token_logprobs, token_logprobs_ref
-from gfpo_fast.policy_loss import check_loss_inputs, make_loss_config, policy_loss_ref
+from . import backends
+from ._checks import FLOAT_DTYPES, require_positive_int, require_same_device, require_tensor
+from .logprobs import check_logits_and_ids, launchers, token_logprobs_ref
+from .policy_loss import check_loss_inputs, loss_config_from, policy_loss_ref
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens: a [1024, 151936] bf16 chunk is 311 MB, enough rows to keep the GEMM efficient
 
@@ -74,35 +75,36 @@ def _chunks(n: int, chunk_size: int, active: torch.Tensor | None = None):
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd over ``[N, H]`` hidden states; saves the inputs and the fp32 per-token ``lse`` / entropy only.
 
+    ``fast``: a backend's log-prob launchers (:func:`gfpo_fast.logprobs.launchers`), or None for the torch
+    reference per chunk (whose backward recomputes the chunk's forward through autograd).
+
     ``active`` (bool ``[N]`` or None): chunks without an active token are skipped, forward (outputs 0) and
     backward (zero gradient, whatever ``dlogp`` says there); for a loss that ignores inactive tokens.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_ids, temperature, return_entropy, chunk_size, impl, active):
+    def forward(ctx, hidden, weight, bias, token_ids, temperature, return_entropy, chunk_size, fast, active):
         N = hidden.shape[0]
         chunks = _chunks(N, chunk_size, active)
         skipping = sum(rows.stop - rows.start for rows in chunks) < N
         # zeros, not empty, when chunks are skipped: their outputs must be finite for the loss's masking
         alloc = torch.zeros if skipping else torch.empty
         logp = alloc(N, dtype=torch.float32, device=hidden.device)
-        lse = alloc(N, dtype=torch.float32, device=hidden.device) if impl == "triton" else None
+        lse = None if fast is None else alloc(N, dtype=torch.float32, device=hidden.device)
         entropy = alloc(N, dtype=torch.float32, device=hidden.device) if return_entropy else None
         for rows in chunks:
             logits = F.linear(hidden[rows], weight, bias)  # [C, V], the only vocab-sized buffer
-            if impl == "triton":
-                from .logprobs import token_logprobs_forward
-
-                logp[rows], lse[rows], ent = token_logprobs_forward(logits, token_ids[rows], temperature,
-                                                                    return_entropy)
+            if fast is not None:
+                logp[rows], lse[rows], ent = fast.token_logprobs_forward(logits, token_ids[rows], temperature,
+                                                                         return_entropy)
             else:
-                out = token_logprobs(logits, token_ids[rows], temperature=temperature, return_entropy=return_entropy,
-                                     backend=impl)
+                out = token_logprobs_ref(logits, token_ids[rows], temperature=temperature,
+                                         return_entropy=return_entropy)
                 logp[rows], ent = out if return_entropy else (out, None)
             if return_entropy:
                 entropy[rows] = ent
         ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
-        ctx.temperature, ctx.impl, ctx.chunks, ctx.skipping = temperature, impl, chunks, skipping
+        ctx.temperature, ctx.fast, ctx.chunks, ctx.skipping = temperature, fast, chunks, skipping
         ctx.set_materialize_grads(False)
         return (logp, entropy) if return_entropy else logp
 
@@ -137,16 +139,16 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
 
 def _chunk_dlogits(ctx, logits, ids, lse, entropy, dlogp, dentropy, rows):
-    """dL/dlogits of one chunk, written over ``logits`` on the Triton path."""
+    """dL/dlogits of one chunk: from the saved ``lse`` and written over ``logits`` by a backend's launcher, or
+    on the torch path through autograd over the reference (its forward recomputed)."""
     dent = None if dentropy is None else dentropy[rows]
-    if ctx.impl == "triton":
-        from .logprobs import token_logprobs_backward
-
-        return token_logprobs_backward(logits, ids, lse[rows], dlogp[rows], ctx.temperature,
-                                       entropy=None if dent is None else entropy[rows], dentropy=dent, inplace=True)
+    if ctx.fast is not None:
+        return ctx.fast.token_logprobs_backward(logits, ids, lse[rows], dlogp[rows], ctx.temperature,
+                                                entropy=None if dent is None else entropy[rows], dentropy=dent,
+                                                inplace=True)
     with torch.enable_grad():
         z = logits.requires_grad_()
-        out = token_logprobs(z, ids, temperature=ctx.temperature, return_entropy=dent is not None, backend=ctx.impl)
+        out = token_logprobs_ref(z, ids, temperature=ctx.temperature, return_entropy=dent is not None)
         outputs, grads = ((out[0], out[1]), (dlogp[rows], dent)) if dent is not None else ((out,), (dlogp[rows],))
         (dlogits,) = torch.autograd.grad(outputs, z, grads)
     return dlogits
@@ -167,7 +169,8 @@ def _check_linear_inputs(hidden, weight, bias, token_ids, temperature, chunk_siz
     require_positive_int("chunk_size", chunk_size)
     require_same_device("hidden", hidden, weight=weight, bias=bias)
     # token_ids, temperature and the vocab size, as for logits [..., V] (a zero-stride stand-in: no allocation)
-    check_logits_and_ids(hidden[..., :1].expand(*hidden.shape[:-1], weight.shape[0]), token_ids, temperature)
+    check_logits_and_ids(hidden[..., :1].expand(*hidden.shape[:-1], weight.shape[0]), token_ids, temperature,
+                         vocab_of="weight")
 
 
 def fused_linear_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0, return_entropy=False,
@@ -198,8 +201,9 @@ def _linear_logprobs(hidden, weight, token_ids, bias, temperature, return_entrop
     _check_linear_inputs(hidden, weight, bias, token_ids, temperature, chunk_size)
     # The op is a chunk loop around token_logprobs: the backend is that of the per-chunk log-probs.
     impl = backends.select("token_logprobs", backend, hidden.device)
+    fast = None if impl == "torch" else launchers(impl)  # None: the torch reference per chunk
     out = FusedLinearLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1),
-                                            float(temperature), bool(return_entropy), chunk_size, impl,
+                                            float(temperature), bool(return_entropy), chunk_size, fast,
                                             None if active is None else active.reshape(-1))
     if return_entropy:
         return out[0].view(token_ids.shape), out[1].view(token_ids.shape)
@@ -219,10 +223,7 @@ def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, ma
     (:func:`fused_linear_policy_loss_ref`). Chunks whose tokens are all masked are not computed (zero
     gradient to their hidden states).
     """
-    unknown = set(loss_kwargs) - set(LOSS_CONFIG_KEYS)
-    if unknown:
-        raise TypeError(f"fused_linear_policy_loss got unexpected keyword arguments {sorted(unknown)}")
-    cfg = make_loss_config(**loss_kwargs)
+    cfg = loss_config_from("fused_linear_policy_loss", loss_kwargs)
     require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,))
     kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
                   num_items_in_batch=num_items_in_batch)

@@ -1,4 +1,4 @@
-"""C++ fused_policy_loss (gfpo_fast/cpu/policy_loss.py) against the reference composition
+"""fused_policy_loss on the C++ launchers (gfpo_fast/cpu/logprobs.py) against the reference composition
 (fused_policy_loss_ref): every algorithm, loss type and importance-sampling level, KL, delta, the vLLM
 IS ratio, masked and fully masked rows, fp32 / bf16, upstream-gradient scaling, no-grad, in-place and
 thread-count independence; masked tokens' logits are never read (NaN / inf there changes nothing)."""
@@ -114,11 +114,12 @@ def test_strided_logits_and_inplace():
     padded = torch.cat([inputs["logits"], torch.zeros(B, 1, V, dtype=torch.bfloat16)], dim=1)
     got = call("cpp", {**inputs, "logits": padded[:, :-1]}, kw)  # TRL's logits[:, :-1], read in place
     assert_same(got, expected)
-    from gfpo_fast.cpu.policy_loss import fused_policy_loss_cpp
+    from gfpo_fast.cpu import logprobs as cpp_launchers
+    from gfpo_fast.fused_policy_loss import fused_policy_loss_fast
     from gfpo_fast.policy_loss import make_loss_config
 
     x = inputs["logits"].clone().requires_grad_()
-    loss, _ = fused_policy_loss_cpp(make_loss_config(loss_type="dapo"), x, inputs["token_ids"], inputs["old_logp"],
+    loss, _ = fused_policy_loss_fast(cpp_launchers, make_loss_config(loss_type="dapo"), x, inputs["token_ids"], inputs["old_logp"],
                                     inputs["advantages"], inputs["mask"], temperature=0.9, inplace=True)
     loss.backward()
     torch.testing.assert_close(x.detach(), x.grad, atol=0, rtol=0)  # x now holds its own gradient
@@ -157,16 +158,15 @@ def test_masked_tokens_logits_are_not_read(kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_skips_inactive_rows(dtype):
-    """rows_forward with ``active``: inactive rows get exactly 0 for logp, lse and entropy whatever their
-    logits (NaN here, which any read would propagate); active rows are unchanged."""
-    from gfpo_fast.cpu.logprobs import LogitRows, kernel_logits, rows_forward
+    """The forward launcher with ``active``: inactive rows get exactly 0 for logp, lse and entropy whatever
+    their logits (NaN here, which any read would propagate); active rows are unchanged."""
+    from gfpo_fast.cpu.logprobs import token_logprobs_forward
 
     inputs = make_inputs(dtype)
-    active = (inputs["mask"] != 0).reshape(-1).contiguous()
-    x = kernel_logits(garbage_in_masked_tokens(inputs)["logits"])
-    ids = inputs["token_ids"].reshape(-1).contiguous()
-    skipped = rows_forward(LogitRows.of(x), ids, 0.9, True, active)
-    full = rows_forward(LogitRows.of(kernel_logits(inputs["logits"])), ids, 0.9, True)
+    active = inputs["mask"] != 0
+    ids = inputs["token_ids"]
+    skipped = token_logprobs_forward(garbage_in_masked_tokens(inputs)["logits"], ids, 0.9, True, active)
+    full = token_logprobs_forward(inputs["logits"], ids, 0.9, True)
     for got, expected in zip(skipped, full):
         assert torch.equal(got[~active], torch.zeros_like(got[~active]))
         assert torch.equal(got[active], expected[active])

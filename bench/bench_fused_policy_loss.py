@@ -23,7 +23,7 @@ import torch
 
 import gfpo_fast as gf
 from gfpo_fast.advantages import gfpo_filter_ref
-from gfpo_fast.fused_loss import fused_policy_loss_ref
+from gfpo_fast.fused_policy_loss import fused_policy_loss_ref
 from gfpo_fast.logprobs import token_logprobs_ref
 from gfpo_fast.policy_loss import make_loss_config, policy_loss_ref
 
@@ -74,7 +74,7 @@ def _liger(cfg, T: int):
         def run(x):
             loss, _ = triton_grpo_loss(
                 x["liger_logits"], x["old"], None, x["ids"], x["adv"], x["mask"], temperature=1.0, beta=cfg.beta,
-                eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high, inplace=False, loss_type=cfg.loss_type,
+                eps_low=cfg.epsilon, eps_high=cfg.epsilon_high, inplace=False, loss_type=cfg.loss_type,
                 max_completion_length=T, importance_sampling_level=cfg.importance_sampling_level, reduce=True)
             out, dlogits = grads(loss, [x["liger_logits"]])
             return out, dlogits[:, :-1]
@@ -114,7 +114,7 @@ def _case(group, x_name, x, variant, B, G, T, V, dtype, device, compile) -> Case
     gfpo = variant == "gfpo-half"
     dname = str(dtype).removeprefix("torch.")
     return Case(
-        family="policy_loss", group=group, x_name=x_name, x=x,
+        family="fused_policy_loss", group=group, x_name=x_name, x=x,
         shape={"variant": variant, "N": B * T, "B": B, "G": G, "T": T, "V": V, "dtype": dname, "mode": "fwd+bwd"},
         make_inputs=functools.partial(make_inputs, B, G, T, V, dtype, device, gfpo=gfpo,
                                       liger=any(i.name == LIGER and i.fn for i in impls)),
