@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from . import bench_advantages, bench_fused_linear, bench_logprobs, bench_fused_policy_loss, harness, report
+from . import bench_advantages, bench_fused_linear, bench_fused_policy_loss, bench_logprobs, harness, report
 
 FAMILIES = {
     "logprobs": bench_logprobs,

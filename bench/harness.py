@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import functools
 import gc
 import importlib
 import importlib.metadata
@@ -28,8 +29,9 @@ import platform
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -301,7 +303,7 @@ def _run_impls(case: Case, inputs: dict, device: torch.device, budget_s: float, 
             row.update(status="wrong", detail=f"normalised max error {err:.3g} vs the reference")
             log(f"  {impl.name:<36} WRONG ({row['detail']})")
             continue
-        call = lambda: impl.fn(inputs)  # noqa: E731
+        call = functools.partial(impl.fn, inputs)
         row.update(status="ok", **time_ms(call, device, budget_s), peak_mib=peak_memory_mib(call, device))
         if case.bytes_floor:
             row["gb_per_s"] = case.bytes_floor / row["median_ms"] / 1e6

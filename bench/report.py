@@ -82,7 +82,8 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
     add("GFPO keeping half of each group: time / unfiltered dapo", _ratio(variants["gfpo-half"], variants["dapo"]),
         "<= 0.55", lambda v: v <= 0.55)
     dapo = variants["dapo"]
-    half = dapo and _find(results, "fused_policy_loss", gf, "fused loss dapo", variant="dapo", N=dapo["shape"]["N"] // 2)
+    half = dapo and _find(results, "fused_policy_loss", gf, "fused loss dapo", variant="dapo",
+                          N=dapo["shape"]["N"] // 2)
     rows.append({"target": "for comparison: dapo on the kept half of the rows only (compacted) / unfiltered dapo",
                  "value": _ratio(half, dapo), "goal": "none", "unit": "x", "verdict": "information"})
     return rows

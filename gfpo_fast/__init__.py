@@ -25,7 +25,6 @@ Where each part lives, in import order (a module imports only from the layers ab
 5. Applications: ``train/`` (``python -m gfpo_fast.train``) and ``integrations/`` (TRL drop-ins).
 """
 from . import _checkout  # noqa: F401  (first: in a source checkout, wires in kernels/ and the built _C)
-
 from .advantages import gfpo_filter, group_advantages, reward_metrics
 from .backends import force_backend
 from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss

@@ -52,7 +52,8 @@ def _check_rewards(rewards, num_generations: int, *, allow_2d: bool) -> torch.Te
     require_positive_int("num_generations", num_generations)
     if rewards.shape[0] == 0 or rewards.shape[0] % num_generations != 0:
         raise ValueError(
-            f"rewards has {rewards.shape[0]} rows, which is not a positive multiple of num_generations={num_generations}"
+            f"rewards has {rewards.shape[0]} rows, which is not a positive multiple of "
+            f"num_generations={num_generations}"
         )
     return rewards
 
@@ -62,7 +63,8 @@ def _weights(reward_weights, num_funcs: int, device) -> torch.Tensor:
         return torch.ones(num_funcs, dtype=torch.float32, device=device)
     w = torch.as_tensor(reward_weights, dtype=torch.float32, device=device).reshape(-1)
     if w.numel() != num_funcs:
-        raise ValueError(f"reward_weights has {w.numel()} entries but rewards has {num_funcs} reward functions (columns)")
+        raise ValueError(f"reward_weights has {w.numel()} entries but rewards has {num_funcs} reward functions "
+                         "(columns)")
     return w
 
 
@@ -119,7 +121,8 @@ def gfpo_keep_mask(scores: torch.Tensor, num_generations: int, k: int) -> torch.
 
 
 def gfpo_filter_ref(
-    rewards: torch.Tensor, scores: torch.Tensor, num_generations: int, num_remains_in_group: int, *, scale_rewards="group"
+    rewards: torch.Tensor, scores: torch.Tensor, num_generations: int, num_remains_in_group: int, *,
+    scale_rewards="group"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 torch reference of :func:`gfpo_filter`."""
     G = num_generations

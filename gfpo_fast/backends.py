@@ -30,7 +30,7 @@ _forced: str | None = None
 _said: set = set()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpp_status() -> tuple[bool, str]:
     """(loaded, reason) for the compiled extension ``gfpo_fast._C``."""
     try:
@@ -40,7 +40,7 @@ def cpp_status() -> tuple[bool, str]:
     return True, ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_status() -> tuple[bool, str]:
     """(usable, reason) for Triton: installed, and a GPU driver or ``TRITON_INTERPRET=1``."""
     try:

@@ -124,11 +124,14 @@ def make_loss_config(**loss_kwargs) -> LossConfig:
         for name, default in [("importance_sampling_level", "token"), ("delta", None),
                               ("use_bias_correction_kl", False)]:
             if getattr(c, name) != default:
-                raise ValueError(f"algorithm='gmpo' does not use {name} (TRL's GMPO ignores it); got {getattr(c, name)!r}")
+                raise ValueError(f"algorithm='gmpo' does not use {name} (TRL's GMPO ignores it); "
+                                 f"got {getattr(c, name)!r}")
     elif c.loss_type == "vespo" and c.importance_sampling_level != "token":
-        warnings.warn("loss_type='vespo' is meant for importance_sampling_level='token' (TRL warns too)", stacklevel=3)
+        warnings.warn("loss_type='vespo' is meant for importance_sampling_level='token' (TRL warns too)",
+                      stacklevel=3)
     elif c.loss_type == "luspo" and c.importance_sampling_level != "sequence":
-        warnings.warn("loss_type='luspo' is meant for importance_sampling_level='sequence' (TRL warns too)", stacklevel=3)
+        warnings.warn("loss_type='luspo' is meant for importance_sampling_level='sequence' (TRL warns too)",
+                      stacklevel=3)
     floats = {name: float(getattr(c, name)) for name in (
         "beta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
         "vespo_lambda_neg")}
@@ -160,7 +163,8 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
         require_shape("advantages", advantages, (B, T), f"({B},) per sequence or ({B}, {T}) per token")
         if cfg.algorithm == "gmpo" or cfg.loss_type == "vespo":
             name = "algorithm='gmpo'" if cfg.algorithm == "gmpo" else "loss_type='vespo'"
-            raise ValueError(f"{name} needs one advantage per sequence: advantages of shape ({B},), got {tuple(advantages.shape)}")
+            raise ValueError(f"{name} needs one advantage per sequence: advantages of shape ({B},), "
+                             f"got {tuple(advantages.shape)}")
     for name, x in [("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy)]:
         if x is not None:
             require_tensor(name, x, ndim=(2,))
@@ -170,10 +174,12 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
     rho = importance_sampling_ratio
     if rho is not None:
         if cfg.algorithm == "gmpo":
-            raise ValueError("algorithm='gmpo' does not apply importance_sampling_ratio (TRL's GMPO ignores it); pass None")
+            raise ValueError("algorithm='gmpo' does not apply importance_sampling_ratio (TRL's GMPO ignores it); "
+                             "pass None")
         require_tensor("importance_sampling_ratio", rho, ndim=(1, 2))
         if tuple(rho.shape) not in ((B,), (B, 1), (B, T)):
-            raise ValueError(f"importance_sampling_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), got {tuple(rho.shape)}")
+            raise ValueError(f"importance_sampling_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), "
+                             f"got {tuple(rho.shape)}")
         if cfg.loss_type == "vespo" and tuple(rho.shape) != (B, T):
             raise ValueError("loss_type='vespo' folds a token-level importance_sampling_ratio into its weight: "
                              f"shape ({B}, {T}) (TRL refuses sequence-level modes with vespo)")

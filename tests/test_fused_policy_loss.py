@@ -15,7 +15,8 @@ def test_equals_composition():
     old = gf.token_logprobs(logits, ids, temperature=0.9) + 0.1 * torch.randn(B, T, generator=g)
     kw = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, ref_logp=old - 0.05)
     x1 = logits.clone().requires_grad_()
-    loss1, m1 = gf.fused_policy_loss(x1, ids, old, adv, mask, temperature=0.9, return_entropy=True, backend="torch", **kw)
+    loss1, m1 = gf.fused_policy_loss(x1, ids, old, adv, mask, temperature=0.9, return_entropy=True, backend="torch",
+                                     **kw)
     loss1.backward()
     x2 = logits.clone().requires_grad_()
     lp, ent = gf.token_logprobs(x2, ids, temperature=0.9, return_entropy=True, backend="torch")

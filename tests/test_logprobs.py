@@ -1,11 +1,12 @@
 """gf.token_logprobs on the torch reference: parity 1-2 (selective log-softmax, temperature), shapes,
 entropy, gradients and bad input. Fast backends are compared with it in tests/cpu and tests/kernels."""
-import bad_token_ids
 import pytest
 import torch
 
 import gfpo_fast as gf
 from gfpo_fast import backends
+
+import bad_token_ids
 
 
 def make(shape=(3, 5, 37), dtype=torch.float32, seed=0):
@@ -50,12 +51,12 @@ def test_flat_input_and_gradient():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda l, i: gf.token_logprobs(l, i[:, :4]), "token_ids must have shape"),
-    (lambda l, i: gf.token_logprobs(l, i.float()), "int64 or int32"),
-    (lambda l, i: gf.token_logprobs(l.long(), i), "dtype"),
-    (lambda l, i: gf.token_logprobs(l, i, temperature=0.0), "temperature"),
-    (lambda l, i: gf.token_logprobs(l[0, 0], i[0, 0]), "dimensions"),
-    (lambda l, i: gf.token_logprobs(l, i, backend="fast"), "backend"),
+    (lambda x, i: gf.token_logprobs(x, i[:, :4]), "token_ids must have shape"),
+    (lambda x, i: gf.token_logprobs(x, i.float()), "int64 or int32"),
+    (lambda x, i: gf.token_logprobs(x.long(), i), "dtype"),
+    (lambda x, i: gf.token_logprobs(x, i, temperature=0.0), "temperature"),
+    (lambda x, i: gf.token_logprobs(x[0, 0], i[0, 0]), "dimensions"),
+    (lambda x, i: gf.token_logprobs(x, i, backend="fast"), "backend"),
 ])
 def test_bad_input(call, match):
     logits, ids = make()

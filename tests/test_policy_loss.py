@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import gfpo_fast as gf
 from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES
+
 from spec_fixtures import ADVANTAGES, COMMON, LOGP, LOSS_TABLE, MASK, OLD_LOGP, REF_LOGP
 
 
@@ -19,7 +20,8 @@ def run(old_logp=OLD_LOGP, mask=MASK, advantages=ADVANTAGES, **kwargs):
     return loss.item(), lp.grad, {k: v.item() for k, v in metrics.items()}
 
 
-@pytest.mark.parametrize("kwargs,loss,gradsum,expected", [row[1:] for row in LOSS_TABLE], ids=[r[0] for r in LOSS_TABLE])
+@pytest.mark.parametrize("kwargs,loss,gradsum,expected", [row[1:] for row in LOSS_TABLE],
+                         ids=[r[0] for r in LOSS_TABLE])
 def test_trl_reference_table(kwargs, loss, gradsum, expected):
     value, grad, metrics = run(**kwargs)
     assert value == pytest.approx(loss, abs=1e-6)
@@ -51,7 +53,8 @@ def test_fully_masked_row():
     mask = MASK.clone()
     mask[3] = 0
     assert run(old_logp=None, mask=mask, loss_type="grpo", num_items_in_batch=9)[0] == pytest.approx(-0.25, abs=1e-6)
-    assert run(old_logp=None, mask=mask, loss_type="dapo", num_items_in_batch=9)[0] == pytest.approx(-0.388889, abs=1e-6)
+    loss = run(old_logp=None, mask=mask, loss_type="dapo", num_items_in_batch=9)[0]
+    assert loss == pytest.approx(-0.388889, abs=1e-6)
     value, grad, _ = run(old_logp=None, mask=mask, algorithm="gmpo")
     assert value == pytest.approx(-(1.0 - 0.5 + 0.5 + (-1.0)) / 4, abs=1e-6)
     assert torch.all(grad[3] == 0)
@@ -145,7 +148,8 @@ def test_gmpo_equals_gspo_grpo_when_nothing_clips(seed, beta):
     # No fully masked rows: GMPO gives such a row -A_i (log W = 0), grpo gives it 0 (parity 19).
     lp, old, ref, mask, adv, _ = random_batch(seed, spread=0.05, min_len=1)
     outs = []
-    for kw in (dict(algorithm="gmpo", epsilon=0.5), dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.5)):
+    for kw in (dict(algorithm="gmpo", epsilon=0.5),
+               dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.5)):
         x = lp.clone().requires_grad_()
         loss, m = gf.policy_loss(x, old, adv, mask, beta=beta, ref_logp=ref, **kw)
         loss.backward()
@@ -158,7 +162,8 @@ def test_gmpo_equals_gspo_grpo_when_nothing_clips(seed, beta):
 # cispo's capped ratio and vespo's phi are stop-gradients by definition (finite differences see them
 # move): their gradients are checked against closed forms in test_cispo_* and test_vespo_*.
 GRADCHECK_CASES = [dict(loss_type=lt) for lt in LOSS_TYPES if lt not in ("cispo", "vespo")] + [
-    dict(loss_type=lt, importance_sampling_level=lvl) for lt in ("grpo", "dapo", "luspo") for lvl in ("sequence", "sequence_token")
+    dict(loss_type=lt, importance_sampling_level=lvl)
+    for lt in ("grpo", "dapo", "luspo") for lvl in ("sequence", "sequence_token")
 ] + [dict(loss_type="dapo", beta=0.1, use_bias_correction_kl=True), dict(loss_type="grpo", delta=1.1, beta=0.1),
      dict(loss_type="dapo", rho=True), dict(loss_type="sapo", rho=True), dict(loss_type="grpo", rho=True),
      dict(algorithm="gmpo"), dict(algorithm="gmpo", epsilon=0.05, beta=0.1)]
@@ -246,7 +251,8 @@ def test_gmpo_needs_sequence_advantages():
         gf.policy_loss(LOGP, OLD_LOGP, torch.ones(4, 4), MASK, algorithm="gmpo")
 
 
-@pytest.mark.parametrize("kwargs", [dict(loss_type="dapo"), dict(loss_type="grpo", importance_sampling_level="sequence"),
+@pytest.mark.parametrize("kwargs", [dict(loss_type="dapo"),
+                                    dict(loss_type="grpo", importance_sampling_level="sequence"),
                                     dict(algorithm="gmpo"), dict(loss_type="vespo")])
 def test_masked_tokens_with_non_finite_logprobs_do_not_leak(kwargs):
     """Padding positions may hold -inf log-probs; masked entries contribute exactly 0 (TRL would give NaN)."""

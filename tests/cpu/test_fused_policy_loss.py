@@ -119,7 +119,8 @@ def test_strided_logits_and_inplace():
     from gfpo_fast.policy_loss import make_loss_config
 
     x = inputs["logits"].clone().requires_grad_()
-    loss, _ = fused_policy_loss_fast(cpp_launchers, make_loss_config(loss_type="dapo"), x, inputs["token_ids"], inputs["old_logp"],
+    loss, _ = fused_policy_loss_fast(cpp_launchers, make_loss_config(loss_type="dapo"), x, inputs["token_ids"],
+                                     inputs["old_logp"],
                                     inputs["advantages"], inputs["mask"], temperature=0.9, inplace=True)
     loss.backward()
     torch.testing.assert_close(x.detach(), x.grad, atol=0, rtol=0)  # x now holds its own gradient

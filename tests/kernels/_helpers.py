@@ -6,7 +6,8 @@ import torch
 
 # The interpreter runs tl ops as numpy ops, which warn on the NaN / inf that the kernels produce on
 # purpose (masked lanes, 0/0 = NaN for an empty group's mean).
-INTERPRETER_NUMPY_WARNINGS = pytest.mark.filterwarnings("ignore:(invalid value|overflow|divide by zero|All-NaN slice) encountered")
+INTERPRETER_NUMPY_WARNINGS = pytest.mark.filterwarnings(
+    "ignore:(invalid value|overflow|divide by zero|All-NaN slice) encountered")
 
 
 def assert_close(actual, expected, *, atol, rtol=0.0, name="value"):

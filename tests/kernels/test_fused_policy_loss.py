@@ -10,10 +10,10 @@ import torch
 
 import gfpo_fast as gf
 from gfpo_fast.fused_policy_loss import fused_policy_loss_fast, fused_policy_loss_ref
-from gfpo_fast.logprobs import token_logprobs_ref
-from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES, make_loss_config
 from gfpo_fast.kernels import logprobs as lp_kernels
 from gfpo_fast.kernels.logprobs import token_logprobs_forward
+from gfpo_fast.logprobs import token_logprobs_ref
+from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES, make_loss_config
 
 from ._helpers import INTERPRETER_NUMPY_WARNINGS, KernelRecorder, assert_close, assert_close_3way
 

@@ -3,7 +3,6 @@ gradients, fp32 / bf16 / fp16, strided and 2-D inputs, ragged vocab tiles, the i
 skipped rows, and no recompilation across batch shapes. CPU runs use the interpreter (conftest.py)."""
 import functools
 
-import bad_token_ids
 import pytest
 import torch
 
@@ -11,6 +10,7 @@ import gfpo_fast as gf
 from gfpo_fast.kernels import logprobs as lp_kernels
 from gfpo_fast.logprobs import apply_token_logprobs, token_logprobs_ref
 
+import bad_token_ids
 from ._helpers import INTERPRETER_NUMPY_WARNINGS, KernelRecorder, assert_close, assert_close_3way, compiled_variants
 
 pytestmark = INTERPRETER_NUMPY_WARNINGS
