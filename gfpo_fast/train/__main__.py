@@ -1,8 +1,19 @@
 """``python -m gfpo_fast.train``: a lean GRPO-family RL loop on accelerate and gfpo-fast's fused ops.
 
-One step: sample prompts -> generate G completions each -> score them -> GFPO filter (dropped
-completions are removed before the policy forward: compaction) -> group-relative advantages -> loss
-with ``gfpo_fast.fused_policy_loss`` (Triton on CUDA, C++ or torch on the CPU) -> backward -> step.
+``train()`` sets up once, then loops over one generation batch per step, in phases that are plain
+functions of this module, each timed under its name (``time/<name>`` in the metrics):
+
+    generate          G completions per prompt                                 -> Rollout
+    reward            score them; gather every process's rewards                -> Scores
+    advantages        group-relative advantages; GFPO keeps k per group and the
+                      dropped rows leave before any forward (compaction)        -> Batch (make_batch)
+    old_ref_logprobs  no-grad old / reference log-probs, vLLM's IS ratio, when needed
+    policy_forward    model and ``gfpo_fast.fused_policy_loss`` forward per micro-batch  (accumulate_gradients)
+    backward          its backward
+    optimizer         clip, step, schedule                                      (optimizer_step)
+
+then ``step_metrics`` (one host read) and a checkpoint every ``save_steps``. The loss is
+``gfpo_fast.fused_policy_loss`` (Triton on CUDA, C++ or torch on the CPU).
 It is on-policy by default (``num_iterations=1``): the ratio is 1 in value and the loss is the
 clipped surrogate's plain policy gradient, exactly as TRL computes it without old log-probs. The G
 completions of a prompt share its forward pass: each distinct prompt is prefilled once for generation
@@ -28,15 +39,22 @@ accumulation (the loss is already normalised by TRL's rules), so DeepSpeed runs 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import signal
 import sys
-from contextlib import nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
 
 import gfpo_fast as gf
 from gfpo_fast.advantages import weighted_rewards
@@ -46,14 +64,86 @@ from .config import TrainConfig, parse_args
 from .data import PromptSampler, arithmetic_dataset, load_local_dataset, prompt_token_ids
 from .evaluation import evaluate
 from .filters import GroupFilter
-from .generation import VLLMColocate, eos_token_ids, generate_transformers
+from .generation import Rollout, VLLMColocate, eos_token_ids, generate_transformers
 from .models import load_model_and_tokenizer, resolve_model_path
 from .prefix import cache_name, left_padded_positions, prompt_cache
 from .reporting import Reporter, StepTimer, peak_memory_gb
 from .rewards import RewardFunctionError, as_completions, build_reward_funcs, score
 
 
-# ----------------------------------------------------------------------------- small helpers
+# ----------------------------------------------------------------------------- what flows through a step
+@dataclass
+class Scores:
+    """The generation batch of every process, scored: ``N = B * num_processes`` rows, each group's ``G`` adjacent."""
+
+    rewards: torch.Tensor  # (N, F) float32, one column per reward function; NaN where it returned None
+    lengths: torch.Tensor  # (N,) long, completion tokens up to and including the first EOS
+    truncated: torch.Tensor  # (N,) bool, no EOS within max_completion_length
+    completions: list  # this process's B completions as the reward functions got them (text or messages)
+    logged: dict[str, float]  # what the reward functions logged with log_metric (this process)
+
+
+@dataclass
+class Batch:
+    """The rows of one step that enter the loss on this process (GFPO's dropped rows are gone).
+
+    ``B`` kept rows, ``P`` prompt columns (left-padded), ``T`` completion columns (right-padded); columns
+    that are padding in every row are trimmed. ``batch[s]`` is the micro-batch of rows ``s`` (a slice):
+    every per-row field is sliced, ``None`` fields stay ``None``, ``num_items`` is the step's.
+    """
+
+    prompt_ids: torch.Tensor  # (B, P) long
+    prompt_mask: torch.Tensor  # (B, P) long, 1 on prompt tokens
+    completion_ids: torch.Tensor  # (B, T) long
+    completion_mask: torch.Tensor  # (B, T) long, 1 on loss tokens (0 on truncated rows with mask_truncated_completions)
+    advantages: torch.Tensor  # (B,) float32
+    num_items: torch.Tensor  # () loss tokens over every process: the dapo / cispo / vespo normaliser
+    sampling_logp: torch.Tensor | None = None  # (B, T) float32, the vLLM engine's log-probs of the sampled tokens
+    old_logp: torch.Tensor | None = None  # (B, T) float32, the policy before this step's updates (old_and_ref_logprobs)
+    ref_logp: torch.Tensor | None = None  # (B, T) float32, the reference model (beta != 0)
+    is_ratio: torch.Tensor | None = None  # (B,) float32, vLLM's sequence importance-sampling ratio
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def __getitem__(self, rows: slice) -> Batch:
+        per_row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_items"}
+        return dataclasses.replace(self, **{k: None if v is None else v[rows] for k, v in per_row.items()})
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The Accelerator: bf16 mixed precision on a GPU unless ``cfg.bf16`` says otherwise; ``cpu=True`` without one.
+
+    Decided before the Accelerator exists (mixed precision is fixed at construction). Without a GPU the
+    Accelerator is told cpu=True: otherwise ``accelerate launch --num_processes 2`` on a CPU machine starts two
+    unconnected single-process runs (DistributedType.NO, each one "main") instead of one gloo group.
+    """
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu
+    if bf16 and not on_gpu:
+        raise ValueError("bf16=True on the CPU: without AVX512-BF16/AMX it is ~20x slower than float32; "
+                         "leave bf16 unset (or false) here")
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu)
+    if accelerator.distributed_type.value == "DEEPSPEED" and cfg.gradient_accumulation_steps > 1:
+        raise ValueError("gradient_accumulation_steps > 1 under DeepSpeed: its engine steps the optimizer on every "
+                         "backward, so the micro-batches would each take a step; use gradient_accumulation_steps=1 "
+                         "with a larger per_device_train_batch_size, or DDP / FSDP")
+    return accelerator
+
+
+def load_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """``(train_rows, eval_rows)`` of the embedded arithmetic task or of local files (sizes: ``cfg.eval_split()``)."""
+    held_out, num_eval = cfg.eval_split()
+    if cfg.dataset_name == "arithmetic":
+        train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, held_out,
+                                                   max_operand=cfg.arithmetic_max_operand, ops=cfg.arithmetic_ops)
+    else:
+        train_rows = load_local_dataset(cfg.dataset_name)
+        eval_rows = load_local_dataset(cfg.eval_dataset_name) if cfg.eval_dataset_name else []
+    return train_rows, eval_rows[:num_eval]
+
+
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with torch's fused kernel (one pass over all parameters; CPU and CUDA, fp32/bf16/fp16)."""
     return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
@@ -74,6 +164,57 @@ def make_scheduler(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.Lamb
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def checkpoint_state(step: int, optimizer, scheduler, sampler: PromptSampler, group_filter: GroupFilter | None) -> dict:
+    """What a checkpoint holds besides the model and the RNG states (``restore`` reads it back)."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+            "sampler": sampler.state_dict(),
+            "group_filter": None if group_filter is None else group_filter.state_dict()}
+
+
+def restore(checkpoint: Path | None, rank: int, seed: int, optimizer, scheduler, sampler: PromptSampler,
+            group_filter: GroupFilter | None) -> int:
+    """Loads ``checkpoint``'s trainer state and this process's RNG state; returns the step to start from.
+
+    A new run (``checkpoint`` None), or a resume on more processes than the checkpoint had, seeds every
+    process apart instead (``seed + rank + step``): different sampling on every rank; the prompt order is
+    seeded apart (``PromptSampler``).
+    """
+    step, rng = 0, None
+    if checkpoint is not None:
+        state, rng = ckpt.load_checkpoint(checkpoint, rank)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        if group_filter is not None:
+            group_filter.load_state_dict(state["group_filter"])
+        step = state["step"]
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    else:
+        set_seed(seed + rank + step)
+    return step
+
+
+@contextmanager
+def stop_on_signal(reporter: Reporter) -> Iterator[threading.Event]:
+    """While open, SIGINT / SIGTERM set the yielded flag (the loop checkpoints after the step and stops);
+    a second signal stops at once (the last checkpoint stays intact). The old handlers come back on exit."""
+    requested = threading.Event()
+
+    def on_signal(signum, frame):
+        requested.set()
+        signal.signal(signum, signal.SIG_DFL)
+        reporter.print(f"{signal.Signals(signum).name}: writing a checkpoint after this step (again to abort)")
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- model calls
 def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
     """Drops prompt columns that are padding in every row (left) and completion columns likewise (right).
 
@@ -104,59 +245,191 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
 
 
 def micro_batches(n: int, parts: int) -> list[slice]:
+    """``parts`` consecutive slices covering ``range(n)`` (the last may be shorter)."""
     size = math.ceil(n / parts)
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 @torch.no_grad()
-def batch_logprobs(model, batch: dict, cfg: TrainConfig, share_prompts: bool) -> torch.Tensor:
+def batch_logprobs(model, batch: Batch, cfg: TrainConfig, share_prompts: bool) -> torch.Tensor:
     """No-grad per-token log-probs ``(B, T)`` of ``batch`` under ``model`` (old or reference policy)."""
     out = []
-    for s in micro_batches(batch["completion_ids"].shape[0], cfg.gradient_accumulation_steps):
-        logits = completion_logits(model, batch["prompt_ids"][s], batch["prompt_mask"][s], batch["completion_ids"][s],
-                                   batch["completion_mask"][s], share_prompts)
-        out.append(gf.token_logprobs(logits, batch["completion_ids"][s], temperature=cfg.temperature))
+    for s in micro_batches(len(batch), cfg.gradient_accumulation_steps):
+        mb = batch[s]
+        logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
+                                   share_prompts)
+        out.append(gf.token_logprobs(logits, mb.completion_ids, temperature=cfg.temperature))
     return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- the phases of a step
+def generate(model, tokenizer, vllm: VLLMColocate | None, prompts: list[list[int]], cfg: TrainConfig,
+           eos_ids: list[int], step: int, device) -> Rollout:
+    """One sampled completion per prompt id list (the caller repeats each prompt G times), from transformers'
+    ``generate`` on the unwrapped policy or from the vLLM engine after a weight sync."""
+    kwargs = dict(max_new_tokens=cfg.max_completion_length, do_sample=True, temperature=cfg.temperature,
+                  top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos_ids)
+    if vllm is None:
+        return generate_transformers(model, tokenizer, prompts, **kwargs)
+    vllm.sync_weights(model, step)
+    return vllm.generate(prompts, pad_id=tokenizer.pad_token_id, device=device, **kwargs)
+
+
+def score_rollout(ro: Rollout, rows: list[dict], tokenizer, reward_names: list[str], reward_funcs: list,
+                  trainer_state, accelerator) -> Scores:
+    """Scores this process's completions (``rows``: the dataset row of each) with every reward function, then
+    gathers rewards, lengths and truncation flags: every process sees the whole generation batch."""
+    completion_ids = ro.completion_lists()  # host sync
+    completions = as_completions(tokenizer.batch_decode(completion_ids, skip_special_tokens=True), rows)
+    logged = {}
+    rewards = score(reward_funcs, reward_names, rows, completions, completion_ids, trainer_state, logged)  # (B, F)
+    return Scores(rewards=accelerator.gather(rewards.to(accelerator.device)),
+                  lengths=accelerator.gather(ro.completion_mask.sum(1)), truncated=accelerator.gather(ro.truncated),
+                  completions=completions, logged=logged)
+
+
+def make_batch(ro: Rollout, scores: Scores, group_filter: GroupFilter | None, cfg: TrainConfig,
+                     accelerator) -> tuple[Batch, torch.Tensor]:
+    """Group-relative advantages of the whole generation batch, and this process's ``Batch`` of the rows that train.
+
+    Without a group filter every row trains. With GFPO the filter keeps ``k`` rows per group, their advantages
+    come from the kept rows only, and the dropped rows leave the batch here (compaction), before any forward.
+    Returns the batch and ``keep`` ``(N,)`` bool over every process's rows. Host syncs: the kept rows, the trim.
+    """
+    if group_filter is not None:
+        texts = gather_object(scores.completions) if group_filter.user_func is not None else []
+        advantages, keep = group_filter(weighted_rewards(scores.rewards, cfg.reward_weights), scores.lengths, texts)
+    else:
+        advantages = gf.group_advantages(scores.rewards, cfg.num_generations, reward_weights=cfg.reward_weights,
+                                         scale_rewards=cfg.scale_rewards)  # (N,)
+        keep = torch.ones_like(advantages, dtype=torch.bool)
+    B, rank = len(scores.completions), accelerator.process_index
+    mine = slice(rank * B, (rank + 1) * B)
+    kept = keep[mine].nonzero().squeeze(1)  # host sync; (B_kept,) local row indices
+    completion_mask = ro.completion_mask
+    if cfg.mask_truncated_completions:
+        completion_mask = completion_mask * ~ro.truncated[:, None]
+    p_ids, p_mask, c_ids, c_mask = trim_padding(ro.prompt_ids[kept], ro.prompt_mask[kept], ro.completion_ids[kept],
+                                                completion_mask[kept])
+    sampling_logp = None if ro.sampling_logp is None else ro.sampling_logp[kept][:, :c_ids.shape[1]]
+    num_items = accelerator.gather(c_mask.sum()).sum()
+    batch = Batch(p_ids, p_mask, c_ids, c_mask, advantages[mine][kept], num_items, sampling_logp=sampling_logp)
+    return batch, keep
+
+
+def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share_prompts: bool) -> Batch:
+    """``batch`` with the no-grad inputs of the loss that the configuration needs, each computed only then.
+
+    * ``old_logp`` ``(B, T)``: the policy before this batch's updates, for ``num_iterations > 1`` (and for the
+      vLLM ratio below; on-policy, ``num_iterations == 1``, it is dropped again: the ratio is 1 in value).
+    * ``ref_logp`` ``(B, T)``: the reference model, for ``beta != 0``.
+    * ``is_ratio`` ``(B,)``: with vLLM sampling, ``exp(sum_t (old_logp - sampling_logp))`` over each row's loss
+      tokens, 0 above ``vllm_importance_sampling_cap`` (TRL's default ``sequence_mask``: sequences far off the
+      trainer's policy are dropped).
+    """
+    vllm = batch.sampling_logp is not None
+    old_logp = batch_logprobs(model, batch, cfg, share_prompts) if cfg.num_iterations > 1 or vllm else None
+    ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts) if ref_model is not None else None
+    is_ratio = None
+    if vllm:
+        is_ratio = torch.exp(((old_logp - batch.sampling_logp) * batch.completion_mask).sum(1))  # (B,)
+        is_ratio = torch.where(is_ratio > cfg.vllm_importance_sampling_cap, 0.0, is_ratio)
+        if cfg.num_iterations == 1:
+            old_logp = None
+    return dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
+
+
+def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dict, accelerator, share_prompts: bool,
+                         timer: StepTimer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward of the loss on ``gradient_accumulation_steps`` micro-batches; gradients add up in ``.grad``.
+
+    Returns the summed loss (0-dim) and the loss metrics averaged over the micro-batches (0-dim; no host sync).
+    Times ``policy_forward`` (the model and the loss's forward) and ``backward`` on ``timer``.
+    """
+    parts = micro_batches(len(batch), cfg.gradient_accumulation_steps)
+    loss_sum, metrics = torch.zeros((), device=accelerator.device), {}
+    for j, s in enumerate(parts):
+        mb = batch[s]
+        # The loss is normalised by TRL's rules already (GA and process count included), so no accelerate
+        # accumulation: skip the gradient all-reduce until the last micro-batch.
+        with accelerator.no_sync(model) if j < len(parts) - 1 else nullcontext():
+            with timer("policy_forward"):
+                with accelerator.autocast():
+                    logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                               mb.completion_mask, share_prompts)  # (b, T, V)
+                loss, m = gf.fused_policy_loss(logits, mb.completion_ids, mb.old_logp, mb.advantages,
+                                               mb.completion_mask, temperature=cfg.temperature, ref_logp=mb.ref_logp,
+                                               importance_sampling_ratio=mb.is_ratio, num_items_in_batch=mb.num_items,
+                                               **loss_kwargs)
+            with timer("backward"):
+                accelerator.backward(loss)
+        loss_sum += loss.detach()
+        for k, v in m.items():
+            metrics[k] = metrics.get(k, 0.0) + v.detach() / len(parts)
+    return loss_sum, metrics
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, accelerator) -> torch.Tensor:
+    """Clips the gradient norm (``max_grad_norm`` 0: off), steps the optimizer and the schedule, clears the
+    gradients. Returns the norm before clipping (0-dim; 0 when clipping is off)."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 \
+        else torch.zeros((), device=accelerator.device)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def step_metrics(scores: Scores, keep: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor,
+                 loss_metrics: dict[str, torch.Tensor], stop_requested: bool, *, step: int, lr: float,
+                 reward_names: list[str], cfg: TrainConfig, accelerator, timer: StepTimer) -> tuple[dict, bool]:
+    """The step's metrics row (plain numbers, the JSONL schema), and whether any process asked to stop.
+
+    The per-process values (loss, gradient norm, loss metrics, the stop request) are averaged over processes
+    in one reduce; the reward and length statistics come from the gathered ``scores``, the same everywhere.
+    Then one host read for all of them.
+    """
+    lengths = scores.lengths.float()  # (N,)
+    rewards = gf.reward_metrics(scores.rewards, cfg.num_generations, reward_weights=cfg.reward_weights,
+                                scale_rewards=cfg.scale_rewards, reward_names=reward_names)
+    completions = {"completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
+                   "completions/clipped_ratio": scores.truncated.float().mean(),
+                   "completions/kept_fraction": keep.float().mean(),
+                   "completions/kept_mean_length": (lengths * keep).sum() / keep.sum(), "num_tokens": lengths.sum()}
+    per_process = {"loss": loss, "grad_norm": grad_norm, **loss_metrics,
+                   "stop": torch.tensor(float(stop_requested), device=accelerator.device)}
+    reduced = accelerator.reduce(torch.stack([v.float() for v in per_process.values()]), reduction="mean")
+    same = torch.stack([v.float() for v in (*rewards.values(), *completions.values())])
+    values = iter(torch.cat([reduced, same]).tolist())  # host sync
+    per_process = {k: next(values) for k in per_process}
+    rewards, completions = {k: next(values) for k in rewards}, {k: next(values) for k in completions}
+    stop = per_process.pop("stop") > 0
+    metrics = {**scores.logged, **rewards}
+    if "accuracy" in reward_names:
+        metrics["accuracy"] = metrics["rewards/accuracy/mean"]
+    metrics.update({"step": step, "lr": lr, **per_process, **completions})
+    metrics["completions/max_length"] = int(metrics["completions/max_length"])
+    metrics["num_tokens"] = int(metrics["num_tokens"])
+    metrics.update(timer.metrics())
+    metrics["tokens_per_s"] = metrics["num_tokens"] / metrics["time/step"]
+    metrics["memory/peak_gb"] = peak_memory_gb(accelerator.device)
+    return metrics, stop
 
 
 # ----------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
     """Runs training as configured; returns a summary: file paths, eval results and the trained ``policy``."""
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
     from transformers import TrainerState
 
-    # Decided before the Accelerator exists (mixed precision is fixed at construction). Without a GPU the
-    # Accelerator is told cpu=True: otherwise `accelerate launch --num_processes 2` on a CPU machine starts two
-    # unconnected single-process runs (DistributedType.NO, each one "main") instead of one gloo group.
-    on_gpu = torch.cuda.is_available()
-    bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu
-    if bf16 and not on_gpu:
-        raise ValueError("bf16=True on the CPU: without AVX512-BF16/AMX it is ~20x slower than float32; "
-                         "leave bf16 unset (or false) here")
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu)
-    if accelerator.distributed_type.value == "DEEPSPEED" and cfg.gradient_accumulation_steps > 1:
-        raise ValueError("gradient_accumulation_steps > 1 under DeepSpeed: its engine steps the optimizer on every "
-                         "backward, so the micro-batches would each take a step; use gradient_accumulation_steps=1 "
-                         "with a larger per_device_train_batch_size, or DDP / FSDP")
-    rank, world, G = accelerator.process_index, accelerator.num_processes, cfg.num_generations
-    device = accelerator.device
+    # ---- setup: accelerator, data, rewards, models, optimizer, resume state, generation engine, reporting
+    accelerator = make_accelerator(cfg)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    G = cfg.num_generations
     set_seed(cfg.seed)
-
-    # ---- data
-    held_out, num_eval = cfg.eval_split()
-    if cfg.dataset_name == "arithmetic":
-        train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, held_out,
-                                                   max_operand=cfg.arithmetic_max_operand, ops=cfg.arithmetic_ops)
-    else:
-        train_rows = load_local_dataset(cfg.dataset_name)
-        eval_rows = load_local_dataset(cfg.eval_dataset_name) if cfg.eval_dataset_name else []
-    eval_rows = eval_rows[:num_eval]
+    train_rows, eval_rows = load_rows(cfg)
     reward_names, reward_funcs = build_reward_funcs(cfg.reward_funcs, cfg.max_completion_length)
     group_filter = GroupFilter(cfg.group_filter, G, cfg.num_remains_in_group, adaptive=cfg.adaptive_difficulty,
                                scale_rewards=cfg.scale_rewards) if cfg.algorithm == "gfpo" else None
-
-    # ---- model, optimizer, resume state
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
     model, tokenizer = load_model_and_tokenizer(str(resume / "model") if resume else cfg.model_name_or_path,
                                                 cfg.dtype, cfg.gradient_checkpointing)
@@ -172,19 +445,7 @@ def train(cfg: TrainConfig) -> dict:
     share_prompts = not cfg.gradient_checkpointing and (dist == "NO" or dist.startswith("MULTI_"))
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
     sampler = PromptSampler(len(train_rows), cfg.seed)
-    step, rng = 0, None
-    if resume:
-        state, rng = ckpt.load_checkpoint(resume, rank)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        if group_filter is not None:
-            group_filter.load_state_dict(state["group_filter"])
-        step = state["step"]
-    if rng is not None:
-        ckpt.set_rng_state(rng)
-    else:  # a new run, or a resume on more ranks than the checkpoint had
-        set_seed(cfg.seed + rank + step)  # different sampling on every rank; the prompt order is seeded apart
+    step = restore(resume, rank, cfg.seed, optimizer, scheduler, sampler, group_filter)
 
     out_dir = Path(cfg.output_dir)
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -201,159 +462,56 @@ def train(cfg: TrainConfig) -> dict:
                             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
         accelerator.wait_for_everyone()
     loss_kwargs = cfg.loss_kwargs(world)
-    trainer_state = TrainerState(global_step=step, max_steps=cfg.max_steps)
+    trainer_state = TrainerState(global_step=step, max_steps=cfg.max_steps)  # the reward functions' trainer_state
     reporter = Reporter(cfg.output_dir, accelerator.is_main_process, step, cfg.max_steps, cfg.logging_steps)
-    evals = {}
-
-    def run_eval(tag: str) -> None:
-        if cfg.do_eval and eval_rows:
-            result = evaluate(model, tokenizer, eval_rows, eval_prompts, cfg, accelerator, reward_names, reward_funcs,
-                              eos_ids)
-            evals[tag] = result
-            reporter.print(f"eval {tag}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items()))
-
-    def save() -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                 "sampler": sampler.state_dict(),
-                 "group_filter": group_filter.state_dict() if group_filter is not None else None}
-        return ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, tokenizer, state, config_yaml,
-                                    cfg.save_total_limit)
-
-    stop = {"requested": False}
-
-    def on_signal(signum, frame):
-        stop["requested"] = True
-        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once (the last checkpoint stays intact)
-        reporter.print(f"{signal.Signals(signum).name}: writing a checkpoint after this step (again to abort)")
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    if step == 0:
-        run_eval("before")
+    evaluate_policy = functools.partial(evaluate, model, tokenizer, eval_rows, eval_prompts, cfg, accelerator,
+                                        reward_names, reward_funcs, eos_ids)
+    do_eval = cfg.do_eval and bool(eval_rows)
+    evals, last_saved = {}, None
     prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // G
-    last_saved = None
-    try:
+
+    # ---- the loop: one generation batch per iteration (num_iterations optimizer steps on it)
+    with closing(reporter), stop_on_signal(reporter) as stop:
+        if do_eval and step == 0:
+            evals["before"] = reporter.print_eval("before", evaluate_policy())
         while step < cfg.max_steps:
             timer = StepTimer()
-            metrics: dict = {}
-            # ---- 1. prompts: the global order is the same on every rank; each rank takes whole groups
+            # prompts: the global order is the same on every rank; each rank takes whole groups, B = its prompts * G
             order = sampler.next(prompts_per_rank * world)[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]
-            rows = [train_rows[i] for i in order for _ in range(G)]  # B = prompts_per_rank * G rows
-            # ---- 2. generate G completions per prompt
-            with timer("generation"):
-                gen_kwargs = dict(max_new_tokens=cfg.max_completion_length, do_sample=True,
-                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos_ids)
-                prompts = [train_prompts[i] for i in order for _ in range(G)]
-                if vllm is not None:
-                    vllm.sync_weights(accelerator.unwrap_model(model), step)
-                    ro = vllm.generate(prompts, pad_id=tokenizer.pad_token_id, device=device, **gen_kwargs)
-                else:
-                    ro = generate_transformers(accelerator.unwrap_model(model), tokenizer, prompts, **gen_kwargs)
-            # ---- 3. score locally, then gather: every rank sees the global (N, F) reward matrix
-            with timer("scoring"):
-                completion_ids = ro.completion_lists()  # host sync
-                completions = as_completions(tokenizer.batch_decode(completion_ids, skip_special_tokens=True), rows)
-                trainer_state.global_step = step
-                rewards = score(reward_funcs, reward_names, rows, completions, completion_ids, trainer_state, metrics)
-                rewards = accelerator.gather(rewards.to(device))  # (N, F), N = B * world
-                lengths = accelerator.gather(ro.completion_mask.sum(1))  # (N,)
-                truncated = accelerator.gather(ro.truncated)  # (N,)
-                # ---- 4. advantages; GFPO keeps k completions per group and drops the rest (compaction)
-                if group_filter is not None:
-                    texts = gather_object(completions) if group_filter.user_func is not None else []
-                    advantages, keep = group_filter(weighted_rewards(rewards, cfg.reward_weights), lengths, texts)
-                else:
-                    advantages = gf.group_advantages(rewards, G, reward_weights=cfg.reward_weights,
-                                                     scale_rewards=cfg.scale_rewards)  # (N,)
-                    keep = torch.ones_like(advantages, dtype=torch.bool)
-                mine = slice(rank * len(rows), (rank + 1) * len(rows))
-                kept = keep[mine].nonzero().squeeze(1)  # host sync; (B_kept,) local row indices
-                completion_mask = ro.completion_mask
-                if cfg.mask_truncated_completions:
-                    completion_mask = completion_mask * ~ro.truncated[:, None]
-                p_ids, p_mask, c_ids, c_mask = trim_padding(ro.prompt_ids[kept], ro.prompt_mask[kept],
-                                                            ro.completion_ids[kept], completion_mask[kept])
-                batch = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "completion_mask": c_mask,
-                         "advantages": advantages[mine][kept]}  # (B_kept, P), (B_kept, T), ..., (B_kept,)
-                num_items = accelerator.gather(c_mask.sum()).sum()  # global loss-token count (dapo/cispo/vespo)
-            # ---- 5. old / reference / sampling log-probs (only when needed)
-            with timer("logprobs"):
-                needs_old = cfg.num_iterations > 1 or vllm is not None
-                old_logp = batch_logprobs(model, batch, cfg, share_prompts) if needs_old else None
-                ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts) if ref_model is not None else None
-                is_ratio = None
-                if vllm is not None:  # TRL's default "sequence_mask": drop sequences far off the trainer's policy
-                    delta = ((old_logp - ro.sampling_logp[kept][:, :c_ids.shape[1]]) * c_mask).sum(1)  # (B_kept,)
-                    is_ratio = torch.exp(delta)
-                    is_ratio = torch.where(is_ratio > cfg.vllm_importance_sampling_cap, 0.0, is_ratio)
-                    if cfg.num_iterations == 1:
-                        old_logp = None  # on-policy: the ratio is 1 in value, as without vLLM
-            # ---- 6. loss, backward, optimizer step (num_iterations steps on this batch)
-            for _ in range(cfg.num_iterations):  # metrics below are those of the last iteration
+            trainer_state.global_step = step
+            rows = [train_rows[i] for i in order for _ in range(G)]
+            prompts = [train_prompts[i] for i in order for _ in range(G)]
+            with timer("generate"):
+                ro = generate(accelerator.unwrap_model(model), tokenizer, vllm, prompts, cfg, eos_ids, step, device)
+            with timer("reward"):
+                scores = score_rollout(ro, rows, tokenizer, reward_names, reward_funcs, trainer_state, accelerator)
+            with timer("advantages"):
+                batch, keep = make_batch(ro, scores, group_filter, cfg, accelerator)
+            with timer("old_ref_logprobs"):
+                batch = old_and_ref_logprobs(model, ref_model, batch, cfg, share_prompts)
+            for _ in range(cfg.num_iterations):  # the metrics are those of the last iteration
                 if step >= cfg.max_steps:
                     break
-                parts = micro_batches(c_ids.shape[0], cfg.gradient_accumulation_steps)
-                loss_sum, loss_metrics = torch.zeros((), device=device), {}
-                for j, s in enumerate(parts):
-                    # The loss is normalised by TRL's rules already (GA and process count included), so no
-                    # accelerate accumulation: skip the gradient all-reduce until the last micro-batch.
-                    with accelerator.no_sync(model) if j < len(parts) - 1 else nullcontext():
-                        with timer("logprobs"):
-                            with accelerator.autocast():
-                                logits = completion_logits(model, p_ids[s], p_mask[s], c_ids[s], c_mask[s],
-                                                           share_prompts)  # (b, T, V)
-                        with timer("loss"):
-                            loss, m = gf.fused_policy_loss(
-                                logits, c_ids[s], None if old_logp is None else old_logp[s], batch["advantages"][s],
-                                c_mask[s], temperature=cfg.temperature,
-                                ref_logp=None if ref_logp is None else ref_logp[s],
-                                importance_sampling_ratio=None if is_ratio is None else is_ratio[s],
-                                num_items_in_batch=num_items, **loss_kwargs)
-                            accelerator.backward(loss)
-                    loss_sum += loss.detach()
-                    for k, v in m.items():
-                        loss_metrics[k] = loss_metrics.get(k, 0.0) + v.detach() / len(parts)
+                loss, loss_metrics = accumulate_gradients(model, batch, cfg, loss_kwargs, accelerator, share_prompts,
+                                                          timer)
                 with timer("optimizer"):
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) \
-                        if cfg.max_grad_norm > 0 else torch.zeros((), device=device)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, accelerator)
                 step += 1
-            # ---- 7. metrics (one gathered read per step) and checkpoints
-            metrics.update({k: float(v) for k, v in gf.reward_metrics(
-                rewards, G, reward_weights=cfg.reward_weights, scale_rewards=cfg.scale_rewards,
-                reward_names=reward_names).items()})  # host sync
-            if "accuracy" in reward_names:
-                metrics["accuracy"] = metrics["rewards/accuracy/mean"]
-            reduced = accelerator.reduce(torch.stack([loss_sum, grad_norm.float(), *[
-                v.float() for v in loss_metrics.values()]]), reduction="mean").tolist()  # host sync
-            tokens = int(lengths.sum())
-            metrics.update({
-                "step": step, "lr": scheduler.get_last_lr()[0], "loss": reduced[0], "grad_norm": reduced[1],
-                **dict(zip(loss_metrics, reduced[2:])),
-                "completions/mean_length": float(lengths.float().mean()),
-                "completions/max_length": int(lengths.max()),
-                "completions/clipped_ratio": float(truncated.float().mean()),
-                "completions/kept_fraction": float(keep.float().mean()),
-                "completions/kept_mean_length": float(lengths[keep].float().mean()),
-                "num_tokens": tokens,
-            })
-            metrics.update(timer.metrics())
-            metrics["tokens_per_s"] = tokens / metrics["time/step"]
-            metrics["memory/peak_gb"] = peak_memory_gb(device)
+            metrics, stop_now = step_metrics(scores, keep, loss, grad_norm, loss_metrics, stop.is_set(), step=step,
+                                             lr=scheduler.get_last_lr()[0], reward_names=reward_names, cfg=cfg,
+                                             accelerator=accelerator, timer=timer)
             reporter.log(metrics)
-            stop_now = accelerator.reduce(torch.tensor(float(stop["requested"]), device=device), "max").item()
             if step % cfg.save_steps == 0 or step >= cfg.max_steps or stop_now:
-                last_saved = save()
-                if stop_now:
-                    reporter.print(f"stopped by signal at step {step}; resume with --resume_from_checkpoint {last_saved}")
-                    break
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        reporter.close()
-    if step >= cfg.max_steps:
-        run_eval("after")
+                last_saved = ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, tokenizer,
+                                                  checkpoint_state(step, optimizer, scheduler, sampler, group_filter),
+                                                  config_yaml, cfg.save_total_limit)
+            if stop_now:
+                reporter.print(f"stopped by signal at step {step}; resume with --resume_from_checkpoint {last_saved}")
+                break
+    if do_eval and step >= cfg.max_steps:
+        evals["after"] = reporter.print_eval("after", evaluate_policy())
+
+    # ---- files
     plot = reporter.plot()
     summary = {"step": step, "metrics": str(reporter.metrics_path), "plot": str(plot), "checkpoint": str(last_saved),
                "model": str(last_saved / "model") if last_saved else None, "evals": evals,

@@ -22,7 +22,7 @@ PLOT_KEYS = (("reward", "train reward"), ("accuracy", "train accuracy"), ("compl
 
 
 class StepTimer:
-    """Wall-clock seconds per phase of one step: ``with timer("generation"): ...``."""
+    """Wall-clock seconds per phase of one step: ``with timer("generate"): ...`` (a phase may be timed in parts)."""
 
     def __init__(self):
         self.start, self.seconds = time.perf_counter(), {}
@@ -70,6 +70,11 @@ class Reporter:
     def print(self, text: str) -> None:
         if self.is_main:
             (tqdm.write if self.bar is not None else print)(text)
+
+    def print_eval(self, tag: str, result: dict) -> dict:
+        """Prints one eval (``eval before: greedy_accuracy 0.250, ...``); returns ``result``."""
+        self.print(f"eval {tag}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items()))
+        return result
 
     def log(self, metrics: dict) -> None:
         """Appends one step's metrics (plain floats) and refreshes the bar; warns when the signal is gone."""
