@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gfpo_fast._checks import require_num_remains
+
 ALGORITHMS = ("grpo", "gfpo", "gmpo", "gspo", "gspo_token")
 GROUP_FILTERS = ("length", "token_efficiency")
 DEFAULT_MAX_STEPS = 40
@@ -77,6 +79,13 @@ class TrainConfig:
     vllm_gpu_memory_utilization: float = _f(0.3, "vllm: fraction of the GPU the engine may take")
     vllm_importance_sampling_cap: float = _f(3.0, "vllm: sequence-level importance ratios above this are masked "
                                              "(TRL's default 'sequence_mask' mode)")
+    vllm_dtype: str = _f("auto", "vllm: the engine's dtype; auto: the policy's compute dtype (bf16 under bf16 mixed "
+                         "precision, else the dtype of the weights), or float32, bfloat16, float16")
+    vllm_max_logp_gap: float = _f(0.5, "vllm: mean per-token |log-prob| gap (nats) between vLLM and the trainer, on a "
+                                  "batch sampled right after a weight sync, above which the run stops because the "
+                                  "sync did not take effect; 0: no check")
+    vllm_enforce_eager: bool = _f(False, "vllm: skip the engine's torch.compile warm-up (starts faster, may "
+                                  "generate slower)")
     # ---------------------------------------------------------------- optimisation
     learning_rate: float = _f(1e-5, "AdamW learning rate (TRL: 1e-6; on the embedded task 5e-6 moved held-out accuracy "
                                     "by +3/+7 points in 25 steps, 2e-5 without warm-up drove lengths to the cap)")
@@ -114,6 +123,9 @@ class TrainConfig:
 
         choice("algorithm", ALGORITHMS)
         choice("generation_backend", ("transformers", "vllm"))
+        choice("vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
+        if not self.vllm_max_logp_gap >= 0:
+            raise ValueError(f"vllm_max_logp_gap must be >= 0 (0: no check), got {self.vllm_max_logp_gap}")
         choice("lr_scheduler_type", ("linear", "cosine", "constant"))
         choice("dtype", ("float32", "bfloat16", "float16"))
         for name in ("num_generations", "max_completion_length", "per_device_train_batch_size",
@@ -135,10 +147,7 @@ class TrainConfig:
                              f"num_generations = {G}, so that every group is generated and filtered on one process; "
                              f"e.g. per_device_train_batch_size={max(G, rows // G * G)}")
         if self.algorithm == "gfpo":
-            k = self.num_remains_in_group
-            if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k < G:
-                raise ValueError(f"num_remains_in_group must be an integer with 2 <= k < num_generations={G} for "
-                                 f"algorithm='gfpo' (k = 1 has no std, k = G filters nothing: use grpo), got {k!r}")
+            require_num_remains(self.num_remains_in_group, G)
             if self.adaptive_difficulty and self.scale_rewards == "batch":
                 raise ValueError("adaptive_difficulty filters groups with different k; use scale_rewards='group' or "
                                  "'none' with it")

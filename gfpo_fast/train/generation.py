@@ -12,6 +12,7 @@ rank (``seed + process_index``) so that the copies of a prompt on different rank
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import socket
 import time
@@ -258,6 +259,39 @@ def check_fresh(metrics: dict[str, float], max_gap: float) -> None:
             "other weights than the policy's, so the weight sync did not take effect")
 
 
+def ties_output_embeddings(model: torch.nn.Module) -> bool:
+    """Whether the LM head of a transformers model shares its weight with the input embeddings."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def _repack_tied_lm_head(vllm_model: torch.nn.Module) -> None:
+    """Re-runs the post-load processing of a tied LM head inside the engine (``LLM.apply_model``).
+
+    vLLM's loaders skip ``lm_head`` for a model with tied embeddings, so an in-place reload refreshes the
+    embedding but never processes the head again. Where the head computes from the shared weight itself
+    (CUDA) that is harmless; vLLM's CPU build computes the logits from a packed copy of the weight made
+    at load time, which would keep the old values. Re-packing from the (already updated, shared) weight
+    fixes that and is a no-op where nothing is packed.
+    """
+    head = getattr(vllm_model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is None:
+        raise ValueError(f"vLLM weight sync: the policy ties its LM head to its embeddings, but vLLM's "
+                         f"{type(vllm_model).__name__} has no lm_head with a quant_method to re-process after a reload")
+    method.process_weights_after_loading(head)
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's "<layer>: Failed to load weights" warnings for layers that have nothing to load in a
+    reload: rotary embeddings (buffers only) and a tied LM head (re-packed by :func:`_repack_tied_lm_head`)."""
+
+    LAYERS = ("RotaryEmbedding", "ParallelLMHead")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.LAYERS)
+
+
 class VLLMColocate:
     """An in-process vLLM engine per rank (``distributed_executor_backend="external_launcher"``).
 
@@ -275,20 +309,29 @@ class VLLMColocate:
 
     def __init__(self, model_path: str, *, max_model_len: int, max_num_seqs: int, dtype: str = "float32", seed: int = 0,
                  process_index: int = 0, local_process_index: int = 0, num_processes: int = 1,
-                 gpu_memory_utilization: float = 0.3):
+                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = False):
+        """``model_path``: the transformers directory the policy was loaded from (the engine's first weights);
+        ``max_model_len``: longest prompt plus ``max_new_tokens``; ``max_num_seqs``: rows per :meth:`generate`
+        call; ``dtype``: float32, bfloat16 or float16 (:func:`engine_dtype`); ``process_index`` /
+        ``local_process_index`` / ``num_processes``: the trainer's layout (:func:`set_distributed_env`);
+        ``enforce_eager``: no torch.compile warm-up."""
         if importlib.util.find_spec("vllm") is None:
             raise ValueError("generation_backend='vllm' needs vLLM: `pip install vllm` (on a CUDA machine), "
                              "or use generation_backend='transformers'")
         if dtype not in VLLM_DTYPES[1:]:
             raise ValueError(f"VLLMColocate: dtype must be one of {list(VLLM_DTYPES[1:])} (see engine_dtype), got {dtype!r}")
         set_distributed_env(process_index, local_process_index, num_processes)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's per-call INFO lines would break the progress bar
         from vllm import LLM
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())
 
         self.dtype = dtype
         self.llm = LLM(model=model_path, dtype=dtype, distributed_executor_backend="external_launcher",
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, seed=seed + process_index, logprobs_mode="processed_logprobs",
-                       enable_prefix_caching=True, max_num_batched_tokens=max(4096, max_model_len))
+                       enable_prefix_caching=True, max_num_batched_tokens=max(4096, max_model_len),
+                       enforce_eager=enforce_eager)
 
     def sync(self, model: torch.nn.Module) -> float:
         """Loads the weights of ``model`` (unwrapped: transformers parameter names) into the engine and
@@ -297,6 +340,8 @@ class VLLMColocate:
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_weights(model),
                                                            "is_checkpoint_format": True})
+        if ties_output_embeddings(model):
+            self.llm.apply_model(_repack_tied_lm_head)
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after the weight sync (requests still running?)")
         return time.perf_counter() - start
