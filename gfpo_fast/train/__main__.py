@@ -64,7 +64,7 @@ from .config import TrainConfig, parse_args
 from .data import PromptSampler, arithmetic_dataset, load_local_dataset, prompt_token_ids
 from .evaluation import evaluate
 from .filters import GroupFilter
-from .generation import Rollout, VLLMColocate, eos_token_ids, generate_transformers
+from .generation import Rollout, VLLMColocate, check_fresh, engine_dtype, eos_token_ids, generate_transformers, sync_check
 from .models import load_model_and_tokenizer, resolve_model_path
 from .prefix import cache_name, left_padded_positions, prompt_cache
 from .reporting import Reporter, StepTimer, peak_memory_gb
@@ -264,14 +264,13 @@ def batch_logprobs(model, batch: Batch, cfg: TrainConfig, share_prompts: bool) -
 
 # ----------------------------------------------------------------------------- the phases of a step
 def generate(model, tokenizer, vllm: VLLMColocate | None, prompts: list[list[int]], cfg: TrainConfig,
-           eos_ids: list[int], step: int, device) -> Rollout:
+             eos_ids: list[int], device) -> Rollout:
     """One sampled completion per prompt id list (the caller repeats each prompt G times), from transformers'
-    ``generate`` on the unwrapped policy or from the vLLM engine after a weight sync."""
+    ``generate`` on the unwrapped policy or from the vLLM engine (synced with the policy by the caller)."""
     kwargs = dict(max_new_tokens=cfg.max_completion_length, do_sample=True, temperature=cfg.temperature,
                   top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos_ids)
     if vllm is None:
         return generate_transformers(model, tokenizer, prompts, **kwargs)
-    vllm.sync_weights(model, step)
     return vllm.generate(prompts, pad_id=tokenizer.pad_token_id, device=device, **kwargs)
 
 
@@ -317,26 +316,31 @@ def make_batch(ro: Rollout, scores: Scores, group_filter: GroupFilter | None, cf
     return batch, keep
 
 
-def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share_prompts: bool) -> Batch:
-    """``batch`` with the no-grad inputs of the loss that the configuration needs, each computed only then.
+def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share_prompts: bool,
+                         accelerator) -> tuple[Batch, dict[str, float]]:
+    """``batch`` with the no-grad inputs of the loss that the configuration needs, each computed only then,
+    and the vLLM sync check's metrics (``generation.sync_check``; empty without vLLM).
 
     * ``old_logp`` ``(B, T)``: the policy before this batch's updates, for ``num_iterations > 1`` (and for the
       vLLM ratio below; on-policy, ``num_iterations == 1``, it is dropped again: the ratio is 1 in value).
     * ``ref_logp`` ``(B, T)``: the reference model, for ``beta != 0``.
     * ``is_ratio`` ``(B,)``: with vLLM sampling, ``exp(sum_t (old_logp - sampling_logp))`` over each row's loss
       tokens, 0 above ``vllm_importance_sampling_cap`` (TRL's default ``sequence_mask``: sequences far off the
-      trainer's policy are dropped).
+      trainer's policy are dropped). The batch was sampled right after a weight sync, so the engine's log-probs
+      must match ``old_logp``: a clearly stale engine raises ``generation.StaleEngineError``.
     """
     vllm = batch.sampling_logp is not None
     old_logp = batch_logprobs(model, batch, cfg, share_prompts) if cfg.num_iterations > 1 or vllm else None
     ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts) if ref_model is not None else None
-    is_ratio = None
+    is_ratio, sync_metrics = None, {}
     if vllm:
-        is_ratio = torch.exp(((old_logp - batch.sampling_logp) * batch.completion_mask).sum(1))  # (B,)
-        is_ratio = torch.where(is_ratio > cfg.vllm_importance_sampling_cap, 0.0, is_ratio)
+        check = sync_check(old_logp, batch.sampling_logp, batch.completion_mask, cap=cfg.vllm_importance_sampling_cap,
+                           reduce=accelerator.reduce)  # host sync
+        check_fresh(check.metrics, cfg.vllm_max_logp_gap)
+        is_ratio, sync_metrics = check.is_ratio, check.metrics
         if cfg.num_iterations == 1:
             old_logp = None
-    return dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio)
+    return dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio), sync_metrics
 
 
 def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dict, accelerator, share_prompts: bool,
@@ -456,10 +460,14 @@ def train(cfg: TrainConfig) -> dict:
     eval_prompts = [prompt_token_ids(tokenizer, r["prompt"]) for r in eval_rows]
     vllm = None
     if cfg.generation_backend == "vllm":
-        vllm = VLLMColocate(resolve_model_path(cfg.model_name_or_path)[0], seed=cfg.seed, process_index=rank,
+        vllm = VLLMColocate(resolve_model_path(cfg.model_name_or_path)[0],
                             max_model_len=max(map(len, train_prompts)) + cfg.max_completion_length,
                             max_num_seqs=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+                            dtype=engine_dtype(cfg.vllm_dtype, next(model.parameters()).dtype,
+                                               accelerator.mixed_precision),
+                            seed=cfg.seed, process_index=rank, local_process_index=accelerator.local_process_index,
+                            num_processes=world, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                            enforce_eager=cfg.vllm_enforce_eager)
         accelerator.wait_for_everyone()
     loss_kwargs = cfg.loss_kwargs(world)
     trainer_state = TrainerState(global_step=step, max_steps=cfg.max_steps)  # the reward functions' trainer_state
@@ -481,14 +489,17 @@ def train(cfg: TrainConfig) -> dict:
             trainer_state.global_step = step
             rows = [train_rows[i] for i in order for _ in range(G)]
             prompts = [train_prompts[i] for i in order for _ in range(G)]
+            if vllm is not None:  # the policy changed since the engine last saw it (or the run resumed)
+                with timer("weight_sync"):
+                    vllm.sync(accelerator.unwrap_model(model))
             with timer("generate"):
-                ro = generate(accelerator.unwrap_model(model), tokenizer, vllm, prompts, cfg, eos_ids, step, device)
+                ro = generate(accelerator.unwrap_model(model), tokenizer, vllm, prompts, cfg, eos_ids, device)
             with timer("reward"):
                 scores = score_rollout(ro, rows, tokenizer, reward_names, reward_funcs, trainer_state, accelerator)
             with timer("advantages"):
                 batch, keep = make_batch(ro, scores, group_filter, cfg, accelerator)
             with timer("old_ref_logprobs"):
-                batch = old_and_ref_logprobs(model, ref_model, batch, cfg, share_prompts)
+                batch, sync_metrics = old_and_ref_logprobs(model, ref_model, batch, cfg, share_prompts, accelerator)
             for _ in range(cfg.num_iterations):  # the metrics are those of the last iteration
                 if step >= cfg.max_steps:
                     break
@@ -500,7 +511,7 @@ def train(cfg: TrainConfig) -> dict:
             metrics, stop_now = step_metrics(scores, keep, loss, grad_norm, loss_metrics, stop.is_set(), step=step,
                                              lr=scheduler.get_last_lr()[0], reward_names=reward_names, cfg=cfg,
                                              accelerator=accelerator, timer=timer)
-            reporter.log(metrics)
+            reporter.log({**metrics, **sync_metrics})
             if step % cfg.save_steps == 0 or step >= cfg.max_steps or stop_now:
                 last_saved = ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, tokenizer,
                                                   checkpoint_state(step, optimizer, scheduler, sampler, group_filter),

@@ -117,8 +117,7 @@ def engine_and_policy(tmp_path_factory):
 
     path = make_vllm_model_dir(tmp_path_factory.mktemp("vllm") / "untied", tied=False)
     model, tokenizer = load_model_and_tokenizer(str(path))
-    engine = VLLMColocate(str(path), dtype="float32", seed=0, process_index=0, local_process_index=0,
-                          num_processes=1, max_model_len=64, max_num_seqs=8, gpu_memory_utilization=0.3)
+    engine = VLLMColocate(str(path), max_model_len=64, max_num_seqs=8, dtype="float32", enforce_eager=True)
     return engine, model, tokenizer
 
 
@@ -151,3 +150,74 @@ def test_sync_makes_the_engine_sample_from_the_policy(engine_and_policy):
     for key in ("vllm/is_ratio_min", "vllm/is_ratio_max"):
         assert abs(synced.metrics[key] - 1) < 1e-4, synced.metrics
     check_fresh(synced.metrics, max_gap=0.5)
+
+
+# ----------------------------------------------------------------------------- the trainer on a real engine
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory) -> Path:
+    """Tied embeddings, like SmolLM2: the LM head is re-packed after every reload on vLLM's CPU build."""
+    return make_vllm_model_dir(tmp_path_factory.mktemp("vllm") / "tied", tied=True)
+
+
+def run_trainer(launcher: list[str], model: Path, out: Path, *extra: str) -> list[dict]:
+    """Runs the trainer in a fresh process (one vLLM engine per process) and returns its metrics rows."""
+    args = ["--model_name_or_path", str(model), "--output_dir", str(out), "--generation_backend", "vllm",
+            "--max_steps", "3", "--num_generations", "4", "--num_remains_in_group", "2",
+            "--per_device_train_batch_size", "8", "--max_completion_length", "8", "--temperature", "1.0",
+            "--arithmetic_num_train", "40", "--do_eval", "false", "--reward_funcs", "reward_fns:id_parity",
+            "--reward_weights", "1.0", "--learning_rate", "1e-3", "--save_steps", "100", "--vllm_enforce_eager", "true",
+            *extra]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}  # set in this process by the engine fixture
+    env.update(PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1",
+               VLLM_CPU_KVCACHE_SPACE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, *launcher, *args], env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_synced(rows: list[dict]) -> None:
+    """Every batch was sampled from the policy's current weights: sequence IS ratios 1 within 1e-4."""
+    for r in rows:
+        assert abs(r["vllm/is_ratio_min"] - 1) < 1e-4 and abs(r["vllm/is_ratio_max"] - 1) < 1e-4, r
+        assert r["vllm/logp_gap_max"] < 1e-4 and r["vllm/is_ratio_masked"] == 0, r
+
+
+def assert_weights_changed(initial: Path, out: Path) -> None:
+    from safetensors.torch import load_file
+
+    before = load_file(initial / "model.safetensors")
+    after = load_file(out / "checkpoints" / "checkpoint-3" / "model" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@requires_vllm
+def test_trainer_grpo_samples_from_the_synced_policy(tied_model, tmp_path):
+    rows = run_trainer(["-m", "gfpo_fast.train"], tied_model, tmp_path / "run", "--algorithm", "grpo")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert_synced(rows)  # steps 2 and 3 sample after optimizer steps: the sync carried the new weights
+    assert_weights_changed(tied_model, tmp_path / "run")
+    assert all(r["num_tokens"] > 0 and r["time/weight_sync"] < 5 for r in rows)
+
+
+@requires_vllm
+def test_trainer_gfpo_two_iterations(tied_model, tmp_path):
+    rows = run_trainer(["-m", "gfpo_fast.train"], tied_model, tmp_path / "run", "--algorithm", "gfpo",
+                       "--num_iterations", "2")
+    assert [r["step"] for r in rows] == [2, 3]  # one generation batch per 2 optimizer steps
+    assert_synced(rows)
+    assert all(r["completions/kept_fraction"] == 0.5 for r in rows)
+    assert_weights_changed(tied_model, tmp_path / "run")
+
+
+@requires_vllm
+def test_trainer_two_processes(tied_model, tmp_path):
+    from gfpo_fast.train.generation import _free_port
+
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port("127.0.0.1")),
+                str(HERE / "dist_run.py")]
+    rows = run_trainer(launcher, tied_model, tmp_path / "run", "--algorithm", "grpo",
+                       "--per_device_train_batch_size", "4")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert_synced(rows)
+    a, b = (torch.load(tmp_path / "run" / f"params_rank{i}.pt") for i in (0, 1))
+    assert torch.equal(a, b)
