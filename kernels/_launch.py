@@ -30,7 +30,11 @@ def device_guard(x: torch.Tensor):
 
 
 def vocab_tile(V: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a row loop over ``V`` vocab entries."""
-    cap = MAX_BLOCK_V if device.type == "cuda" else MAX_BLOCK_V_INTERPRETER
+    """(BLOCK_V, num_warps) for a row loop over ``V`` vocab entries on ``device``: a pure function.
+
+    CPU tensors run under the interpreter and get its wide tiles; every other device takes the GPU tile,
+    ``meta`` included, so ``python -m bench.compile_report`` records the launches a GPU would make.
+    """
+    cap = MAX_BLOCK_V_INTERPRETER if device.type == "cpu" else MAX_BLOCK_V
     block = min(triton.next_power_of_2(V), cap)
     return block, (8 if block >= 2048 else 4)
