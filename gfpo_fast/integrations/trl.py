@@ -54,7 +54,6 @@ GFPOTrainer uses TRL's own loss; ``patch(GFPOTrainer(...))`` puts it on gfpo-fas
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import types
 import warnings
@@ -83,9 +82,11 @@ with warnings.catch_warnings():  # TRL warns on every import of an experimental 
     warnings.simplefilter("ignore")
     from trl.experimental.gmpo import GMPOTrainer  # noqa: E402
 
-from ..advantages import gfpo_filter  # noqa: E402
+from .._checks import require_num_remains  # noqa: E402
+from ..advantages import gfpo_filter, weighted_rewards  # noqa: E402
 from ..fused_linear import fused_linear_policy_loss  # noqa: E402
 from ..fused_policy_loss import fused_policy_loss  # noqa: E402
+from ..group_filter import score_groups  # noqa: E402
 from ..policy_loss import make_loss_config  # noqa: E402
 
 __all__ = ["SUPPORTED_TRL", "FastGMPOTrainer", "FastGRPOTrainer", "GFPOConfig", "GFPOTrainer", "patch"]
@@ -329,12 +330,8 @@ class GFPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        k, G = self.num_remains_in_group, self.num_generations
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 2 <= k < G):
-            raise ValueError(
-                f"num_remains_in_group must be an integer with 2 <= k < num_generations={G} (k = 1 has no group std, "
-                f"k = G filters nothing), got {k!r}"
-            )
+        if self.num_remains_in_group is not None:
+            require_num_remains(self.num_remains_in_group, self.num_generations)
 
 
 # Per-row fields of TRL's generation batch, filtered with the rows; any other field is refused.
@@ -370,9 +367,6 @@ class GFPOTrainer(GRPOTrainer):
         self.group_filter_func = group_filter_func
         self.num_remains_in_group = k
         self._gfpo_pending = None
-        if group_filter_func is not None:
-            params = inspect.signature(group_filter_func).parameters.values()
-            self._filter_gets_ids = any(p.kind is p.VAR_KEYWORD or p.name == "group_completion_ids" for p in params)
 
     @staticmethod
     def _check_gfpo_args(args, k, group_filter_func) -> None:
@@ -418,23 +412,10 @@ class GFPOTrainer(GRPOTrainer):
             raise ValueError(f"GFPOTrainer cannot filter the batch fields {unknown} (vision-language inputs); "
                              "use GRPO for this model")
         G, k = self.num_generations, self.num_remains_in_group
-        weights = self.reward_weights.to(rewards_per_func.device)
-        rewards = (rewards_per_func * weights).nansum(dim=1)  # (N,)
-        rewards = torch.where(torch.isnan(rewards_per_func).all(dim=1), torch.nan, rewards)
-        num_groups = rewards.numel() // G
-        extra = {}
-        if self._filter_gets_ids:
-            extra["group_completion_ids"] = [completion_ids[g * G:(g + 1) * G] for g in range(num_groups)]
-        scores = self.group_filter_func(
-            group_completions=[completions[g * G:(g + 1) * G] for g in range(num_groups)],
-            group_rewards=torch.nan_to_num(rewards, nan=0.0).view(num_groups, G).tolist(), **extra,
-        )
-        scores = torch.as_tensor(scores, dtype=torch.float32, device=rewards.device)
-        if tuple(scores.shape) != (num_groups, G):
-            raise ValueError(f"group_filter_func must return {num_groups} lists of {G} scores (one per completion), "
-                             f"got shape {tuple(scores.shape)}")
+        rewards = weighted_rewards(rewards_per_func, self.reward_weights)  # (N,)
+        scores = score_groups(self.group_filter_func, completions, rewards, G, completion_ids=completion_ids)
         scores = broadcast(scores)  # every process keeps the rows process 0 chose
-        advantages, keep = gfpo_filter(rewards, scores.view(-1), G, k, scale_rewards=self.scale_rewards)
+        advantages, keep = gfpo_filter(rewards, scores, G, k, scale_rewards=self.scale_rewards)
 
         n_local = batch["completion_ids"].shape[0]
         local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)

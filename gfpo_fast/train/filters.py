@@ -6,9 +6,8 @@ then drops those rows before the policy forward (compaction), so they cost no fo
 
 * ``length``: score ``-length`` (keeps the shortest; the paper's length filter).
 * ``token_efficiency``: score ``reward / length`` (the paper's token-efficiency filter).
-* ``module:function``: TRL's ``group_filter_func`` contract, called as
-  ``f(group_completions=[[c, ...] * G] * groups, group_rewards=[[r, ...] * G] * groups)`` and returning
-  scores of shape ``(groups, G)``, higher kept.
+* ``module:function``: TRL's ``group_filter_func`` contract (:mod:`gfpo_fast.group_filter`, without
+  ``group_completion_ids``): scores of shape ``(groups, G)``, higher kept.
 
 Adaptive difficulty (``adaptive_difficulty=True``, arXiv 2508.09726 section "Adaptive Difficulty GFPO"):
 harder prompts keep more completions. A group's difficulty is the quartile of its mean reward among
@@ -24,6 +23,7 @@ from collections import deque
 import torch
 
 import gfpo_fast as gf
+from gfpo_fast.group_filter import score_groups
 
 from .rewards import load_function
 
@@ -45,14 +45,7 @@ class GroupFilter:
             return -lengths.float()
         if self.name == "token_efficiency":
             return torch.nan_to_num(rewards, nan=0.0) / lengths.float().clamp(min=1.0)
-        groups = len(completions) // self.G
-        out = self.user_func(group_completions=[completions[g * self.G:(g + 1) * self.G] for g in range(groups)],
-                             group_rewards=torch.nan_to_num(rewards, nan=0.0).view(groups, self.G).tolist())
-        scores = torch.as_tensor(out, dtype=torch.float32)
-        if tuple(scores.shape) != (groups, self.G):
-            raise ValueError(f"group_filter {self.name!r} must return scores of shape ({groups}, {self.G}) (one list "
-                             f"of {self.G} floats per group), got shape {tuple(scores.shape)}")
-        return scores.reshape(-1).to(rewards.device)
+        return score_groups(self.user_func, completions, rewards, self.G, name=f"group_filter {self.name!r}")
 
     def group_ks(self, rewards: torch.Tensor) -> list[int]:
         """Kept count per group: ``k`` everywhere, or the adaptive-difficulty mapping."""
