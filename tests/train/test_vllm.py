@@ -98,6 +98,43 @@ def test_sync_check_metrics_and_cap():
         sync_check(train, train[:, :2], mask, cap=3.0)
 
 
+def fsdp2_worker(model_dir: str) -> None:
+    """Under torchrun (2 CPU processes, gloo): ``checkpoint_weights`` of an FSDP2-sharded policy yields the full
+    parameters under their checkpoint names, gathered one at a time."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from gfpo_fast.train.generation import checkpoint_weights
+
+    dist.init_process_group("gloo")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    full = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    assert all(isinstance(p, DTensor) for p in model.parameters())  # really sharded: not a vacuous pass
+    pushed = list(checkpoint_weights(model))
+    assert [name for name, _ in pushed] == list(full), [name for name, _ in pushed]
+    for name, tensor in pushed:
+        assert not isinstance(tensor, DTensor) and torch.equal(tensor, full[name]), name
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_checkpoint_weights_gathers_fsdp2_shards(tmp_path):
+    from gfpo_fast.train.generation import _free_port
+
+    model = make_vllm_model_dir(tmp_path / "tied", tied=True)
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port("127.0.0.1")), __file__, "fsdp2", str(model)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
 # ----------------------------------------------------------------------------- a real engine, in this process
 def completion_logprobs(model, prompts, completions, temperature):
     """Trainer-side log-probs ``log_softmax(logits / T)`` of each completion token, row by row (no padding)."""
@@ -221,3 +258,7 @@ def test_trainer_two_processes(tied_model, tmp_path):
     assert_synced(rows)
     a, b = (torch.load(tmp_path / "run" / f"params_rank{i}.pt") for i in (0, 1))
     assert torch.equal(a, b)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["fsdp2"]:
+    fsdp2_worker(sys.argv[2])
