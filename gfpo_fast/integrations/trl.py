@@ -299,7 +299,8 @@ class FastGMPOTrainer(GMPOTrainer):
 
 
 def patch(trainer: GRPOTrainer) -> GRPOTrainer:
-    """Puts a constructed TRL ``GRPOTrainer`` or ``GMPOTrainer`` (or subclass, e.g. ``GFPOTrainer``) on gfpo-fast's loss.
+    """Puts a constructed TRL ``GRPOTrainer`` or ``GMPOTrainer`` (or a subclass, e.g. ``GFPOTrainer``) on gfpo-fast's
+    loss.
 
     Only this instance changes (its ``_compute_loss`` is rebound); nothing process-wide is patched. A trainer
     whose class overrides ``_compute_loss`` with another objective is refused. Returns the trainer.
@@ -407,7 +408,8 @@ class GFPOTrainer(GRPOTrainer):
 
     def _filter_groups(self, batch, rewards_per_func, completions, completion_ids):
         """Keeps the top-k rows of every group of ``batch``, with GFPO advantages and a recounted token total."""
-        unknown = sorted(key for key, v in batch.items() if v is not None and key not in (*ROW_KEYS, "num_items_in_batch"))
+        known = (*ROW_KEYS, "num_items_in_batch")
+        unknown = sorted(key for key, v in batch.items() if v is not None and key not in known)
         if unknown:
             raise ValueError(f"GFPOTrainer cannot filter the batch fields {unknown} (vision-language inputs); "
                              "use GRPO for this model")
@@ -422,7 +424,9 @@ class GFPOTrainer(GRPOTrainer):
         kept = keep[local]
         out = {key: (v[kept] if key in ROW_KEYS and v is not None else v) for key, v in batch.items()}
         out["advantages"] = advantages[local][kept]
-        loss_mask = out["completion_mask"] if out.get("tool_mask") is None else out["completion_mask"] * out["tool_mask"]
+        loss_mask = out["completion_mask"]
+        if out.get("tool_mask") is not None:
+            loss_mask = loss_mask * out["tool_mask"]
         out["num_items_in_batch"] = gather(loss_mask.sum()).sum()
         # The completions table shows the advantages that train (rejected rows: 0), not GRPO's.
         logged = self._logs["advantages"]

@@ -64,7 +64,15 @@ from .config import TrainConfig, parse_args
 from .data import PromptSampler, arithmetic_dataset, load_local_dataset, prompt_token_ids
 from .evaluation import evaluate
 from .filters import GroupFilter
-from .generation import Rollout, VLLMColocate, check_fresh, engine_dtype, eos_token_ids, generate_transformers, sync_check
+from .generation import (
+    Rollout,
+    VLLMColocate,
+    check_fresh,
+    engine_dtype,
+    eos_token_ids,
+    generate_transformers,
+    sync_check,
+)
 from .models import load_model_and_tokenizer, resolve_model_path
 from .prefix import cache_name, left_padded_positions, prompt_cache
 from .reporting import Reporter, StepTimer, peak_memory_gb

@@ -43,7 +43,8 @@ class TrainConfig:
                                       "embedded model is small and the CPU is the bottleneck)")
     dataset_name: str = _f("arithmetic", "'arithmetic' (embedded seeded word problems) or a local .jsonl/.json/.csv/"
                            ".parquet file or save_to_disk directory with a 'prompt' column")
-    eval_dataset_name: str | None = _f(None, "local held-out dataset for the evals (the arithmetic task brings its own)")
+    eval_dataset_name: str | None = _f(None, "local held-out dataset for the evals (the arithmetic task brings its "
+                                       "own)")
     arithmetic_num_train: int = _f(2000, "number of distinct arithmetic training problems")
     arithmetic_max_operand: int = _f(9, "largest operand of the arithmetic problems (9: single digits)")
     arithmetic_ops: str = _f("+-", "operations of the arithmetic problems, a string of '+' and '-'")
@@ -51,7 +52,8 @@ class TrainConfig:
     reward_funcs: list[str] = _f(["accuracy", "format"], "reward functions: accuracy, format, length (built-ins) or "
                                  "module:function / file.py:function with TRL's calling convention")
     reward_weights: list[float] | None = _f([1.0, 0.1], "one weight per reward function (TRL: None, all 1)")
-    scale_rewards: str = _f("group", "divide advantages by the group std ('group'), the batch std ('batch') or not ('none')")
+    scale_rewards: str = _f("group", "divide advantages by the group std ('group'), the batch std ('batch') or not "
+                            "('none')")
     # ---------------------------------------------------------------- algorithm
     algorithm: str = _f("gfpo", "grpo, gfpo (GRPO plus a group filter), gmpo, gspo (sequence-level ratio), gspo_token")
     num_generations: int = _f(8, "completions per prompt, G")
@@ -93,7 +95,8 @@ class TrainConfig:
     warmup_steps: int = _f(3, "linear warm-up steps (TRL: 0; Adam's first, sign-like steps are the largest)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    per_device_train_batch_size: int = _f(16, "completions per micro-batch per process (before the GFPO filter; TRL: 8)")
+    per_device_train_batch_size: int = _f(16, "completions per micro-batch per process (before the GFPO filter; "
+                                          "TRL: 8)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     max_steps: int = _f(DEFAULT_MAX_STEPS, "optimizer steps")
     bf16: bool | None = _f(None, "bf16 mixed precision (None: on for CUDA, off on the CPU, where it is ~20x slower)")
@@ -143,8 +146,8 @@ class TrainConfig:
             raise ValueError(f"num_generations must be >= 2 (a group needs two completions to compare), got {G}")
         rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if rows % G:
-            raise ValueError(f"per_device_train_batch_size * gradient_accumulation_steps = {rows} must be a multiple of "
-                             f"num_generations = {G}, so that every group is generated and filtered on one process; "
+            raise ValueError(f"per_device_train_batch_size * gradient_accumulation_steps = {rows} must be a multiple "
+                             f"of num_generations = {G}, so that every group is generated and filtered on one process; "
                              f"e.g. per_device_train_batch_size={max(G, rows // G * G)}")
         if self.algorithm == "gfpo":
             require_num_remains(self.num_remains_in_group, G)

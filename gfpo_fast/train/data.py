@@ -4,9 +4,10 @@ A dataset is a list of dict rows with a ``prompt`` (a string, or a conversation:
 ``{"role", "content"}`` messages); every other column is handed to the reward functions, as TRL does.
 
 ``dataset_name="arithmetic"`` generates seeded one-step word problems ("Maya has 7 apples. She buys 5
-more. How many apples does Maya have now?") with an ``answer`` column. The stream is seeded by a constant (runs with different ``--seed``
-share it); its first ``num_eval`` problems are the eval split (``TrainConfig.eval_split``: 128 unless
-``eval_num_prompts`` says otherwise), and no train problem repeats their text.
+more. How many apples does Maya have now?") with an ``answer`` column. The stream is seeded by a
+constant (runs with different ``--seed`` share it); its first ``num_eval`` problems are the eval split
+(``TrainConfig.eval_split``: 128 unless ``eval_num_prompts`` says otherwise), and no train problem
+repeats their text.
 Local files: ``.jsonl``, ``.json`` (a list of rows, or ``{"data": [...]}``), ``.csv``, ``.parquet``
 (needs pyarrow), or a directory written by ``datasets.Dataset.save_to_disk`` (needs datasets).
 """
@@ -48,7 +49,8 @@ def arithmetic_problem(rng: random.Random, max_operand: int, ops: str) -> dict:
             "question": question}
 
 
-def arithmetic_dataset(num_train: int, num_eval: int, seed: int = ARITHMETIC_SEED, max_operand: int = 9, ops: str = "+-"):
+def arithmetic_dataset(num_train: int, num_eval: int, seed: int = ARITHMETIC_SEED, max_operand: int = 9,
+                       ops: str = "+-"):
     """Returns ``(train_rows, eval_rows)`` with distinct question texts; the eval rows never appear in train."""
     if max_operand < 2:
         raise ValueError(f"arithmetic_max_operand must be >= 2, got {max_operand}")
@@ -75,7 +77,8 @@ def _read_rows(path: Path) -> list[dict]:
         try:
             import datasets
         except ImportError as err:
-            raise ValueError(f"{path} is a directory: reading a saved `datasets` dataset needs `pip install datasets`") from err
+            raise ValueError(f"{path} is a directory: reading a saved `datasets` dataset needs "
+                             "`pip install datasets`") from err
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:

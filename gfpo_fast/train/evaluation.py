@@ -24,7 +24,8 @@ def evaluate(model, tokenizer, rows, prompts, cfg, accelerator, reward_names, re
                 chunk = mine[i:i + cfg.eval_batch_size]
                 ro = generate_transformers(accelerator.unwrap_model(model), tokenizer, [prompts[j] for j in chunk],
                                            max_new_tokens=cfg.max_completion_length, do_sample=mode == "sampled",
-                                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos_ids)
+                                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                           eos_ids=eos_ids)
                 ids = ro.completion_lists()  # host sync
                 chunk_rows = [rows[j] for j in chunk]
                 comps = as_completions(tokenizer.batch_decode(ids, skip_special_tokens=True), chunk_rows)

@@ -95,7 +95,8 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
 
 
 def load_model_and_tokenizer(name: str, dtype: str = "float32", gradient_checkpointing: bool = False):
-    """Returns ``(model, tokenizer)``: the model in ``dtype`` and train mode, the tokenizer left-padding with a pad token."""
+    """Returns ``(model, tokenizer)``: the model in ``dtype`` and train mode, the tokenizer left-padding with a pad
+    token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 ZERO_STD_FRACTION = 0.5  # warn when more than this fraction of groups has identical rewards ...
 ZERO_STD_PATIENCE = 5  # ... for this many consecutive steps
-PLOT_KEYS = (("reward", "train reward"), ("accuracy", "train accuracy"), ("completions/mean_length", "completion length"))
+PLOT_KEYS = (("reward", "train reward"), ("accuracy", "train accuracy"),
+             ("completions/mean_length", "completion length"))
 
 
 class StepTimer:

@@ -28,7 +28,12 @@ from trl.experimental.gmpo import GMPOConfig, GMPOTrainer  # noqa: E402
 import gfpo_fast as gf  # noqa: E402
 import gfpo_fast.integrations.trl as gf_trl  # noqa: E402
 from gfpo_fast.integrations.trl import (  # noqa: E402
-    SUPPORTED_TRL, FastGMPOTrainer, FastGRPOTrainer, GFPOConfig, GFPOTrainer, patch,
+    SUPPORTED_TRL,
+    FastGMPOTrainer,
+    FastGRPOTrainer,
+    GFPOConfig,
+    GFPOTrainer,
+    patch,
 )
 
 pytestmark = pytest.mark.slow
@@ -103,7 +108,7 @@ def assert_same_training(trl_run, fast_run, compare_metrics=True):
             assert key in b, f"metric {key} is not logged by the fast path"
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-5), (key, a[key], b[key])
     for name, p in params_a.items():
-        torch.testing.assert_close(params_b[name], p, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(params_b[name], p, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 class LossPaths:

@@ -14,7 +14,8 @@ def test_compare_runs_variants_and_reuses_finished_runs(tiny_model, tmp_path, mo
     flags = ["--model_name_or_path", str(tiny_model), "--max_steps", "1", "--num_generations", "4",
              "--num_remains_in_group", "2", "--per_device_train_batch_size", "8", "--max_completion_length", "6",
              "--temperature", "1.0", "--arithmetic_num_train", "40", "--eval_num_prompts", "4",
-             "--eval_batch_size", "4", "--reward_funcs", "reward_fns:id_parity", "--reward_weights", "1.0", "--save_steps", "100"]
+             "--eval_batch_size", "4", "--reward_funcs", "reward_fns:id_parity", "--reward_weights", "1.0",
+             "--save_steps", "100"]
     compare.main(["--variants", "grpo", "gfpo", "--seeds", "3", "--output_dir", str(out), *flags])
     rows = json.loads((out / "compare.json").read_text())
     assert set(rows) == {"grpo seed 3", "gfpo seed 3"}
