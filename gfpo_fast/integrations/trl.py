@@ -343,11 +343,10 @@ ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "a
 class GFPOTrainer(GRPOTrainer):
     """Group Filtered Policy Optimization (arXiv 2508.09726) on TRL's ``GRPOTrainer`` (module docstring).
 
-    ``group_filter_func(group_completions=..., group_rewards=..., **kwargs)`` receives, for the ``N / G``
-    groups of the global generation batch, lists of ``G`` completions (as given to reward functions) and of
-    ``G`` weighted rewards (a missing reward counts 0), and returns one score per completion per group,
-    higher = kept: ``-len`` keeps the shortest, ``reward / len`` the most token-efficient. A filter that accepts
-    a ``group_completion_ids`` keyword (or ``**kwargs``) also gets the completion token ids, grouped alike.
+    ``group_filter_func`` has TRL's contract (:mod:`gfpo_fast.group_filter` states it): it scores every
+    completion of the global generation batch from its group's completions and weighted rewards (and token
+    ids, if it takes ``group_completion_ids``), higher = kept: ``-len`` keeps the shortest, ``reward / len``
+    the most token-efficient.
     Arguments after ``peft_config`` are passed to ``GRPOTrainer`` (``tools``, ``rollout_func``, ...).
     """
 
