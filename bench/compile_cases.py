@@ -2,8 +2,9 @@
 
 Shapes that matter on a GPU: N = 16,384 tokens at V = 151,936 (Qwen) and 49,152 (SmolLM2), bf16 and fp32
 logits, with and without entropy and the active-row mask; the fused-linear chunk (its launches are the same
-kernels at N = chunk); GFPO groups of G = 8 and 16. ``meta`` tensors carry shapes, strides and dtypes but no
-data, so a launcher that read a value on the host would fail here (the launchers never synchronise).
+kernels at N = chunk, also soft-capped); GFPO groups of G = 8 and 16. ``meta`` tensors carry shapes, strides
+and dtypes but no data, so a launcher that read a value on the host would fail here (the launchers never
+synchronise).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from gfpo_fast.kernels import advantages as adv_kernels
 from gfpo_fast.kernels import logprobs as lp_kernels
 
 META = torch.device("meta")
+FUSED_LINEAR_CHUNK = 1024  # gfpo_fast.fused_linear.DEFAULT_CHUNK_SIZE: the N of the fused-linear chunk launches
 
 
 @dataclasses.dataclass
@@ -56,7 +58,7 @@ def shipped_kernels() -> list:
 
 
 def _logprob_cases(tiny: bool):
-    Ns = [(64, 1000)] if tiny else [(16384, 151936), (16384, 49152), (1024, 151936)]  # 1024: a fused-linear chunk
+    Ns = [(64, 1000)] if tiny else [(16384, 151936), (16384, 49152), (FUSED_LINEAR_CHUNK, 151936)]
     dtypes = [torch.bfloat16] if tiny else [torch.bfloat16, torch.float32]
     for (N, V) in Ns:
         for dtype in dtypes:
@@ -72,18 +74,21 @@ def record_launches(tiny: bool = False) -> list:
         name = str(dtype).removeprefix("torch.")
         logits = torch.empty(N, V, dtype=dtype, device=META)
         ids = torch.empty(N, dtype=torch.int64, device=META)
-        for entropy in (False, True):
-            for active in (None, torch.empty(N, dtype=torch.bool, device=META)):
-                case = f"N={N} V={V} {name}" + (" entropy" if entropy else "") + (" active" if active is not None
-                                                                                   else "")
-                with recording(kernels, f"fwd {case}", launches):
-                    lp_kernels.token_logprobs_forward(logits, ids, 1.0, entropy, active)
-        lse = torch.empty(N, dtype=torch.float32, device=META)
-        for dentropy in (None, lse):
-            case = f"bwd N={N} V={V} {name}" + (" dentropy" if dentropy is not None else "")
-            with recording(kernels, case, launches):
-                lp_kernels.token_logprobs_backward(logits, ids, lse, lse, 1.0, entropy=dentropy,
-                                                   dentropy=dentropy)
+        # Soft-capped logits (Gemma's final_logit_softcapping) come only through the fused-linear chunk.
+        for softcap in (None, 30.0) if tiny or N == FUSED_LINEAR_CHUNK else (None,):
+            cap = "" if softcap is None else " softcap"
+            for entropy in (False, True):
+                for active in (None, torch.empty(N, dtype=torch.bool, device=META)):
+                    case = (f"N={N} V={V} {name}" + (" entropy" if entropy else "")
+                            + (" active" if active is not None else "") + cap)
+                    with recording(kernels, f"fwd {case}", launches):
+                        lp_kernels.token_logprobs_forward(logits, ids, 1.0, entropy, active, softcap=softcap)
+            lse = torch.empty(N, dtype=torch.float32, device=META)
+            for dentropy in (None, lse):
+                case = f"bwd N={N} V={V} {name}" + (" dentropy" if dentropy is not None else "") + cap
+                with recording(kernels, case, launches):
+                    lp_kernels.token_logprobs_backward(logits, ids, lse, lse, 1.0, entropy=dentropy,
+                                                       dentropy=dentropy, softcap=softcap)
     for G in ((8,) if tiny else (8, 16)):
         rewards = torch.empty(64 * G, dtype=torch.float32, device=META)
         for F in (1, 3):

@@ -39,26 +39,26 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "logprobs_forward",
       [](uintptr_t logits, int dtype, int64_t n_rows, int64_t inner, int64_t stride_outer, int64_t stride_inner,
-         int64_t vocab, uintptr_t token_ids, uintptr_t active, float inv_temperature, uintptr_t logp, uintptr_t lse,
-         uintptr_t entropy, int n_threads) {
+         int64_t vocab, uintptr_t token_ids, uintptr_t active, float z_scale, float z_cap, uintptr_t logp,
+         uintptr_t lse, uintptr_t entropy, int n_threads) {
         py::gil_scoped_release release;
         gfpo::logprobs_forward(ptr<const void>(logits), dtype, n_rows, {inner, stride_outer, stride_inner}, vocab,
-                               ptr<const int64_t>(token_ids), ptr<const std::uint8_t>(active), inv_temperature,
+                               ptr<const int64_t>(token_ids), ptr<const std::uint8_t>(active), z_scale, z_cap,
                                ptr<float>(logp), ptr<float>(lse), ptr<float>(entropy), n_threads);
       },
       "logits rows (f32 or bf16 by dtype, row n at (n // inner) * stride_outer + (n % inner) * stride_inner), "
-      "token_ids [n_rows] i64, active [n_rows] u8 (0 = all active; inactive rows are not read and get zeros) "
+      "token_ids [n_rows] i64, z = logits * z_scale (soft-capped at z_cap when > 0), active [n_rows] u8 (0 = all active; inactive rows are not read and get zeros) "
       "-> logp, lse [n_rows] f32, entropy [n_rows] f32 unless its address is 0");
 
   m.def(
       "logprobs_backward",
       [](uintptr_t logits, int dtype, int64_t n_rows, int64_t inner, int64_t stride_outer, int64_t stride_inner,
-         int64_t vocab, uintptr_t token_ids, float inv_temperature, uintptr_t lse, uintptr_t entropy,
+         int64_t vocab, uintptr_t token_ids, float z_scale, float z_cap, uintptr_t lse, uintptr_t entropy,
          uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t grad_logits, int64_t grad_inner,
          int64_t grad_stride_outer, int64_t grad_stride_inner, int n_threads) {
         py::gil_scoped_release release;
         gfpo::logprobs_backward(ptr<const void>(logits), dtype, n_rows, {inner, stride_outer, stride_inner}, vocab,
-                                ptr<const int64_t>(token_ids), inv_temperature, ptr<const float>(lse),
+                                ptr<const int64_t>(token_ids), z_scale, z_cap, ptr<const float>(lse),
                                 ptr<const float>(entropy), ptr<const float>(grad_logp),
                                 ptr<const float>(grad_entropy), ptr<void>(grad_logits),
                                 {grad_inner, grad_stride_outer, grad_stride_inner}, n_threads);

@@ -17,21 +17,23 @@ struct RowLayout {
 
 // logits [n_rows, vocab] (layout above; float32 or bfloat16 by dtype), token_ids [n_rows] int64 in [0, vocab)
 // (an id outside it is not dereferenced: its logp is NaN, and so is its gradient row in the backward)
-// -> logp, lse [n_rows] float32 of z = logits * inv_temperature, and entropy [n_rows] float32 when not null.
+// -> logp, lse [n_rows] float32 of z = logits * z_scale (z_scale = scale / temperature), or, when z_cap > 0,
+// z = z_cap tanh(logits * z_scale / z_cap) (final-logit soft-capping; z_cap = cap / temperature), and entropy
+// [n_rows] float32 when not null.
 // active [n_rows] uint8 (null = every row active): rows with active[n] == 0 (masked tokens, whose log-probs
 // a loss never uses) read neither their logits nor their token id and get logp = lse = entropy = 0.
 void logprobs_forward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
-                      const std::int64_t* token_ids, const std::uint8_t* active, float inv_temperature, float* logp,
-                      float* lse, float* entropy, int n_threads);
+                      const std::int64_t* token_ids, const std::uint8_t* active, float z_scale, float z_cap,
+                      float* logp, float* lse, float* entropy, int n_threads);
 
-// dL/dlogits [n_rows, vocab] in the logits dtype, rows placed by grad_layout, from grad_logp [n_rows] and
+// dL/dlogits [n_rows, vocab] in the logits dtype (z_scale, z_cap as in the forward), rows placed by grad_layout, from grad_logp [n_rows] and
 // (when not null) grad_entropy [n_rows] with the entropy [n_rows] of the forward; null grads count as zeros.
 // grad_logits may be logits itself (same layout): each row is read before it is overwritten. Rows whose
 // grads are both zero are only zero-filled: their logits, token id, lse and entropy are not read (so they
 // may be rows the forward skipped).
 void logprobs_backward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
-                       const std::int64_t* token_ids, float inv_temperature, const float* lse, const float* entropy,
-                       const float* grad_logp, const float* grad_entropy, void* grad_logits, RowLayout grad_layout,
-                       int n_threads);
+                       const std::int64_t* token_ids, float z_scale, float z_cap, const float* lse,
+                       const float* entropy, const float* grad_logp, const float* grad_entropy, void* grad_logits,
+                       RowLayout grad_layout, int n_threads);
 
 }  // namespace gfpo

@@ -1,12 +1,18 @@
 """Per-token log-probs (and entropies) of chosen tokens, straight from the logits, in Triton.
 
-For each of the ``N = B*T`` rows, with ``z = logits / temperature`` (TRL divides by the sampling
-temperature, trl_semantics.md section 2.3)::
+For each of the ``N = B*T`` rows, with ``z = logits * scale / temperature`` (TRL divides by the sampling
+temperature, trl_semantics.md section 2.3; ``scale`` is a model's logit scale, 1 for most), or, with
+final-logit soft-capping (Gemma 2/3), ``z = softcap * tanh(scale * logits / softcap) / temperature``::
 
     lse[n]     = log sum_v exp(z[n, v])                      (online max / sum over vocab tiles, fp32)
     logp[n]    = z[n, y_n] - lse[n]
     entropy[n] = lse[n] - sum_v softmax(z[n])_v z[n, v]
-    dlogits[n, v] = ( dlogp[n] (1[v = y_n] - p_v) - dentropy[n] p_v (z_v - lse + entropy) ) / temperature
+    dlogits[n, v] = ( dlogp[n] (1[v = y_n] - p_v) - dentropy[n] p_v (z_v - lse + entropy) ) * dz_v/dlogits_v
+    dz_v/dlogits_v = scale / temperature   (soft-capped: times 1 - tanh^2(scale * logits_v / softcap))
+
+The kernels take ``z_scale = scale / temperature`` and ``z_cap = softcap / temperature``, so that
+``z = z_cap * tanh(logits * z_scale / z_cap)``; the soft-cap is recomputed from the logits in both passes (one
+exponential per logit, :func:`_softcap`), so nothing transformed is ever stored.
 
 Shapes and dtypes: ``logits`` ``[B, T, V]`` or ``[N, V]``, fp32 / bf16 / fp16, any row strides (for
 example the ``[:, :-1]`` slice of a model's output), vocab stride 1 (otherwise one copy is made);
@@ -23,8 +29,9 @@ read in forward, and rows with a zero incoming gradient are not read in backward
 2 bytes written per logit.
 Nothing of size [N, V] is allocated except the gradient itself, and not even that with ``inplace``.
 
-Run-time arguments, never constants: N, T, V, the row strides and the temperature, so a new batch
-shape or temperature reuses the compiled kernel (sizes that change every step are excluded from
+Run-time arguments, never constants: N, T, V, the row strides, the temperature, the scale and the cap, so a
+new batch shape, temperature or model reuses the compiled kernel (soft-capping on or off is a compile-time
+flag) (sizes that change every step are excluded from
 Triton's integer specialisation with ``do_not_specialize``). The grid is 1-D over rows, so any
 number of rows (> 65,535) works, and row offsets are computed in int64.
 """
@@ -45,15 +52,28 @@ from ._launch import device_guard, eager_launch, vocab_tile
 _RUNTIME_SIZES = ["stride_lb", "stride_ib", "T"]
 
 
+@triton.jit
+def _softcap(y, cap):
+    """``cap * tanh(y / cap)`` and its derivative ``1 - tanh^2(y / cap)``, fp32, from one exponential
+    ``e = exp(-2 |y| / cap)``: ``tanh = sign(y) (1 - e) / (1 + e)`` and ``1 - tanh^2 = 4 e / (1 + e)^2``
+    (portable: no libdevice tanh, so it also runs on AMD and the interpreter). Absolute error of the value
+    about ``cap * 2^-23`` (``1 - e`` cancels for small ``|y|``); ``+-inf`` gives ``+-cap``, as torch.tanh does."""
+    e = tl.exp(-2.0 * tl.abs(y) / cap)
+    inv = 1.0 / (1.0 + e)
+    t = (1.0 - e) * inv
+    return tl.where(y < 0, -t, t) * cap, 4.0 * e * inv * inv
+
+
 @triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _token_logprobs_fwd_kernel(
     logits_ptr, ids_ptr, active_ptr, logp_ptr, lse_ptr, entropy_ptr,  # pointers; active, outputs contiguous [N]
     stride_lb, stride_lt, stride_ib, stride_it,  # strides (elements) of logits / token_ids over (b, t)
     T, V,  # runtime sizes: completion length (row r is (r // T, r % T)), vocab
-    inv_temperature,  # runtime fp32 scalar: a new temperature does not recompile
+    z_scale, z_cap,  # runtime fp32 scalars (scale / temperature, softcap / temperature): no recompile per value
     BLOCK_V: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,  # read active_ptr (uint8 [N]); rows where it is 0 are skipped
+    HAS_SOFTCAP: tl.constexpr,  # z = z_cap * tanh(logits * z_scale / z_cap); z_cap is not read otherwise
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 so that b * stride_lb cannot overflow past 2^31 elements
     if HAS_ACTIVE:
@@ -80,7 +100,9 @@ def _token_logprobs_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         in_vocab = offs < V
-        z = tl.load(x_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+        z = tl.load(x_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32) * z_scale
+        if HAS_SOFTCAP:
+            z = tl.where(in_vocab, _softcap(z, z_cap)[0], float("-inf"))  # the lanes past V stay -inf, not -cap
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # A finite shift while every logit so far is -inf (a masked vocab range), else -inf - -inf = NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -91,7 +113,9 @@ def _token_logprobs_fwd_kernel(
             s = s * scale + tl.sum(e * tl.where(in_vocab, z, 0.0), axis=0)  # where: 0 * -inf would be NaN
         m = m_new
     lse = m + tl.log(d)
-    z_target = tl.load(x_row + target, mask=target_ok, other=float("nan")).to(tl.float32) * inv_temperature
+    z_target = tl.load(x_row + target, mask=target_ok, other=float("nan")).to(tl.float32) * z_scale
+    if HAS_SOFTCAP:
+        z_target = _softcap(z_target, z_cap)[0]
     tl.store(logp_ptr + row, z_target - lse)
     tl.store(lse_ptr + row, lse)
     if HAS_ENTROPY:
@@ -103,9 +127,10 @@ def _token_logprobs_bwd_kernel(
     grad_ptr, logits_ptr, ids_ptr, lse_ptr, dlogp_ptr, entropy_ptr, dentropy_ptr,  # pointers; per-row ones [N] fp32
     stride_gb, stride_gt, stride_lb, stride_lt, stride_ib, stride_it,  # strides of grad / logits / token_ids
     T, V,  # runtime sizes
-    inv_temperature,  # runtime fp32 scalar
+    z_scale, z_cap,  # runtime fp32 scalars, as in the forward
     BLOCK_V: tl.constexpr,
     HAS_DENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -132,14 +157,24 @@ def _token_logprobs_bwd_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             in_vocab = offs < V
-            z = tl.load(x_row + offs, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
+            z = tl.load(x_row + offs, mask=in_vocab, other=0.0).to(tl.float32) * z_scale
+            if HAS_SOFTCAP:
+                z, slope = _softcap(z, z_cap)  # slope = dz / d(logits * z_scale)
             p = tl.exp(z - lse)  # softmax recomputed from the saved lse: nothing [N, V] was kept
             # (onehot - p) in fp32: for the target lane 1 - p stays exact enough even when p -> 1.
             dz = g * (tl.where(offs == target, 1.0, onehot_off) - p)
             if HAS_DENTROPY:
                 dz -= gh * p * (z + c)
             # Each tile is read before it is written, so grad_ptr may alias logits_ptr (inplace).
-            tl.store(g_row + offs, (dz * inv_temperature).to(grad_ptr.dtype.element_ty), mask=in_vocab)
+            dx = dz * z_scale
+            if HAS_SOFTCAP:
+                dx *= slope
+            tl.store(g_row + offs, dx.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+
+
+def _z_transform(temperature: float, scale: float, softcap: float | None) -> tuple[float, float]:
+    """The kernels' ``(z_scale, z_cap)``; ``z_cap`` is a stand-in 1.0 (never read) without soft-capping."""
+    return scale / temperature, 1.0 if softcap is None else softcap / temperature
 
 
 def _as_rows(logits: torch.Tensor, token_ids: torch.Tensor):
@@ -153,7 +188,7 @@ def _as_rows(logits: torch.Tensor, token_ids: torch.Tensor):
 
 @eager_launch
 def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, return_entropy: bool,
-                           active: torch.Tensor | None = None):
+                           active: torch.Tensor | None = None, *, scale: float = 1.0, softcap: float | None = None):
     """Launches the forward kernel. Returns fp32 ``(logp, lse, entropy or None)`` shaped like ``token_ids``.
 
     The launcher contract shared with the C++ backend (``gfpo_fast/cpu/logprobs.py``), driven by
@@ -161,7 +196,9 @@ def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temper
     ``token_ids`` shaped ``logits.shape[:-1]``; an id outside ``[0, V)`` is never dereferenced and gives a
     NaN log-prob (the public ops raise before they launch). ``active``: optional bool tensor shaped like
     ``token_ids``; rows where it is False read nothing (neither logits nor id) and get
-    ``logp = lse = entropy = 0`` (for a loss that ignores them). None: every row is computed.
+    ``logp = lse = entropy = 0`` (for a loss that ignores them). None: every row is computed. ``scale`` and
+    ``softcap`` (> 0, or None): the distribution is ``softmax(softcap * tanh(scale * logits / softcap) /
+    temperature)``, or ``softmax(scale * logits / temperature)`` without a cap (a model's logit transform).
     """
     x, ids = _as_rows(logits, token_ids)
     if active is not None:
@@ -179,17 +216,19 @@ def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temper
                 x, ids, ids if active is None else active, logp, lse, entropy if return_entropy else logp,
                 x.stride(0), x.stride(1), ids.stride(0), ids.stride(1),
                 T, V,
-                1.0 / temperature,
-                BLOCK_V=block_v, HAS_ENTROPY=return_entropy, HAS_ACTIVE=active is not None, num_warps=num_warps,
+                *_z_transform(temperature, scale, softcap),
+                BLOCK_V=block_v, HAS_ENTROPY=return_entropy, HAS_ACTIVE=active is not None,
+                HAS_SOFTCAP=softcap is not None, num_warps=num_warps,
             )
     return logp, lse, entropy
 
 
 @eager_launch
 def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entropy=None, dentropy=None,
-                            inplace=False) -> torch.Tensor:
+                            inplace=False, scale=1.0, softcap=None) -> torch.Tensor:
     """dL/dlogits from ``dlogp`` (and ``dentropy``), fp32 shaped like ``token_ids`` (None counts as zeros),
-    with the ``lse`` (and ``entropy``) of the forward launcher; shared contract with the C++ backend.
+    with the ``lse`` (and ``entropy``) of the forward launcher, which took the same ``temperature``, ``scale``
+    and ``softcap`` (their chain-rule factor is applied); shared contract with the C++ backend.
 
     ``inplace=True`` writes the gradient over ``logits`` and returns it (the caller must not need
     the logits afterwards; a strided vocab is first copied, and the copy is written); otherwise a new
@@ -210,7 +249,7 @@ def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entro
                 grad, x, ids, lse, dlogp, entropy if has_dentropy else lse, dentropy if has_dentropy else dlogp,
                 grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), ids.stride(0), ids.stride(1),
                 T, V,
-                1.0 / temperature,
-                BLOCK_V=block_v, HAS_DENTROPY=has_dentropy, num_warps=num_warps,
+                *_z_transform(temperature, scale, softcap),
+                BLOCK_V=block_v, HAS_DENTROPY=has_dentropy, HAS_SOFTCAP=softcap is not None, num_warps=num_warps,
             )
     return grad.view(logits.shape) if logits.dim() == 2 else grad

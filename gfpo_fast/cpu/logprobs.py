@@ -75,9 +75,19 @@ def _flat(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.detach().reshape(-1).to(dtype).contiguous()
 
 
+def _z_transform(temperature: float, scale: float, softcap: float | None) -> tuple[float, float]:
+    """``(z_scale, z_cap)`` of the kernels: ``z = z_cap tanh(logits z_scale / z_cap)`` (``z_cap`` 0: ``z = logits
+    z_scale``), i.e. ``softcap tanh(scale logits / softcap) / temperature``."""
+    return scale / temperature, 0.0 if softcap is None else softcap / temperature
+
+
 def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, return_entropy: bool,
-                           active: torch.Tensor | None = None):
+                           active: torch.Tensor | None = None, *, scale: float = 1.0, softcap: float | None = None):
     """Returns float32 ``(logp, lse, entropy or None)`` shaped like ``token_ids``.
+
+    The distribution is ``softmax(softcap * tanh(scale * logits / softcap) / temperature)`` (``softcap`` None:
+    ``softmax(scale * logits / temperature)``): a model's logit scale and final-logit soft-capping, computed in
+    float32 from the logits as read, and nothing transformed is stored (:mod:`gfpo_fast.fused_linear`).
 
     ``logits`` ``[B, T, V]`` / ``[N, V]`` float32, bfloat16 or float16 (no autograd); ``token_ids`` shaped
     ``logits.shape[:-1]``, int64 or int32. ``active``: optional bool tensor shaped like ``token_ids``; rows
@@ -92,15 +102,16 @@ def token_logprobs_forward(logits: torch.Tensor, token_ids: torch.Tensor, temper
     # Copies made by _flat must outlive the call: hold them in names. A bool tensor is one byte per element,
     # 0 or 1: the kernel reads it as uint8.
     ids, active = _flat(token_ids, torch.int64), _flat(active, torch.bool)
-    _C.logprobs_forward(*rows.args(), ids.data_ptr(), _address(active), 1.0 / temperature, logp.data_ptr(),
-                        lse.data_ptr(), _address(entropy), torch.get_num_threads())
+    _C.logprobs_forward(*rows.args(), ids.data_ptr(), _address(active), *_z_transform(temperature, scale, softcap),
+                        logp.data_ptr(), lse.data_ptr(), _address(entropy), torch.get_num_threads())
     return logp, lse, entropy
 
 
 def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entropy=None, dentropy=None,
-                            inplace=False) -> torch.Tensor:
+                            inplace=False, scale=1.0, softcap=None) -> torch.Tensor:
     """dL/dlogits, shaped and typed like ``logits``, from ``dlogp`` / ``dentropy`` (float32 shaped like
-    ``token_ids``; None counts as zeros) and the ``lse`` (and ``entropy``) of the forward.
+    ``token_ids``; None counts as zeros) and the ``lse`` (and ``entropy``) of the forward, which took the same
+    ``temperature``, ``scale`` and ``softcap`` (the chain rule through them is applied).
 
     ``inplace=True`` writes the gradient over ``logits`` (or over the copy made for float16 or a strided
     vocab) and returns it; each row is read before it is written, and the caller must not need the logits
@@ -111,7 +122,7 @@ def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entro
     out = LogitRows.of(grad)
     ids = _flat(token_ids, torch.int64)  # copies made by _flat must outlive the call: hold them in names
     lse, entropy, dlogp, dentropy = (_flat(x, torch.float32) for x in (lse, entropy, dlogp, dentropy))
-    _C.logprobs_backward(*rows.args(), ids.data_ptr(), 1.0 / temperature, lse.data_ptr(), _address(entropy),
-                         _address(dlogp), _address(dentropy), grad.data_ptr(), out.inner, out.stride_outer,
-                         out.stride_inner, torch.get_num_threads())
+    _C.logprobs_backward(*rows.args(), ids.data_ptr(), *_z_transform(temperature, scale, softcap), lse.data_ptr(),
+                         _address(entropy), _address(dlogp), _address(dentropy), grad.data_ptr(), out.inner,
+                         out.stride_outer, out.stride_inner, torch.get_num_threads())
     return grad.to(logits.dtype)
