@@ -53,10 +53,13 @@ class FusedLinearGRPOLoss(_PolicyLossModule):
     """GRPO-family loss from hidden states and the lm_head weight, without the full ``[B, T, V]`` logits.
 
     ``FusedLinearGRPOLoss(chunk_size=1024, **policy_loss_keywords)``; ``forward(hidden [B, T, H], weight [V, H],
-    token_ids [B, T], old_logp, advantages, mask, *, bias=None, ref_logp=None, importance_sampling_ratio=None,
-    num_items_in_batch=None)`` returns ``(loss, metrics)`` exactly as :func:`gfpo_fast.fused_linear_policy_loss`:
-    equal to :func:`gfpo_fast.policy_loss` on ``token_logprobs(hidden @ weight.T + bias, token_ids)``, with
-    gradients to ``hidden``, ``weight`` and ``bias``; one ``[chunk_size, V]`` logits block exists at a time.
+    token_ids [B, T], old_logp, advantages, mask, *, bias=None, scale=1.0, softcap=None, ref_logp=None,
+    importance_sampling_ratio=None, num_items_in_batch=None)`` returns ``(loss, metrics)`` exactly as
+    :func:`gfpo_fast.fused_linear_policy_loss`: equal to :func:`gfpo_fast.policy_loss` on the log-probs of the
+    model's logits ``softcap * tanh(scale * (hidden @ weight.T + bias) / softcap)`` (``scale * (...)`` without a
+    cap), with gradients to ``hidden``, ``weight`` and ``bias``; one ``[chunk_size, V]`` logits block exists at a
+    time. A model's ``weight``, ``bias``, ``scale`` and ``softcap``: ``lm_head_of(model).op_kwargs()``
+    (:mod:`gfpo_fast.lm_head`).
     """
 
     def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs):
@@ -64,10 +67,11 @@ class FusedLinearGRPOLoss(_PolicyLossModule):
         require_positive_int("chunk_size", chunk_size)
         self.chunk_size = chunk_size
 
-    def forward(self, hidden, weight, token_ids, old_logp, advantages, mask, *, bias=None, ref_logp=None,
-                importance_sampling_ratio=None, num_items_in_batch=None):
+    def forward(self, hidden, weight, token_ids, old_logp, advantages, mask, *, bias=None, scale=1.0, softcap=None,
+                ref_logp=None, importance_sampling_ratio=None, num_items_in_batch=None):
         return fused_linear_policy_loss(
-            hidden, weight, token_ids, old_logp, advantages, mask, bias=bias, temperature=self.temperature,
+            hidden, weight, token_ids, old_logp, advantages, mask, bias=bias, scale=scale, softcap=softcap,
+            temperature=self.temperature,
             ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
             num_items_in_batch=num_items_in_batch, return_entropy=self.return_entropy, chunk_size=self.chunk_size,
             backend=self.backend, **self.loss_kwargs,
