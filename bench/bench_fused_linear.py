@@ -1,16 +1,26 @@
-"""The fused-linear policy loss (hidden states and lm_head weight in, never the whole logits), forward + backward.
+"""From hidden states and the lm_head weight (never the whole logits), forward + backward: log-probs and the loss.
 
-Runs only when gfpo-fast has a fused-linear op at run time: ``gf.fused_linear_policy_loss`` (issue 3's
-functional) and/or ``gf.FusedLinearGRPOLoss`` (the module); otherwise it has no cases.
+Two tables per run, gradients to ``hidden`` and ``weight`` (no bias), fp32 on the CPU, bf16 on CUDA:
 
-Implementations: the reference ``hidden @ weight.T`` followed by ``fused_policy_loss_ref`` (eager and under
-``torch.compile``), gfpo-fast's fused-linear op(s) with ``backend="auto"``, TRL's ``selective_log_softmax``
-on the full logits followed by ``policy_loss_ref``, and Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (chunked
-pure torch; its loss math is compiled on CUDA, eager on the CPU where compiling takes ~20 s). Gradients go to
-``hidden`` and ``weight``; no bias. The loss is token-level ``dapo`` and GSPO (sequence level).
+* **log-probs** (``gf.fused_linear_logprobs``) at two heads, SmolLM2's (H = 576, V = 49,152) and a Qwen-size one
+  (H = 896, V = 151,936) on the CPU, swept over the token count N, with a random upstream gradient;
+* **the loss** (``gf.fused_linear_policy_loss``, and ``gf.FusedLinearGRPOLoss`` where it exists): token-level
+  ``dapo`` and GSPO (sequence level).
 
-FLOPs (TFLOP/s): ``6 N H V``, the forward GEMM and the two backward GEMMs; recomputing the logits in the
-backward, as chunked implementations do, is extra work that is not counted.
+Implementations: the oracle (full logits ``hidden @ weight.T``, then the project's reference log-probs and loss;
+checked against, never a baseline); gfpo-fast with ``backend="auto"``; the peers: idiomatic torch eager (full
+logits, ``log_softmax(logits.float() / T).gather``, autograd) and ``torch.compile`` of it (on the CPU too;
+compile reported apart, never timed); TRL's fused LM head (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``,
+called as TRL 1.16's GRPOTrainer calls it: torch tiles on the CPU, a Triton fold on CUDA; see
+:func:`bench.harness.trl_fused_lm_head`); TRL's path up to 1.14 (full logits, then ``selective_log_softmax``;
+on CUDA TRL 1.16 routes that function to its Triton kernel and the row says so); Liger-Kernel: for the loss its
+``LigerFusedLinearGRPOLoss`` (chunked pure torch, so it runs on the CPU too; its loss math compiled on CUDA,
+eager on the CPU), for log-probs its fused linear cross-entropy with ``reduction="none"`` (``-loss`` is the
+log-prob; Triton, CUDA only). Every loss peer puts TRL's loss math (``policy_loss_ref``) on its log-probs.
+
+FLOPs (TFLOP/s): ``6 N H V`` useful ones (the forward GEMM and the two backward GEMMs). The floor of the
+recompute design that gfpo-fast and TRL share is ``8 N H V`` (the backward recomputes the logits): the targets
+compare the measured time with ``8 N H V`` at the matmul rate measured in the same run.
 """
 from __future__ import annotations
 
@@ -24,31 +34,74 @@ from gfpo_fast.fused_policy_loss import fused_policy_loss_ref
 from gfpo_fast.logprobs import token_logprobs_ref
 from gfpo_fast.policy_loss import make_loss_config, policy_loss_ref
 
-from .harness import Case, Impl, compiled_impl, grads, peer_impl
+from .harness import (
+    Case,
+    Impl,
+    compiled_impl,
+    grads,
+    idiomatic_logprobs,
+    oracle,
+    peer_impl,
+    trl_fused_lm_head,
+    trl_logits_label,
+)
 
 VARIANTS = {"dapo": dict(loss_type="dapo"), "gspo": dict(loss_type="grpo", importance_sampling_level="sequence")}
-# rows B, completion length T, vocab V, dtype, hidden sizes H swept.
+# Log-probs: (H, V, token counts N); loss: rows B, completion length T, vocab V and hidden sizes H; dtype.
 SIZES = {
-    "test": dict(B=2, T=32, V=1000, dtype=torch.float32, H=[64]),
-    "cpu": dict(B=4, T=128, V=49152, dtype=torch.float32, H=[256, 576]),
-    "gpu": dict(B=16, T=1024, V=151936, dtype=torch.bfloat16, H=[2048, 4096]),
+    "test": dict(dtype=torch.float32, heads=[(64, 1000, [64, 128])], B=2, T=32, V=1000, H=[64]),
+    "cpu": dict(dtype=torch.float32, heads=[(576, 49152, [1024, 2048]), (896, 151936, [1024])],
+                B=4, T=128, V=49152, H=[576]),
+    "gpu": dict(dtype=torch.bfloat16, heads=[(2048, 151936, [4096, 16384]), (4096, 151936, [16384])],
+                B=16, T=1024, V=151936, H=[2048, 4096]),
 }
+EAGER, COMPILED = "torch eager (linear + log_softmax + gather)", "torch.compile (linear + log_softmax + gather)"
+TRL_HEAD = "TRL fused LM head (ChunkedLogProbFunction)"
+LIGER_LOSS, LIGER_CE = "Liger LigerFusedLinearGRPOLoss", "Liger fused linear cross-entropy (reduction=none)"
 
 
 def linear_policy_loss_ref(cfg, hidden, weight, token_ids, old_logp, advantages, mask):
-    """The reference: full logits ``hidden @ weight.T``, then the reference fused loss."""
+    """The oracle of the loss: full logits ``hidden @ weight.T``, then the reference fused loss."""
     return fused_policy_loss_ref(cfg, F.linear(hidden, weight), token_ids, old_logp, advantages, mask)
 
 
+def linear_logprobs_ref(hidden, weight, token_ids):
+    """The oracle of the log-probs: full logits, then ``token_logprobs_ref``."""
+    return token_logprobs_ref(F.linear(hidden, weight), token_ids)
+
+
+def idiomatic_linear_logprobs(hidden, weight, token_ids):
+    return idiomatic_logprobs(F.linear(hidden, weight), token_ids)
+
+
+def idiomatic_linear_loss(cfg, hidden, weight, token_ids, old_logp, advantages, mask):
+    return policy_loss_ref(cfg, idiomatic_linear_logprobs(hidden, weight, token_ids), old_logp, advantages, mask)
+
+
+def _weights(H, V, dtype, device, g):
+    return (torch.randn(V, H, generator=g, device=device) * (2 / H**0.5)).to(dtype)
+
+
 def make_inputs(B, T, H, V, dtype, device) -> dict:
+    """The loss case: hidden ``[B, T, H]``, weight ``[V, H]``, ids, old log-probs near the current ones, ..."""
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(B, T, H, generator=g, device=device).to(dtype)
-    weight = (torch.randn(V, H, generator=g, device=device) * (2 / H**0.5)).to(dtype)
+    weight = _weights(H, V, dtype, device, g)
     ids = torch.randint(0, V, (B, T), generator=g, device=device)
     with torch.no_grad():
         old = token_logprobs_ref(F.linear(hidden, weight), ids) + 0.2 * torch.randn(B, T, generator=g, device=device)
     return {"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(), "ids": ids, "old": old,
             "adv": torch.randn(B, generator=g, device=device), "mask": torch.ones(B, T, device=device)}
+
+
+def make_logprob_inputs(N, H, V, dtype, device) -> dict:
+    """The log-prob case: hidden ``[N, H]`` (flattened tokens, as TRL's head takes them), weight, ids, ``dlogp``."""
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(N, H, generator=g, device=device).to(dtype)
+    weight = _weights(H, V, dtype, device, g)
+    return {"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(),
+            "ids": torch.randint(0, V, (N,), generator=g, device=device),
+            "dlogp": torch.randn(N, generator=g, device=device)}
 
 
 def _args(x):
@@ -60,27 +113,64 @@ def _with_grads(loss_fn):
     return lambda x: grads(loss_fn(x)[0], [x["hidden"], x["weight"]])
 
 
+def _logprob_grads(fn):
+    """``fn(hidden, weight, ids) -> logp`` as an implementation returning ``(logp, dhidden, dweight)``."""
+    return lambda x: grads(fn(x["hidden"], x["weight"], x["ids"]), [x["hidden"], x["weight"]], x["dlogp"])
+
+
 def gf_ops() -> dict:
-    """The fused-linear entry points gfpo-fast has right now, by name."""
+    """The fused-linear loss entry points gfpo-fast has right now, by name."""
     names = ("fused_linear_policy_loss", "FusedLinearGRPOLoss")
     return {name: getattr(gf, name) for name in names if hasattr(gf, name)}
 
 
-def implementations(variant: str, T: int, device: torch.device, compile: bool) -> list[Impl]:
+def _trl_head_impl(name: str, make) -> Impl:
+    head, why = trl_fused_lm_head()
+    return Impl(name, skip=why) if head is None else Impl(name, make(head))
+
+
+def logprob_implementations(device: torch.device, compile: bool) -> list[Impl]:
+    impls = [oracle("torch reference", _logprob_grads(linear_logprobs_ref))]
+    if hasattr(gf, "fused_linear_logprobs"):
+        impls.append(Impl("gfpo-fast fused_linear_logprobs (auto)", _logprob_grads(gf.fused_linear_logprobs),
+                          role="ours"))
+    impls.append(Impl(EAGER, _logprob_grads(idiomatic_linear_logprobs)))
+    impls.append(compiled_impl(COMPILED, idiomatic_linear_logprobs, _logprob_grads, compile))
+    impls.append(_trl_head_impl(TRL_HEAD, _logprob_grads))
+    impls.append(peer_impl(trl_logits_label(device), "trl.trainer.utils", "selective_log_softmax",
+                           lambda f: _logprob_grads(lambda h, w, ids: f(F.linear(h, w), ids))))
+
+    def liger_ce(cls):
+        module = cls(reduction="none")
+        return _logprob_grads(lambda h, w, ids: -module(w, h, ids))
+
+    impls.append(peer_impl(LIGER_CE, "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss", liger_ce,
+                           needs_triton=True, device=device))
+    return impls
+
+
+def loss_implementations(variant: str, T: int, device: torch.device, compile: bool) -> list[Impl]:
     kw = VARIANTS[variant]
     cfg = make_loss_config(**kw)
-    impls = [Impl("torch reference", _with_grads(lambda x: linear_policy_loss_ref(cfg, *_args(x))))]
+    impls = [oracle("torch reference", _with_grads(lambda x: linear_policy_loss_ref(cfg, *_args(x))))]
     for name, op in gf_ops().items():
         call = op(**kw) if isinstance(op, type) else functools.partial(op, **kw)
-        impls.append(Impl(f"gfpo-fast {name} (auto)", _with_grads(lambda x, call=call: call(*_args(x)))))
-    impls.append(compiled_impl("torch.compile reference", linear_policy_loss_ref,
+        impls.append(Impl(f"gfpo-fast {name} (auto)", _with_grads(lambda x, call=call: call(*_args(x))), role="ours"))
+    impls.append(Impl(EAGER + " + loss", _with_grads(lambda x: idiomatic_linear_loss(cfg, *_args(x)))))
+    impls.append(compiled_impl(COMPILED + " + loss", idiomatic_linear_loss,
                                lambda f: _with_grads(lambda x: f(cfg, *_args(x))), compile))
 
-    def trl(selective_log_softmax):
+    def on_logprobs(logprobs):
+        """Peer log-probs ``logprobs(hidden [N, H], weight, ids [N]) -> [N]``, then TRL's loss math."""
         def loss(x):
             hidden, weight, ids, old, adv, mask = _args(x)
-            return policy_loss_ref(cfg, selective_log_softmax(F.linear(hidden, weight), ids), old, adv, mask)
+            logp = logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, ids.reshape(-1)).view(ids.shape)
+            return policy_loss_ref(cfg, logp, old, adv, mask)
         return _with_grads(loss)
+
+    impls.append(_trl_head_impl(TRL_HEAD + " + loss", on_logprobs))
+    impls.append(peer_impl(trl_logits_label(device) + " + loss", "trl.trainer.utils", "selective_log_softmax",
+                           lambda f: on_logprobs(lambda h, w, ids: f(F.linear(h, w), ids))))
 
     def liger(cls):
         module = cls(beta=0.0, use_ref_model=False, compiled=device.type == "cuda", loss_type=cfg.loss_type,
@@ -89,23 +179,32 @@ def implementations(variant: str, T: int, device: torch.device, compile: bool) -
         return _with_grads(lambda x: module(x["hidden"], x["weight"], x["ids"], x["mask"], x["adv"],
                                             old_per_token_logps=x["old"]))
 
-    impls.append(peer_impl("TRL selective_log_softmax + ref loss", "trl.trainer.utils", "selective_log_softmax", trl))
-    impls.append(peer_impl("Liger LigerFusedLinearGRPOLoss", "liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss",
-                           liger))
+    impls.append(peer_impl(LIGER_LOSS, "liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss", liger))
     return impls
 
 
 def cases(device: torch.device, size: str, compile: bool) -> list[Case]:
-    if not gf_ops():
-        return []
     c = SIZES[size]
-    B, T, V, dtype = c["B"], c["T"], c["V"], c["dtype"]
+    dtype = c["dtype"]
     dname = str(dtype).removeprefix("torch.")
-    return [
-        Case(family="fused_linear", group=f"fused-linear {variant} fwd+bwd, N={B * T} V={V} {dname}", x_name="H", x=H,
-             shape={"variant": variant, "N": B * T, "B": B, "T": T, "H": H, "V": V, "dtype": dname, "mode": "fwd+bwd"},
+    low = dtype != torch.float32
+    out = [
+        Case(family="fused_linear", group=f"fused-linear log-probs fwd+bwd, H={H} V={V} {dname}", x_name="N", x=N,
+             shape={"op": "logprobs", "N": N, "H": H, "V": V, "dtype": dname, "mode": "fwd+bwd"},
+             make_inputs=functools.partial(make_logprob_inputs, N, H, V, dtype, device),
+             impls=logprob_implementations(device, compile), flops=6 * N * H * V, low_precision=low)
+        for H, V, ns in c["heads"] for N in ns
+    ]
+    if not gf_ops():
+        return out
+    B, T, V = c["B"], c["T"], c["V"]
+    out += [
+        Case(family="fused_linear", group=f"fused-linear loss {variant} fwd+bwd, N={B * T} V={V} {dname}",
+             x_name="H", x=H,
+             shape={"op": "loss", "variant": variant, "N": B * T, "B": B, "T": T, "H": H, "V": V, "dtype": dname,
+                    "mode": "fwd+bwd"},
              make_inputs=functools.partial(make_inputs, B, T, H, V, dtype, device),
-             impls=implementations(variant, T, device, compile), flops=6 * B * T * H * V,
-             low_precision=dtype != torch.float32)
+             impls=loss_implementations(variant, T, device, compile), flops=6 * B * T * H * V, low_precision=low)
         for variant in VARIANTS for H in c["H"]
     ]
+    return out

@@ -6,11 +6,15 @@ group: the ``dapo`` loss on the same batch where ``gfpo_filter_ref`` dropped hal
 (mask 0 and advantage 0 there), to compare with the unfiltered ``dapo`` cost. Every token of a kept row
 counts (no padding).
 
-Implementations: the reference ``fused_policy_loss_ref`` (torch log-probs, then the reference loss; eager and
-under ``torch.compile``), gfpo-fast (``backend="auto"`` and each other fast backend that runs here), TRL's
-``selective_log_softmax`` with autograd followed by the reference loss ``policy_loss_ref``, and Liger-Kernel's
-``triton_grpo_loss`` (``inplace=False`` so that every implementation writes a fresh gradient buffer; it
-reads Liger's ``[B, T + 1, V]`` layout; no GSPO-token, no GMPO).
+Implementations: the oracle ``fused_policy_loss_ref`` (the project's torch log-probs, then its loss; checked
+against, never a baseline); gfpo-fast (``backend="auto"`` and each other fast backend that runs here); the
+peers, each with the loss ``policy_loss_ref`` (TRL's loss math) on top of its log-probs: idiomatic torch eager
+(``log_softmax(logits.float() / T).gather``, autograd) and ``torch.compile`` of the whole (log-probs and loss;
+compile reported apart, never timed), TRL's ``selective_log_softmax`` (its torch code on the CPU, as in TRL
+<= 1.14; its Triton kernel on CUDA), and Liger-Kernel's ``triton_grpo_loss`` (CUDA only; ``inplace=False`` so
+that every implementation writes a fresh gradient buffer; it reads Liger's ``[B, T + 1, V]`` layout; no
+GSPO-token, no GMPO). TRL 1.16's trainer itself takes its fused LM head, from hidden states: that peer is in
+``bench_fused_linear.py``.
 
 Bytes floor: two reads of the logits and one write of their gradient (``3 N V e``); with GFPO half the rows
 are only written, as zeros (``2 N V e``).
@@ -27,7 +31,7 @@ from gfpo_fast.fused_policy_loss import fused_policy_loss_ref
 from gfpo_fast.logprobs import token_logprobs_ref
 from gfpo_fast.policy_loss import make_loss_config, policy_loss_ref
 
-from .harness import Case, Impl, compiled_impl, gf_impls, grads, peer_impl
+from .harness import Case, Impl, compiled_impl, gf_impls, grads, idiomatic_logprobs, oracle, peer_impl, trl_logits_label
 
 VARIANTS = {
     "dapo": dict(loss_type="dapo"),
@@ -45,6 +49,12 @@ SIZES = {
     "gpu": dict(B=16, G=8, T=1024, V=151936, dtype=torch.bfloat16, sweep_B=[4, 8]),
 }
 LIGER = "Liger triton_grpo_loss"
+EAGER, COMPILED = "torch eager (log_softmax + gather + loss)", "torch.compile (log_softmax + gather + loss)"
+
+
+def idiomatic_loss(cfg, logits, token_ids, old_logp, advantages, mask):
+    """The idiomatic torch log-probs, then TRL's loss math (``policy_loss_ref``): what ``torch.compile`` compiles."""
+    return policy_loss_ref(cfg, idiomatic_logprobs(logits, token_ids), old_logp, advantages, mask)
 
 
 def make_inputs(B, G, T, V, dtype, device, *, gfpo: bool, liger: bool) -> dict:
@@ -95,11 +105,12 @@ def implementations(variant: str, T: int, device: torch.device, compile: bool) -
             return grads(policy_loss_ref(cfg, selective_log_softmax(logits, ids), old, adv, mask)[0], [logits])
         return run
 
-    impls = [Impl("torch reference", ref_math(fused_policy_loss_ref))]
+    impls = [oracle("torch reference", ref_math(fused_policy_loss_ref))]
     impls += gf_impls("fused_policy_loss", device, lambda b: lambda x: grads(
         gf.fused_policy_loss(*_args(x), backend=b, **kw)[0], [x["logits"]]))
-    impls.append(compiled_impl("torch.compile reference", fused_policy_loss_ref, ref_math, compile))
-    impls.append(peer_impl("TRL selective_log_softmax + ref loss", "trl.trainer.utils", "selective_log_softmax",
+    impls.append(Impl(EAGER, ref_math(idiomatic_loss)))
+    impls.append(compiled_impl(COMPILED, idiomatic_loss, ref_math, compile))
+    impls.append(peer_impl(trl_logits_label(device) + " + loss", "trl.trainer.utils", "selective_log_softmax",
                            trl_math))
     if variant in LIGER_MISSING:
         impls.append(Impl(LIGER, skip=LIGER_MISSING[variant]))

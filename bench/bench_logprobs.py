@@ -1,9 +1,12 @@
-"""``gf.token_logprobs`` forward and forward + backward, against torch, torch.compile, TRL and Liger-Kernel.
+"""``gf.token_logprobs`` forward and forward + backward, against what a user could run instead.
 
-Implementations: the torch reference ``token_logprobs_ref`` (eager, and under ``torch.compile``), gfpo-fast
-(``backend="auto"`` and every other fast backend that runs here), TRL's ``selective_log_softmax`` (with
-autograd), and Liger-Kernel's ``fused_selective_log_softmax`` (Triton, no autograd: forward only).
-Logits are ``[B, T, V]`` as a trainer holds them (TRL's function loops over ``B``).
+Implementations: the oracle ``token_logprobs_ref`` (the project's reference, checked against, not a baseline);
+gfpo-fast (``backend="auto"`` and every other fast backend that runs here); the peers: idiomatic torch eager
+(``torch.log_softmax(logits.float() / T, -1).gather(...)`` with autograd, :func:`bench.harness.idiomatic_logprobs`)
+and ``torch.compile`` of it (on the CPU too; the compile is reported apart and never timed), TRL's
+``selective_log_softmax`` with autograd (torch code on the CPU, as in TRL <= 1.14; TRL 1.16's Triton kernel on
+CUDA), and Liger-Kernel's ``fused_selective_log_softmax`` (Triton, no autograd: forward only, CUDA only).
+Logits are ``[B, T, V]`` as a trainer holds them (TRL's torch path loops over ``B``).
 
 Bytes floor for GB/s, with ``e`` the logits' element size: forward reads the logits once (``N V e``);
 forward + backward reads them twice and writes their gradient once (``3 N V e``).
@@ -17,7 +20,7 @@ import torch
 import gfpo_fast as gf
 from gfpo_fast.logprobs import token_logprobs_ref
 
-from .harness import Case, Impl, compiled_impl, gf_impls, grads, peer_impl
+from .harness import Case, Impl, compiled_impl, gf_impls, grads, idiomatic_logprobs, oracle, peer_impl, trl_logits_label
 
 # Logits dtype, completion length T, (N sweep at a fixed V), (V sweep at a fixed N), per machine size.
 SIZES = {
@@ -28,6 +31,7 @@ SIZES = {
 }
 MODES = ("fwd", "fwd+bwd")
 LIGER = "Liger fused_selective_log_softmax"
+EAGER, COMPILED = "torch eager (log_softmax + gather)", "torch.compile (log_softmax + gather)"
 
 
 def make_inputs(B: int, T: int, V: int, dtype: torch.dtype, device: torch.device, backward: bool,
@@ -60,11 +64,12 @@ def _liger(fn):
 
 
 def implementations(device: torch.device, backward: bool, compile: bool) -> list[Impl]:
-    impls = [Impl("torch reference", _wrap(token_logprobs_ref, backward))]
+    impls = [oracle("torch reference", _wrap(token_logprobs_ref, backward))]
     impls += gf_impls("token_logprobs", device,
                       lambda b: _wrap(functools.partial(gf.token_logprobs, backend=b), backward))
-    impls.append(compiled_impl("torch.compile reference", token_logprobs_ref, lambda f: _wrap(f, backward), compile))
-    impls.append(peer_impl("TRL selective_log_softmax", "trl.trainer.utils", "selective_log_softmax",
+    impls.append(Impl(EAGER, _wrap(idiomatic_logprobs, backward)))
+    impls.append(compiled_impl(COMPILED, idiomatic_logprobs, lambda f: _wrap(f, backward), compile))
+    impls.append(peer_impl(trl_logits_label(device), "trl.trainer.utils", "selective_log_softmax",
                            lambda f: _wrap(f, backward)))
     if backward:
         impls.append(Impl(LIGER, skip="no backward (a no-grad kernel)"))

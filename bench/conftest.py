@@ -1,7 +1,9 @@
 """pytest-benchmark regression runs of the bench cases at the ``test`` size (``pytest bench/``).
 
 Each test module names its family (``FAMILY``); every (case, implementation) becomes one test that first
-checks the implementation against the reference, then times it. Speed is never asserted.
+checks the implementation against the oracle, then times it. Speed is never asserted. Every peer runs (a peer
+that is not installed, or needs a GPU, is skipped with the reason); ``torch.compile`` peers run on the first case
+of each family only, since each shape is a new compile of a few seconds.
 """
 import pytest
 import torch
@@ -16,9 +18,12 @@ def pytest_generate_tests(metafunc):
     if "case_impl" not in metafunc.fixturenames:
         return
     params = []
-    for case in metafunc.module.FAMILY.cases(DEVICE, "test", compile=False):
+    for i, case in enumerate(metafunc.module.FAMILY.cases(DEVICE, "test", compile=True)):
         for impl in case.impls:
-            marks = [pytest.mark.skip(reason=impl.skip)] if impl.skip else []
+            skip = impl.skip
+            if not skip and i > 0 and impl.name.startswith("torch.compile"):
+                skip = "torch.compile runs on the first case of the family only (a compile per shape)"
+            marks = [pytest.mark.skip(reason=skip)] if skip else []
             name = "-".join(str(v) for v in case.shape.values()) + "-" + slug(impl.name)
             params.append(pytest.param((case, impl), id=name, marks=marks))
     metafunc.parametrize("case_impl", params)

@@ -1,18 +1,24 @@
 """Shared benchmark machinery: cases, implementations, correctness before timing, time, peak memory, environment.
 
-Protocol for one :class:`Case` (its first implementation is the torch reference):
+Protocol for one :class:`Case`. Its first implementation is the correctness oracle (the project's torch
+reference, role ``"oracle"``); the others are gfpo-fast (role ``"ours"``) or what a user could pick instead
+(role ``"peer"``: idiomatic torch, ``torch.compile`` of it, TRL, Liger-Kernel).
 
 1. inputs are made once; implementations must not modify them;
 2. every implementation runs once and each of its outputs (values and gradients) is compared with the
-   reference's by the normalised max error ``max|a - e| / max|e|``: at most 1e-4, or 2e-2 when either side
+   oracle's by the normalised max error ``max|a - e| / max|e|``: at most 1e-4, or 2e-2 when either side
    or the case's input is bf16/fp16. One that disagrees is reported ``wrong`` and not timed; one that raises
-   is ``error``; one that cannot run here is ``skipped`` with the reason;
-3. time: on CUDA ``triton.testing.do_bench`` (L2 flushed between calls, ~100 ms of repeats); on the CPU
-   ``time.perf_counter`` around whole calls after one warm-up, repeated until a time budget is spent (at least
-   3 repeats), with torch's thread count as it is. Median and the 0.2 / 0.8 quantiles are reported;
-4. peak memory added by one call (outputs and gradients included, inputs excluded): on CUDA
+   is ``error``; one that cannot run here is ``skipped`` with the reason. This first call is timed on its own
+   (``first_call_ms``): for ``torch.compile`` it holds the compile, reported as ``compile_s`` and never part
+   of the timing;
+3. peak memory added by one call (outputs and gradients included, inputs excluded): on CUDA
    ``max_memory_allocated`` minus ``memory_allocated`` before the call; on the CPU the resident set size,
-   see :func:`peak_memory_mib`.
+   see :func:`peak_memory_mib`. On the CPU this call is also the warm-up of the timing;
+4. time: on CUDA ``triton.testing.do_bench`` (L2 flushed between calls, ~100 ms of repeats); on the CPU
+   ``time.perf_counter`` around whole calls, repeated until a time budget is spent (at least 3 repeats), with
+   torch's thread count as it is. Median and the 0.2 / 0.8 quantiles are reported;
+5. every timed row gets ``vs_peer``: the median of the fastest peer at that shape over its own median, with
+   that peer's name in ``fastest_peer`` (the oracle and gfpo-fast are never the baseline).
 """
 from __future__ import annotations
 
@@ -46,13 +52,26 @@ SAMPLE_PERIOD_S = 5e-4  # RSS sampling period of the fallback memory probe
 
 
 # ----------------------------------------------------------------------------- cases and implementations
+ROLES = ("oracle", "ours", "peer")
+
+
 @dataclass
 class Impl:
-    """One implementation of a case: ``fn(inputs) -> tuple of tensors`` or a reason it cannot run here."""
+    """One implementation of a case: ``fn(inputs) -> tuple of tensors`` or a reason it cannot run here.
+
+    ``role``: ``"oracle"`` (the reference every other output is checked against), ``"ours"`` (gfpo-fast) or
+    ``"peer"`` (what a user could run instead; the fastest one is the baseline of every ratio).
+    """
 
     name: str
     fn: Callable[[dict], tuple] | None = None
     skip: str | None = None
+    role: str = "peer"
+
+
+def oracle(name: str, fn: Callable[[dict], tuple]) -> Impl:
+    """The case's correctness oracle (first in ``Case.impls``), labelled as such in every table."""
+    return Impl(f"{name} (oracle)", fn, role="oracle")
 
 
 @dataclass
@@ -80,16 +99,16 @@ def gf_impls(op: str, device: torch.device, make: Callable[[str], Callable[[dict
     ``make(backend)`` returns the implementation calling the public op with that backend.
     """
     auto = backends.select(op, "auto", device)
-    out = [Impl(f"gfpo-fast auto ({auto})", make("auto"))]
+    out = [Impl(f"gfpo-fast auto ({auto})", make("auto"), role="ours")]
     for name in backends.IMPLEMENTED:
         if name == auto:
             continue
         try:
             backends.select(op, name, device)
         except ValueError as err:
-            out.append(Impl(f"gfpo-fast {name}", skip=str(err)))
+            out.append(Impl(f"gfpo-fast {name}", skip=str(err), role="ours"))
             continue
-        out.append(Impl(f"gfpo-fast {name}", make(name)))
+        out.append(Impl(f"gfpo-fast {name}", make(name), role="ours"))
     return out
 
 
@@ -113,12 +132,44 @@ def peer_impl(name: str, module: str, attr: str, make: Callable[[Any], Callable[
 
 
 def compiled_impl(name: str, fn: Callable, wrap: Callable[[Callable], Callable[[dict], tuple]], enabled: bool) -> Impl:
-    """``torch.compile(fn)`` run through ``wrap``; the compile happens in the correctness call, never timed."""
+    """``torch.compile(fn)`` run through ``wrap`` (a peer); the compile happens in the correctness call, is reported
+    as ``compile_s`` and is never timed."""
     if not enabled:
-        return Impl(name, skip="torch.compile disabled (--compile to enable)")
+        return Impl(name, skip="torch.compile disabled (--no-compile)")
     # One compile per shape and mode; dynamo's default of 8 per function would fall back to eager silently.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return Impl(name, wrap(torch.compile(fn, dynamic=False)))
+
+
+def idiomatic_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """What a torch user writes for per-token log-probs (the "torch eager" peer, and what "torch.compile" compiles):
+    ``log_softmax`` of the fp32 logits over the temperature, then ``gather``. Autograd does the backward."""
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def trl_logits_label(device: torch.device) -> str:
+    """TRL's ``selective_log_softmax`` row name. On the CPU it runs the torch code of TRL <= 1.14 (``logsumexp``
+    per row, ``gather``); TRL 1.16 sends CUDA tensors to its Triton kernel (``trl.kernels.logprob_entropy``)."""
+    if device.type == "cuda":
+        return "TRL selective_log_softmax (its Triton kernel on CUDA)"
+    return "TRL <= 1.14 selective_log_softmax"
+
+
+def trl_fused_lm_head():
+    """``(logprobs(hidden [N, H], weight [V, H], ids [N]) -> [N], None)`` through TRL's fused LM head
+    (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``, TRL >= 1.15) exactly as its GRPOTrainer calls it
+    (vocab chunk ``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``, no bias, softcap or scale), asking for the
+    log-probs only, or ``(None, reason)``. GRPOTrainer asks for the entropy too on the policy (a metric)."""
+    fn, why = optional("trl.kernels.chunked_logprob", "ChunkedLogProbFunction")
+    if fn is None:
+        return None, why
+    chunk, _ = optional("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE")
+    chunk = chunk or 32768  # TRL 1.16's value
+
+    def logprobs(hidden, weight, token_ids, temperature=1.0):
+        return fn.apply(hidden, weight, None, token_ids, temperature, chunk, None, 1.0, ("log_probs",))[0]
+
+    return logprobs, None
 
 
 def grads(out: torch.Tensor, wrt, grad_out: torch.Tensor | None = None) -> tuple:
@@ -156,14 +207,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float = CPU_BUDGET_S) -> dict:
-    """Median and 0.2 / 0.8 quantiles of one call, in ms (see the module docstring)."""
+def time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float = CPU_BUDGET_S, warm: bool = False) -> dict:
+    """Median and 0.2 / 0.8 quantiles of one call, in ms (see the module docstring); ``warm``: ``fn`` already ran
+    (no warm-up call on the CPU)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "reps": None}
-    fn()  # warm-up
+    if not warm:
+        fn()
     times = []
     end = time.perf_counter() + budget_s
     while len(times) < CPU_MAX_REPS and (len(times) < CPU_MIN_REPS or time.perf_counter() < end):
@@ -267,50 +320,68 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------- running
 def run_case(case: Case, device: torch.device, *, budget_s: float = CPU_BUDGET_S, log=print) -> list[dict]:
-    """Checks, times and measures every implementation of ``case``; one result dict per implementation."""
+    """Checks, measures and times every implementation of ``case``; one result dict per implementation."""
     results = _run_impls(case, case.make_inputs(), device, budget_s, log)  # the inputs are freed on return
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the next case starts from an empty caching allocator
-    ref_ms = results[0].get("median_ms")
-    for row in results:
-        if ref_ms and row.get("median_ms"):
-            row["speedup_vs_ref"] = ref_ms / row["median_ms"]
+    rank_against_peers(results)
     return results
+
+
+def rank_against_peers(results: list[dict]) -> None:
+    """``vs_peer`` (fastest peer's median / the row's) and ``fastest_peer`` on every timed row of one case;
+    ``speedup_vs_ref`` (the oracle's median / the row's) stays in the JSON only, never in a table."""
+    timed = [r for r in results if r.get("median_ms")]
+    peers = [r for r in timed if r["role"] == "peer"]
+    best = min(peers, key=lambda r: r["median_ms"], default=None)
+    oracle_ms = next((r["median_ms"] for r in timed if r["role"] == "oracle"), None)
+    for row in timed:
+        if best:
+            row["fastest_peer"], row["vs_peer"] = best["impl"], best["median_ms"] / row["median_ms"]
+        if oracle_ms:
+            row["speedup_vs_ref"] = oracle_ms / row["median_ms"]
 
 
 def _run_impls(case: Case, inputs: dict, device: torch.device, budget_s: float, log) -> list[dict]:
     ref_impl, results, ref_out = case.impls[0], [], None
     for impl in case.impls:
         row = {"family": case.family, "group": case.group, "x_name": case.x_name, "x": case.x, "shape": case.shape,
-               "impl": impl.name, "reference": ref_impl.name}
+               "impl": impl.name, "role": impl.role, "reference": ref_impl.name}
         results.append(row)
         if impl.skip or (ref_out is None and impl is not ref_impl):
-            row.update(status="skipped", detail=impl.skip or "the reference did not run, nothing to check against")
+            row.update(status="skipped", detail=impl.skip or "the oracle did not run, nothing to check against")
             continue
         try:
+            _sync(device)
+            t0 = time.perf_counter()
             out = impl.fn(inputs)
             _sync(device)
+            row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
         except Exception as err:  # a broken implementation is a result, not a crash of the run
             row.update(status="error", detail=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-            log(f"  {impl.name:<36} error: {row['detail']}")
+            log(f"  {impl.name:<44} error: {row['detail']}")
             continue
         ok, err = (True, 0.0) if ref_out is None else check(out, ref_out, case.low_precision)
         ref_out = out if ref_out is None else ref_out
         del out
         row["max_error"] = err
         if not ok:
-            row.update(status="wrong", detail=f"normalised max error {err:.3g} vs the reference")
-            log(f"  {impl.name:<36} WRONG ({row['detail']})")
+            row.update(status="wrong", detail=f"normalised max error {err:.3g} vs the oracle")
+            log(f"  {impl.name:<44} WRONG ({row['detail']})")
             continue
         call = functools.partial(impl.fn, inputs)
-        row.update(status="ok", **time_ms(call, device, budget_s), peak_mib=peak_memory_mib(call, device))
+        peak = peak_memory_mib(call, device)  # on the CPU also the warm-up of the timing below
+        row.update(status="ok", **time_ms(call, device, budget_s, warm=True), peak_mib=peak)
+        if impl.name.startswith("torch.compile"):
+            row["compile_s"] = max(row["first_call_ms"] - row["median_ms"], 0.0) / 1e3
         if case.bytes_floor:
             row["gb_per_s"] = case.bytes_floor / row["median_ms"] / 1e6
         if case.flops:
             row["tflop_per_s"] = case.flops / row["median_ms"] / 1e9
-        log(f"  {impl.name:<36} {row['median_ms']:10.3f} ms  [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]  "
-            f"peak +{row['peak_mib']:.0f} MiB")
+        compiled = f"  (compile {row['compile_s']:.1f} s, not timed)" if "compile_s" in row else ""
+        log(f"  {impl.name:<44} {row['median_ms']:10.3f} ms  [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]  "
+            f"peak +{row['peak_mib']:.0f} MiB{compiled}")
     return results
 
 

@@ -30,63 +30,115 @@ def _ratio(a, b, key="median_ms"):
     return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
 
 
+def _verdict(value, goal: str) -> str:
+    """``met`` / ``not met (by how much)`` for a goal written ``">= 3"`` or ``"<= 1.2"`` (words may follow)."""
+    if value is None:
+        return "not measured"
+    op, bound = goal.split()[:2]
+    bound = float(bound)
+    if (value >= bound) if op == ">=" else (value <= bound):
+        return "met"
+    short = (1 - value / bound) if op == ">=" else (value / bound - 1)
+    return f"not met ({100 * short:.0f}% {'short' if op == '>=' else 'over'})"
+
+
+GF, EAGER, COMPILED, TRL_HEAD = "gfpo-fast", "torch eager", "torch.compile", "TRL fused LM head"
+# Issue 18's fused-linear heads on the CPU: SmolLM2's and a Qwen-size one, N = 1,024..4,096.
+CPU_HEADS = ((576, 49152), (896, 151936))
+
+
 def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
-    """Issue 5 (CPU) or issue 3 (GPU) targets, plus the GMPO / GFPO cost ratios, for gfpo-fast's auto path."""
-    gf, ref = "gfpo-fast", "torch reference"
+    """Issue 18's targets on the CPU (issue 3's, plus TRL's fused LM head, on the GPU), issue 5's memory target,
+    and the GMPO / GFPO cost ratios, judged for gfpo-fast's auto path against the named peers."""
     rows = []
 
-    def add(name, value, goal, ok, unit="x"):
+    def add(name, value, goal, unit="x", verdict=None):
         rows.append({"target": name, "value": value, "goal": goal, "unit": unit,
-                     "verdict": "not measured" if value is None else ("met" if ok(value) else "not met")})
+                     "verdict": verdict or _verdict(value, goal)})
 
-    variants = {v: _find(results, "fused_policy_loss", gf, "fused loss fwd+bwd by variant", variant=v)
+    def fused_linear_targets(H, V, N, vs_trl_goal, floor_goal):
+        shape = dict(op="logprobs", H=H, V=V, N=N)
+        ours, trl = _find(results, "fused_linear", GF, **shape), _find(results, "fused_linear", TRL_HEAD, **shape)
+        head = f"fused-linear log-probs fwd+bwd H={H} V={V} N={N} {ours['shape']['dtype'] if ours else ''}"
+        add(f"{head}: speed-up vs TRL's fused LM head", _ratio(trl, ours), vs_trl_goal)
+        if floor_goal:
+            floor_ms = 8 * N * H * V / measured["matmul_tflop_s"] / 1e9
+            add(f"same: time / matmul floor (8NHV = {8 * N * H * V / 1e12:.2f} TFLOP at the measured "
+                f"{measured['matmul_tflop_s']:.3g} TFLOP/s = {floor_ms:.0f} ms)",
+                ours and ours["median_ms"] / floor_ms, floor_goal)
+
+    variants = {v: _find(results, "fused_policy_loss", GF, "fused loss fwd+bwd by variant", variant=v)
                 for v in ("dapo", "grpo", "gmpo", "gfpo-half")}
     if env["device_type"] == "cpu":
-        shape = dict(N=2048, V=49152, dtype="float32")
-        lp = _find(results, "logprobs", gf, mode="fwd+bwd", **shape)
-        add("token_logprobs fwd+bwd N=2048 V=49152 fp32: speed-up vs torch reference",
-            _ratio(_find(results, "logprobs", ref, mode="fwd+bwd", **shape), lp), ">= 2", lambda v: v >= 2)
-        add("same: speed-up vs TRL selective_log_softmax",
-            _ratio(_find(results, "logprobs", "TRL", mode="fwd+bwd", **shape), lp), ">= 2", lambda v: v >= 2)
+        shape = dict(N=2048, V=49152, dtype="float32", mode="fwd+bwd")
+        lp = _find(results, "logprobs", GF, **shape)
+        add("token_logprobs fwd+bwd N=2048 V=49152 fp32: speed-up vs idiomatic torch eager (log_softmax + gather)",
+            _ratio(_find(results, "logprobs", EAGER, **shape), lp), ">= 3")
+        add("same: speed-up vs torch.compile of it", _ratio(_find(results, "logprobs", COMPILED, **shape), lp),
+            ">= 1.5")
         grad_mib = 2048 * 49152 * 4 / 2**20
-        add(f"same: peak memory / the fp32 gradient ({grad_mib:.0f} MiB)", lp and lp["peak_mib"] / grad_mib,
-            "<= 1.1 (no [N, V] temporaries beyond the gradient)", lambda v: v <= 1.1)
-        add("fused loss dapo fwd+bwd N=2048 V=49152 fp32: speed-up vs reference log-probs + reference loss",
-            _ratio(_find(results, "fused_policy_loss", ref, variant="dapo", **shape),
-                   _find(results, "fused_policy_loss", gf, variant="dapo", **shape)), ">= 2", lambda v: v >= 2)
+        add(f"same: peak memory / the fp32 gradient ({grad_mib:.0f} MiB; issue 5)", lp and lp["peak_mib"] / grad_mib,
+            "<= 1.1 (no [N, V] temporaries beyond the gradient)")
+        measured_heads = sorted({(r["shape"]["H"], r["shape"]["V"], r["shape"]["N"]) for r in results
+                                 if r["family"] == "fused_linear" and r["shape"].get("op") == "logprobs"
+                                 and (r["shape"]["H"], r["shape"]["V"]) in CPU_HEADS
+                                 and 1024 <= r["shape"]["N"] <= 4096})
+        for H, V, N in measured_heads or [(H, V, 1024) for H, V in CPU_HEADS]:
+            fused_linear_targets(H, V, N, ">= 1.5", "<= 1.2")
     else:
         shape = dict(N=16384, V=151936, dtype="bfloat16")
         bw = measured["bandwidth_gb_s"]
-        lp = _find(results, "logprobs", gf, mode="fwd", **shape)
+        lp = _find(results, "logprobs", GF, mode="fwd", **shape)
         add("token_logprobs fwd N=16384 V=151936 bf16: fraction of measured bandwidth", lp and lp["gb_per_s"] / bw,
-            ">= 0.80", lambda v: v >= 0.8, "")
-        fused = _find(results, "fused_policy_loss", gf, variant="dapo", **shape)
+            ">= 0.80", "")
+        fused = _find(results, "fused_policy_loss", GF, variant="dapo", **shape)
         add("fused loss dapo fwd+bwd, same shape: fraction of measured bandwidth (3-pass floor)",
-            fused and fused["gb_per_s"] / bw, ">= 0.75", lambda v: v >= 0.75, "")
-        add("same: speed-up vs torch reference",
-            _ratio(_find(results, "fused_policy_loss", ref, variant="dapo", **shape), fused), ">= 8", lambda v: v >= 8)
+            fused and fused["gb_per_s"] / bw, ">= 0.75", "")
+        add("same: speed-up vs the torch reference (issue 3's target, against the oracle)",
+            _ratio(_find(results, "fused_policy_loss", "torch reference", variant="dapo", **shape), fused), ">= 8")
         add("same: speed-up vs Liger triton_grpo_loss",
-            _ratio(_find(results, "fused_policy_loss", "Liger", variant="dapo", **shape), fused), ">= 1.3",
-            lambda v: v >= 1.3)
+            _ratio(_find(results, "fused_policy_loss", "Liger", variant="dapo", **shape), fused), ">= 1.3")
         logits_mib = 16384 * 151936 * 2 / 2**20
         add(f"same: peak memory / the bf16 logits ({logits_mib:.0f} MiB)", fused and fused["peak_mib"] / logits_mib,
-            "<= 1.01 (logits + O(N))", lambda v: v <= 1.01)
-        fl = _find(results, "fused_linear", gf, variant="dapo", N=16384, H=4096)
-        liger = _find(results, "fused_linear", "Liger", variant="dapo", N=16384, H=4096)
-        add("fused-linear dapo N=16384 H=4096 V=151936 bf16: fraction of measured bf16 matmul rate",
-            fl and fl["tflop_per_s"] / measured["matmul_tflop_s"], ">= 0.50", lambda v: v >= 0.5, "")
-        add("same: speed-up vs Liger LigerFusedLinearGRPOLoss", _ratio(liger, fl), ">= 2", lambda v: v >= 2)
-        add("same: peak memory / Liger's", _ratio(fl, liger, "peak_mib"), "<= 1", lambda v: v <= 1)
-    add("GMPO time / token-level GRPO time (fused loss)", _ratio(variants["gmpo"], variants["grpo"]), "<= 1.05",
-        lambda v: v <= 1.05)
+            "<= 1.01 (logits + O(N))")
+        fl = _find(results, "fused_linear", GF, op="loss", variant="dapo", N=16384, H=4096)
+        liger = _find(results, "fused_linear", "Liger", op="loss", variant="dapo", N=16384, H=4096)
+        add("fused-linear loss dapo N=16384 H=4096 V=151936 bf16: fraction of measured bf16 matmul rate",
+            fl and fl["tflop_per_s"] / measured["matmul_tflop_s"], ">= 0.50", "")
+        add("same: speed-up vs Liger LigerFusedLinearGRPOLoss", _ratio(liger, fl), ">= 2")
+        add("same: peak memory / Liger's", _ratio(fl, liger, "peak_mib"), "<= 1")
+        fused_linear_targets(4096, 151936, 16384, ">= 1.2", None)
+    add("GMPO time / token-level GRPO time (fused loss)", _ratio(variants["gmpo"], variants["grpo"]), "<= 1.05")
     add("GFPO keeping half of each group: time / unfiltered dapo", _ratio(variants["gfpo-half"], variants["dapo"]),
-        "<= 0.55", lambda v: v <= 0.55)
+        "<= 0.55")
     dapo = variants["dapo"]
-    half = dapo and _find(results, "fused_policy_loss", gf, "fused loss dapo", variant="dapo",
+    half = dapo and _find(results, "fused_policy_loss", GF, "fused loss dapo", variant="dapo",
                           N=dapo["shape"]["N"] // 2)
-    rows.append({"target": "for comparison: dapo on the kept half of the rows only (compacted) / unfiltered dapo",
-                 "value": _ratio(half, dapo), "goal": "none", "unit": "x", "verdict": "information"})
+    add("for comparison: dapo on the kept half of the rows only (compacted) / unfiltered dapo", _ratio(half, dapo),
+        "none", verdict="information")
     return rows
+
+
+def headline(results: list[dict]) -> list[dict]:
+    """Per table and shape: gfpo-fast's auto path against the fastest peer there, named (the README's ratios)."""
+    rows, seen = [], set()
+    for r in results:
+        key = (r["group"], str(r["x"]))
+        if r["role"] == "ours" and r["status"] == "ok" and key not in seen and r.get("fastest_peer"):
+            seen.add(key)
+            peer_ms = r["median_ms"] * r["vs_peer"]
+            rows.append({"group": r["group"], "x_name": r["x_name"], "x": r["x"], "impl": r["impl"],
+                         "median_ms": r["median_ms"], "fastest_peer": r["fastest_peer"], "peer_ms": peer_ms,
+                         "vs_peer": r["vs_peer"]})
+    return rows
+
+
+def targets_markdown(rows: list[dict]) -> str:
+    """The targets as a markdown table (printed at the end of ``python -m bench`` and written to the .md)."""
+    lines = ["## Targets", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
+    lines += [f"| {t['target']} | {_fmt(t['value'])}{t['unit'] if t['value'] is not None else ''} | {t['goal']} | "
+              f"{t['verdict']} |" for t in rows]
+    return "\n".join(lines)
 
 
 def _fmt(v, spec=".3g"):
@@ -112,22 +164,27 @@ def markdown(run: dict) -> str:
         lines.append(f"- Load average (1 min) at start / end: {run['load'][0]:.1f} / {run['load'][1]:.1f}. "
                      "The CPU is shared with other processes: timings are noisy, compare implementations within one "
                      "run, not across runs.")
-    lines += ["", "Every implementation is checked against the torch reference before it is timed "
-              "(`wrong` = disagrees, not timed). Time: median over repeats, p20-p80 in brackets. "
-              "`x ref`: speed-up over the torch reference. Peak: memory added by one call (outputs and gradients "
-              "included). GB/s and TFLOP/s are against the op's floor (bytes it must move, or useful FLOPs); "
-              "`% meas.` divides them by the measured copy bandwidth or matmul rate above.", ""]
-    lines += ["## Targets", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
-    lines += [f"| {t['target']} | {_fmt(t['value'])}{t['unit'] if t['value'] is not None else ''} | {t['goal']} | "
-              f"{t['verdict']} |" for t in run["targets"]]
+    lines += ["", "Every implementation is checked against the project's torch reference, the **oracle**, before "
+              "it is timed (`wrong` = disagrees, not timed); the oracle is in the tables for that and is never a "
+              "baseline. Peers are what a user could run instead: idiomatic torch eager, `torch.compile` of it "
+              "(compile time in its own column, never in the timing), TRL, Liger-Kernel. Time: median over "
+              "repeats, p20-p80 in brackets. `vs fastest peer`: the fastest peer's median at that shape over the "
+              "row's, naming that peer (above 1: faster than every peer). Peak: memory added by one call (outputs "
+              "and gradients included). GB/s and TFLOP/s are against the op's floor (bytes it must move, or useful "
+              "FLOPs); `% meas.` divides them by the measured copy bandwidth or matmul rate above.", ""]
+    lines += [targets_markdown(run["targets"])]
+    lines += ["", "## Headline: gfpo-fast against the fastest peer", "",
+              "| table | x | gfpo-fast ms | fastest peer | peer ms | speed-up |", "|---|---|---|---|---|---|"]
+    lines += [f"| {h['group']} | {h['x_name']}={h['x']} | {h['median_ms']:.4g} | {h['fastest_peer']} | "
+              f"{h['peer_ms']:.4g} | {h['vs_peer']:.2f}x |" for h in headline(run["results"])]
     groups = defaultdict(list)
     for r in run["results"]:
         groups[r["group"]].append(r)
     for group, rows in groups.items():
         lines += ["", f"## {group}", "",
-                  "| x | implementation | status | median ms [p20, p80] | x ref | peak MiB | GB/s | TFLOP/s "
-                  "| % meas. |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| x | implementation | status | median ms [p20, p80] | vs fastest peer | peak MiB | GB/s | TFLOP/s "
+                  "| % meas. | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         skipped = {}
         for r in rows:
             if r["status"] == "skipped":
@@ -137,10 +194,14 @@ def markdown(run: dict) -> str:
                     r.get("tflop_per_s", 0) / measured["matmul_tflop_s"] if r.get("tflop_per_s") else None)
             timing = (f"{r['median_ms']:.4g} [{r['p20_ms']:.4g}, {r['p80_ms']:.4g}]" if r["status"] == "ok"
                       else r.get("detail", ""))
-            lines.append(f"| {r['x']} | {r['impl']} | {r['status']} | {timing} "
-                         f"| {_fmt(r.get('speedup_vs_ref'), '.2f')} "
+            if r.get("fastest_peer") == r["impl"]:
+                vs = "1.00x (fastest peer)"
+            else:
+                vs = f"{r['vs_peer']:.2f}x vs {r['fastest_peer']}" if r.get("vs_peer") else ""
+            lines.append(f"| {r['x']} | {r['impl']} | {r['status']} | {timing} | {vs} "
                          f"| {_fmt(r.get('peak_mib'), '.0f')} | {_fmt(r.get('gb_per_s'), '.3g')} "
-                         f"| {_fmt(r.get('tflop_per_s'), '.3g')} | {_fmt(frac and 100 * frac, '.0f')} |")
+                         f"| {_fmt(r.get('tflop_per_s'), '.3g')} | {_fmt(frac and 100 * frac, '.0f')} "
+                         f"| {_fmt(r.get('compile_s'), '.1f')} |")
         if skipped:
             lines += [""] + [f"Not run: {k}: {v}." for k, v in skipped.items()]
     if run["empty_families"]:
