@@ -11,6 +11,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 import warnings
 
 import torch
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown families {sorted(unknown)}; choose from {list(FAMILIES)}")
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="gfpo_fast")  # "using the reference" notes
     env = harness.environment(device)
-    load_start = os.getloadavg()[0]
+    load_start, t_start = os.getloadavg()[0], time.perf_counter()
     print(f"{env['device']} | commit {env['commit']} | size {size} | compile {compile}", flush=True)
     measured = measure_device(device)
     print(f"copy bandwidth {measured['bandwidth_gb_s']:.1f} GB/s, {measured['matmul_dtype']} matmul "
@@ -82,12 +83,13 @@ def main(argv=None) -> int:
         "command": " ".join(["python -m bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "size": size, "compile": compile, "env": env, "measured": measured,
         "load": [load_start, os.getloadavg()[0]], "results": results, "empty_families": empty,
+        "elapsed_s": time.perf_counter() - t_start,
     }
     run["targets"] = report.targets(results, env, measured)
     os.makedirs(args.out, exist_ok=True)
     base = report.write(run, args.out)
     print("\n" + report.targets_markdown(run["targets"]), flush=True)
-    print(f"wrote {base}.md, .json, .png", flush=True)
+    print(f"wrote {base}.md, .json, .png ({run['elapsed_s'] / 60:.1f} min)", flush=True)
     return 0
 
 

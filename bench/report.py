@@ -59,7 +59,7 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
     def fused_linear_targets(H, V, N, vs_trl_goal, floor_goal):
         shape = dict(op="logprobs", H=H, V=V, N=N)
         ours, trl = _find(results, "fused_linear", GF, **shape), _find(results, "fused_linear", TRL_HEAD, **shape)
-        head = f"fused-linear log-probs fwd+bwd H={H} V={V} N={N} {ours['shape']['dtype'] if ours else ''}"
+        head = f"fused-linear log-probs fwd+bwd H={H} V={V} N={N}" + (f" {ours['shape']['dtype']}" if ours else "")
         add(f"{head}: speed-up vs TRL's fused LM head", _ratio(trl, ours), vs_trl_goal)
         if floor_goal:
             floor_ms = 8 * N * H * V / measured["matmul_tflop_s"] / 1e9
@@ -160,6 +160,8 @@ def markdown(run: dict) -> str:
         f"{measured['matmul_tflop_s']:.3g} TFLOP/s (n = {measured['matmul_n']})",
         f"- Peak memory: {env['memory_method']}",
     ]
+    if run.get("elapsed_s"):
+        lines.append(f"- Run time: {run['elapsed_s'] / 60:.1f} min")
     if env["device_type"] == "cpu":
         lines.append(f"- Load average (1 min) at start / end: {run['load'][0]:.1f} / {run['load'][1]:.1f}. "
                      "The CPU is shared with other processes: timings are noisy, compare implementations within one "
