@@ -108,11 +108,12 @@ def config_transform(config) -> tuple[float, float | None]:
     model_type = getattr(config, "model_type", None)
     rules = HEAD_TRANSFORMS.get(model_type)
     if rules is None:
-        unknown = {name: getattr(config, name) for name in TRANSFORM_FIELDS if getattr(config, name, None)
-                   not in (None, 1)}
+        unknown = [f"{name}={getattr(config, name)}" for name in TRANSFORM_FIELDS
+                   if getattr(config, name, None) not in (None, 1)]
         if unknown:
-            raise ValueError(f"model_type {model_type!r} sets {unknown}, a logit transform gfpo_fast.lm_head does not "
-                             f"know for this model type (known: {sorted(HEAD_TRANSFORMS)})")
+            raise ValueError(f"model_type {model_type!r} sets {', '.join(unknown)}, a logit transform "
+                             "gfpo_fast.lm_head does not know for this model type "
+                             f"(known: {', '.join(sorted(HEAD_TRANSFORMS))})")
         return 1.0, None
     scale, softcap = 1.0, None
     for kind, field in rules:
@@ -137,8 +138,8 @@ def _layer_weight(head) -> tuple[torch.Tensor, torch.Tensor | None]:
     lora = _peft_lora_linear()
     if lora is None or not isinstance(head, lora) or type(head.base_layer) is not torch.nn.Linear:
         raise ValueError(
-            f"the model's output layer is a {type(head).__name__}; gfpo_fast.lm_head supports a torch.nn.Linear "
-            "(tied or not) and a peft LoRA Linear over one"
+            f"the model's output layer is a {type(head).__name__}, not a plain torch.nn.Linear (tied or not) or a "
+            "peft LoRA Linear over one, the heads gfpo_fast.lm_head understands"
         )
     return _merged_lora(head)
 

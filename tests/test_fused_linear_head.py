@@ -212,11 +212,11 @@ def test_lora_merged_and_disabled_heads_use_the_base_weight():
 def test_unknown_heads_and_transforms_are_errors():
     model = tiny_model(Qwen2Config, Qwen2ForCausalLM)
     model.lm_head = torch.nn.Sequential(model.lm_head)
-    with pytest.raises(ValueError, match="output layer is a Sequential"):
+    with pytest.raises(ValueError, match="output layer is a Sequential, not a plain torch.nn.Linear"):
         lm_head_of(model)
     model = tiny_model(Qwen2Config, Qwen2ForCausalLM)
     model.config.logits_scaling = 2.0  # an unknown model type that sets a transform field
-    with pytest.raises(ValueError, match="model_type 'qwen2' sets {'logits_scaling': 2.0}"):
+    with pytest.raises(ValueError, match="model_type 'qwen2' sets logits_scaling=2.0, a logit transform"):
         lm_head_of(model)
     with pytest.raises(ValueError, match="lora_dropout=0.1 in training"):
         lm_head_of(lora_model(lora_dropout=0.1).train())

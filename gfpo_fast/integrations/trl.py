@@ -10,8 +10,10 @@ Fast loss (``FastGRPOTrainer``, ``FastGMPOTrainer``, or ``patch(trainer)`` on an
 only ``_compute_loss`` changes. The policy forward is the model's own, through its DDP / PEFT wrappers (DDP
 synchronises gradients only through its own forward, so the decoder is not called alone) and with its
 gradient checkpointing, with ``output_hidden_states=True`` and ``logits_to_keep=1``, so the lm_head
-projects one position per row; the last hidden states of the ``T`` completion positions and the lm_head
-weight (tied or not, and its bias) go to :func:`gfpo_fast.fused_linear_policy_loss`, which computes
+projects one position per row; the last hidden states of the ``T`` completion positions and the output
+layer as :func:`gfpo_fast.lm_head.lm_head_of` reads it -- the lm_head weight (tied or not, a peft LoRA head's
+adapters merged, with gradients to them), its bias, and the config's logit scale and final-logit soft-cap
+(Gemma 2/3, Granite, Cohere, ...) -- go to :func:`gfpo_fast.fused_linear_policy_loss`, which computes
 log-probs, the loss and its gradient one chunk of tokens at a time: the ``[B, T, V]`` logits never exist
 whole. Under autocast the projection runs in the autocast dtype, as the model's lm_head would. TRL's
 normalisers and metric names are kept (``entropy``, ``kl``, ``clip_ratio/*``, ``cispo_clip_ratio``,
@@ -20,11 +22,11 @@ reference log-probs and the optimizer are TRL's. GSPO-token, which TRL 1.14 drop
 ``trl.experimental.gspo_token``, is ``FastGRPOTrainer`` with ``GRPOConfig(importance_sampling_level=
 "sequence_token")`` (loss types grpo, bnpo, dr_grpo, dapo).
 
-Logits path (the fallback): where the logits are not ``hidden @ weight.T + bias`` -- the output layer is not
-a plain ``torch.nn.Linear`` (a LoRA-adapted or quantized lm_head), the config scales or soft-caps the logits
-(``final_logit_softcapping``, ``logit_scale``, ...), or, checked once on the first step, the model's logits
-at the last position differ from that product of its last hidden state -- or where the lm_head weight is
-sharded outside the forward (FSDP, DeepSpeed ZeRO-3), the trainer logs the reason once and uses the model's
+Logits path (the fallback): where :func:`gfpo_fast.lm_head.lm_head_of` does not understand the output layer
+(a quantized lm_head, a DoRA adapter, ...) or the config's logit transform (a transform field of a model type
+it does not list), or, checked once on the first step, the model's logits at the last position differ from the
+head's logits of its last hidden state -- or where the lm_head weight is sharded outside the forward (FSDP,
+DeepSpeed ZeRO-3), the trainer logs the reason once and uses the model's
 own forward with ``logits_to_keep = T + 1`` and :func:`gfpo_fast.fused_policy_loss` on the ``[B, T, V]``
 completion logits: the same objective, with the memory of full logits. In evaluation (no grad) the hidden-state
 path briefly holds every layer's hidden states of the micro-batch (training keeps them for backward anyway).
@@ -87,6 +89,7 @@ from ..advantages import gfpo_filter, weighted_rewards  # noqa: E402
 from ..fused_linear import fused_linear_policy_loss  # noqa: E402
 from ..fused_policy_loss import fused_policy_loss  # noqa: E402
 from ..group_filter import score_groups  # noqa: E402
+from ..lm_head import lm_head_of  # noqa: E402
 from ..policy_loss import make_loss_config  # noqa: E402
 
 __all__ = ["SUPPORTED_TRL", "FastGMPOTrainer", "FastGRPOTrainer", "GFPOConfig", "GFPOTrainer", "patch"]
@@ -97,10 +100,6 @@ logger = logging.getLogger(__name__)
 VISION_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 EXTREME_METRICS = ("clip_ratio/low_min", "clip_ratio/high_max")
-# Text-config fields with which transformers models transform the logits after the lm_head (the neutral value
-# is None or 1): such a model's logits are not ``hidden @ weight.T + bias``, so the loss takes the logits path.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
-                    "output_multiplier")
 
 
 # ----------------------------------------------------------------------------- fast loss
@@ -162,14 +161,11 @@ def _static_logits_reason(trainer) -> str | None:
     deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if trainer.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
         return "FSDP / DeepSpeed ZeRO-3 shard the lm_head weight outside the model's forward"
-    head = trainer.model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
-        return f"its output layer is a {type(head).__name__}, not a plain torch.nn.Linear"
-    config = trainer.model.config.get_text_config()
-    transforms = [f"{name}={getattr(config, name)}" for name in LOGIT_TRANSFORMS
-                  if getattr(config, name, None) not in (None, 1)]
-    if transforms:
-        return f"its config transforms the logits after the lm_head ({', '.join(transforms)})"
+    try:
+        with torch.no_grad():  # only whether it can be read (a LoRA head is merged again on every step)
+            lm_head_of(trainer.model)
+    except ValueError as err:  # a head or a logit transform the fused-linear path cannot reproduce
+        return str(err)
     return None
 
 
@@ -180,12 +176,14 @@ def _use_logits_path(trainer, reason: str) -> None:
 
 
 def _completion_hidden(trainer, model, input_ids, attention_mask, T: int):
-    """``(hidden [B, T, H], weight, bias)`` cast to the lm_head's compute dtype, from the model's own forward.
+    """``(hidden [B, T, H], head keywords)``: the hidden states and the :class:`gfpo_fast.lm_head.LMHead`'s
+    ``weight``, ``bias`` (cast to the lm_head's compute dtype), ``scale`` and ``softcap``, from the model's own
+    forward.
 
-    The lm_head projects only the last position. On the first call its logits there are checked against
-    ``hidden @ weight.T + bias``; if they differ, the trainer switches to the logits path and this returns None.
+    The lm_head projects only the last position. On the first call the model's logits there are checked against
+    the head's; if they differ, the trainer switches to the logits path and this returns None.
     """
-    head = trainer.accelerator.unwrap_model(model).get_output_embeddings()
+    head = lm_head_of(trainer.accelerator.unwrap_model(model))  # a LoRA head merged here, with gradients
     weight, bias = head.weight, head.bias
     with trainer.accelerator.autocast():
         out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True,
@@ -195,14 +193,15 @@ def _completion_hidden(trainer, model, input_ids, attention_mask, T: int):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         if not trainer._gf_head_verified:
             with torch.no_grad():
-                expected = torch.nn.functional.linear(last[:, -1], weight, bias).float()
+                expected = head.logits(last[:, -1])
                 error = (out.logits[:, -1].float() - expected).abs().max()
             if error > 1e-2 * expected.abs().max():  # host sync, once
-                _use_logits_path(trainer, f"its logits differ from its last hidden states @ lm_head.weight.T "
-                                          f"(+ bias) by up to {error.item():.3g}")
+                _use_logits_path(trainer, f"its logits differ from its last hidden states through its lm_head "
+                                          f"({head.describe()}) by up to {error.item():.3g}")
                 return None
             trainer._gf_head_verified = True
-    return (last[:, -(T + 1):-1].to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return last[:, -(T + 1):-1].to(dtype), dict(weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype),
+                                                scale=head.scale, softcap=head.softcap)
 
 
 def _fast_compute_loss(self, model, inputs):
@@ -233,8 +232,8 @@ def _fast_compute_loss(self, model, inputs):
 
     linear = None if self._gf_logits_reason else _completion_hidden(self, model, input_ids, attention_mask, T)
     if linear is not None:
-        hidden, weight, bias = linear
-        loss, metrics = fused_linear_policy_loss(hidden, weight, *loss_args, bias=bias, **kwargs)
+        hidden, head = linear
+        loss, metrics = fused_linear_policy_loss(hidden, head.pop("weight"), *loss_args, **head, **kwargs)
     else:
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, use_cache=False)
