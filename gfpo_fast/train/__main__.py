@@ -3,21 +3,22 @@
 ``train()`` sets up once, then loops over one generation batch per step, in phases that are plain
 functions of this module, each timed under its name (``time/<name>`` in the metrics):
 
-    generate          G completions per prompt                                 -> Rollout
-    reward            score them; gather every process's rewards                -> Scores
-    advantages        group-relative advantages; GFPO keeps k per group and the
-                      dropped rows leave before any forward (compaction)        -> Batch (make_batch)
-    old_ref_logprobs  no-grad old / reference log-probs, vLLM's IS ratio, when needed
-    policy_forward    model and ``gfpo_fast.fused_policy_loss`` forward per micro-batch  (accumulate_gradients)
-    backward          its backward
-    optimizer         clip, step, schedule                                      (optimizer_step)
+    weight_sync       vLLM only: the policy's weights into the engine
+    generate          G completions per prompt                                -> Rollout
+    reward            score them; gather every process's rewards               -> Scores (score_rollout)
+    advantages        group-relative advantages; GFPO keeps k per group and
+                      the dropped rows leave before any forward (compaction)   -> Batch (make_batch)
+    old_ref_logprobs  no-grad old / reference log-probs and vLLM's IS ratio, when needed (old_and_ref_logprobs)
+    policy_forward    the model and the loss forward, per micro-batch          (accumulate_gradients)
+    backward          their backward
+    optimizer         clip, step, schedule                                     (optimizer_step)
 
 then ``step_metrics`` (one host read) and a checkpoint every ``save_steps``. The loss is
-``gfpo_fast.fused_policy_loss`` (Triton on CUDA, C++ or torch on the CPU).
-It is on-policy by default (``num_iterations=1``): the ratio is 1 in value and the loss is the
-clipped surrogate's plain policy gradient, exactly as TRL computes it without old log-probs. The G
-completions of a prompt share its forward pass: each distinct prompt is prefilled once for generation
-and run once in the policy forward and backward (``prefix.py``), with the same values and gradients.
+``gfpo_fast.fused_policy_loss`` (Triton on CUDA, C++ or torch on the CPU). It is on-policy by default
+(``num_iterations=1``): the ratio is 1 in value and the loss is the clipped surrogate's plain policy
+gradient, exactly as TRL computes it without old log-probs. The G completions of a prompt share its
+forward pass: each distinct prompt is prefilled once for generation and run once in the policy forward
+and backward (``prefix.py``), with the same values and gradients.
 
 The embedded default (no arguments) trains SmolLM2-135M-Instruct with GFPO (length filter, 6 of 8
 kept) on single-digit arithmetic word problems: 40 steps of 2 prompts x 8 completions of at most 48
