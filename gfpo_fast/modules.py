@@ -58,7 +58,7 @@ class FusedLinearGRPOLoss(_PolicyLossModule):
     :func:`gfpo_fast.fused_linear_policy_loss`: equal to :func:`gfpo_fast.policy_loss` on the log-probs of the
     model's logits ``softcap * tanh(scale * (hidden @ weight.T + bias) / softcap)`` (``scale * (...)`` without a
     cap), with gradients to ``hidden``, ``weight`` and ``bias``; one ``[chunk_size, V]`` logits block exists at a
-    time. A model's ``weight``, ``bias``, ``scale`` and ``softcap``: ``lm_head_of(model).op_kwargs()``
+    time. A model's ``weight``, ``bias``, ``scale`` and ``softcap``: those of ``lm_head_of(model)``
     (:mod:`gfpo_fast.lm_head`).
     """
 

@@ -224,3 +224,15 @@ def test_unknown_heads_and_transforms_are_errors():
     out = model(input_ids=ids, output_hidden_states=True)
     with pytest.raises(ValueError, match="the model's logits differ"):  # a transform the config does not name
         LMHead(model.lm_head.weight, None, 2.0).check(out.hidden_states[-1], out.logits)
+
+
+def test_module_passes_the_head_transform():
+    model = tiny_model(Gemma2Config, Gemma2ForCausalLM, head_dim=16, final_logit_softcapping=3.0)
+    head = lm_head_of(model)
+    hidden, ids = torch.randn(B, T, 32), torch.randint(0, V, (B, T))
+    tensors = (torch.randn(B, T) - 5, torch.randn(B), torch.ones(B, T))
+    loss, _ = gf.FusedLinearGRPOLoss(chunk_size=CHUNK, temperature=TEMPERATURE)(
+        hidden, head.weight, ids, *tensors, bias=head.bias, scale=head.scale, softcap=head.softcap)
+    ref, _ = fused_linear_policy_loss_ref(make_loss_config(), hidden, head.weight, ids, *tensors,
+                                          temperature=TEMPERATURE, softcap=3.0)
+    close(loss, ref, atol=1e-6, rtol=1e-5, what="loss")
