@@ -60,7 +60,7 @@ class TrainConfig:
     num_remains_in_group: int | None = _f(6, "gfpo: completions kept per group, 2 <= k < num_generations (TRL: None)")
     group_filter: str = _f("length", "gfpo: 'length' (keep the shortest), 'token_efficiency' (highest reward per "
                            "token) or module:function with TRL's group_filter_func contract")
-    adaptive_difficulty: bool = _f(False, "gfpo: choose k per group from its difficulty (see filters.adaptive_k)")
+    adaptive_difficulty: bool = _f(False, "gfpo: choose k per group from its difficulty (gfpo_fast/train/filters.py)")
     loss_type: str = _f("dapo", "grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo or vespo (gfpo_fast.policy_loss)")
     importance_sampling_level: str = _f("token", "token or sequence (gspo and gspo_token set it themselves)")
     epsilon: float | None = _f(None, "lower clip range (None: 0.2, or 0.4 in log space for gmpo)")
@@ -214,7 +214,9 @@ def _argument(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> No
     optional = typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and \
         type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
-    kw = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    # SUPPRESS: a flag that is not given leaves the YAML's value (or the field's default) alone
+    kw = {"help": f"{f.metadata['help']} (default: {default})", "default": argparse.SUPPRESS}
     if typing.get_origin(base) is list:
         kw.update(nargs="+", type=typing.get_args(base)[0])
     else:
@@ -223,10 +225,19 @@ def _argument(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> No
     parser.add_argument(f"--{f.name}", **kw)
 
 
+EXAMPLES = """examples:
+  python -m gfpo_fast.train                         the embedded default: 40 steps, evals on 128 held-out prompts
+  python -m gfpo_fast.train --max_steps 2           a quick look: evals on 16 of them
+  python -m gfpo_fast.train --do_eval false         no evals
+  python -m gfpo_fast.train --eval_num_prompts 128  evals on 128 prompts whatever max_steps is"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gfpo_fast.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="YAML file of fields; command-line flags override it", default=None)
+    parser = argparse.ArgumentParser(
+        prog="python -m gfpo_fast.train", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Trains a causal LM with GRPO, GFPO, GSPO or GMPO on gfpo-fast's fused loss.\nEvery option "
+                    "is a field of TrainConfig; --config reads fields from a YAML file and flags override them.")
+    parser.add_argument("--config", help="YAML file of fields; command-line flags override it (default: None)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         _argument(parser, f, hints[f.name])
