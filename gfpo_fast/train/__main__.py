@@ -297,7 +297,7 @@ def score_rollout(ro: Rollout, rows: list[dict], tokenizer, reward_names: list[s
 
 
 def make_batch(ro: Rollout, scores: Scores, group_filter: GroupFilter | None, cfg: TrainConfig,
-                     accelerator) -> tuple[Batch, torch.Tensor]:
+               accelerator) -> tuple[Batch, torch.Tensor]:
     """Group-relative advantages of the whole generation batch, and this process's ``Batch`` of the rows that train.
 
     Without a group filter every row trains. With GFPO the filter keeps ``k`` rows per group, their advantages
