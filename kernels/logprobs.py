@@ -29,10 +29,13 @@ read in forward, and rows with a zero incoming gradient are not read in backward
 2 bytes written per logit.
 Nothing of size [N, V] is allocated except the gradient itself, and not even that with ``inplace``.
 
+Soft-capping adds compute, not traffic: one more exponential and a division per logit in each pass (the
+bytes above are unchanged).
+
 Run-time arguments, never constants: N, T, V, the row strides, the temperature, the scale and the cap, so a
-new batch shape, temperature or model reuses the compiled kernel (soft-capping on or off is a compile-time
-flag) (sizes that change every step are excluded from
-Triton's integer specialisation with ``do_not_specialize``). The grid is 1-D over rows, so any
+new batch shape, temperature or model reuses the compiled kernel; only soft-capping on or off is a
+compile-time flag (``HAS_SOFTCAP``). Sizes that change every step are excluded from Triton's integer
+specialisation with ``do_not_specialize``. The grid is 1-D over rows, so any
 number of rows (> 65,535) works, and row offsets are computed in int64.
 """
 from __future__ import annotations
