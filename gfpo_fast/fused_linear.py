@@ -235,7 +235,7 @@ def fused_linear_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1
                             backend, None)
 
 
-def _gathered(x: torch.Tensor | None) -> torch.Tensor | None:
+def gather_full(x: torch.Tensor | None) -> torch.Tensor | None:
     """A DTensor (an FSDP2-sharded parameter) gathered whole, its gradient reduce-scattered back averaged over
     the mesh (see the module docstring); any other tensor as it is."""
     if x is None or not torch.distributed.is_available():
@@ -250,7 +250,7 @@ def _linear_logprobs(hidden, weight, token_ids, bias, temperature, scale, softca
                      active):
     """:func:`fused_linear_logprobs`, skipping the chunks without an active token when ``active``
     (bool, shaped like ``token_ids``) is given."""
-    weight, bias = _gathered(weight), _gathered(bias)
+    weight, bias = gather_full(weight), gather_full(bias)
     _check_linear_inputs(hidden, weight, bias, token_ids, temperature, scale, softcap, chunk_size)
     # The op is a chunk loop around token_logprobs: the backend is that of the per-chunk log-probs.
     impl = backends.select("token_logprobs", backend, hidden.device)
