@@ -336,7 +336,8 @@ class VLLMColocate:
         self.llm = LLM(model=model_path, dtype=dtype, distributed_executor_backend="external_launcher",
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, seed=seed + process_index, logprobs_mode="processed_logprobs",
-                       enable_prefix_caching=True, max_num_batched_tokens=max(4096, max_model_len),
+                       enable_prefix_caching=True,
+                       max_num_batched_tokens=max(max_model_len, min(4096, max_num_seqs * max_model_len)),
                        enforce_eager=enforce_eager)
 
     def sync(self, model: torch.nn.Module) -> float:
