@@ -78,7 +78,8 @@ class TrainConfig:
     temperature: float = _f(0.7, "sampling temperature; also divides the logits in the loss (TRL: 1.0)")
     top_p: float = _f(1.0, "nucleus sampling threshold")
     top_k: int = _f(0, "top-k sampling (0: off)")
-    vllm_gpu_memory_utilization: float = _f(0.3, "vllm: fraction of the GPU the engine may take")
+    vllm_gpu_memory_utilization: float = _f(0.3, "vllm: fraction of the GPU the engine may take (vLLM's CPU build: of "
+                                            "the RAM, for its KV cache, unless VLLM_CPU_KVCACHE_SPACE=<GiB> is set)")
     vllm_importance_sampling_cap: float = _f(3.0, "vllm: sequence-level importance ratios above this are masked "
                                              "(TRL's default 'sequence_mask' mode)")
     vllm_dtype: str = _f("auto", "vllm: the engine's dtype; auto: the policy's compute dtype (bf16 under bf16 mixed "
