@@ -8,7 +8,8 @@ reference, role ``"oracle"``); the others are gfpo-fast (role ``"ours"``) or wha
 2. every implementation runs once and each of its outputs (values and gradients) is compared with the
    oracle's by the normalised max error ``max|a - e| / max|e|``: at most 1e-4, or 2e-2 when either side
    or the case's input is bf16/fp16. One that disagrees is reported ``wrong`` and not timed; one that raises
-   is ``error``; one that cannot run here is ``skipped`` with the reason. This first call is timed on its own
+   is ``error``; one that cannot run here is ``skipped`` with the reason; a Triton kernel on the CPU (the
+   interpreter, ``TRITON_INTERPRET=1``) is ``checked`` and never timed. This first call is timed on its own
    (``first_call_ms``): for ``torch.compile`` it holds the compile, reported as ``compile_s`` and never part
    of the timing;
 3. peak memory added by one call (outputs and gradients included, inputs excluded): on CUDA
@@ -62,13 +63,15 @@ class Impl:
     """One implementation of a case: ``fn(inputs) -> tuple of tensors`` or a reason it cannot run here.
 
     ``role``: ``"oracle"`` (the reference every other output is checked against), ``"ours"`` (gfpo-fast) or
-    ``"peer"`` (what a user could run instead; the fastest one is the baseline of every ratio).
+    ``"peer"`` (what a user could run instead; the fastest one is the baseline of every ratio). ``triton``: a
+    Triton kernel (on a CPU it runs only under ``TRITON_INTERPRET=1``, ~1000x slower: the tests run it once).
     """
 
     name: str
     fn: Callable[[dict], tuple] | None = None
     skip: str | None = None
     role: str = "peer"
+    triton: bool = False
 
 
 def oracle(name: str, fn: Callable[[dict], tuple]) -> Impl:
@@ -110,7 +113,7 @@ def gf_impls(op: str, device: torch.device, make: Callable[[str], Callable[[dict
         except ValueError as err:
             out.append(Impl(f"gfpo-fast {name}", skip=str(err), role="ours"))
             continue
-        out.append(Impl(f"gfpo-fast {name}", make(name), role="ours"))
+        out.append(Impl(f"gfpo-fast {name}", make(name), role="ours", triton=name == "triton"))
     return out
 
 
@@ -130,7 +133,7 @@ def peer_impl(name: str, module: str, attr: str, make: Callable[[Any], Callable[
     if needs_triton and not backends.triton_runs_on(device):
         return Impl(name, skip="Triton kernel: needs a CUDA device")
     obj, why = optional(module, attr)
-    return Impl(name, skip=why) if obj is None else Impl(name, make(obj))
+    return Impl(name, skip=why) if obj is None else Impl(name, make(obj), triton=needs_triton)
 
 
 def compiled_impl(name: str, fn: Callable, wrap: Callable[[Callable], Callable[[dict], tuple]], enabled: bool) -> Impl:
@@ -383,6 +386,10 @@ def _run_impls(case: Case, inputs: dict, device: torch.device, budget_s: float, 
         if not ok:
             row.update(status="wrong", detail=f"normalised max error {err:.3g} vs the oracle")
             log(f"  {impl.name:<44} WRONG ({row['detail']})")
+            continue
+        if impl.triton and device.type == "cpu":  # the Triton interpreter: its times would mean nothing
+            row.update(status="checked", detail=f"agrees with the oracle ({err:.2g}); Triton interpreter, not timed")
+            log(f"  {impl.name:<44} {row['detail']}")
             continue
         call = functools.partial(impl.fn, inputs)
         peak, ms = peak_memory_and_time(call, device)  # on the CPU also the first repeat of the timing
