@@ -325,9 +325,10 @@ class VLLMColocate:
             raise ValueError("generation_backend='vllm' needs vLLM: `pip install vllm` (on a CUDA machine), "
                              "or use generation_backend='transformers'")
         if dtype not in VLLM_DTYPES[1:]:
-            raise ValueError(f"VLLMColocate: dtype must be one of {list(VLLM_DTYPES[1:])} (see engine_dtype), got {dtype!r}")
+            raise ValueError(f"VLLMColocate: dtype must be one of {list(VLLM_DTYPES[1:])} (see engine_dtype), "
+                             f"got {dtype!r}")
         set_distributed_env(process_index, local_process_index, num_processes)
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's per-call INFO lines would break the progress bar
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's per-call INFO lines break the progress bar
         from vllm import LLM
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())

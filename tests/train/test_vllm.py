@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from gfpo_fast.train.data import prompt_token_ids
-from gfpo_fast.train.generation import (StaleEngineError, check_fresh, engine_dtype, set_distributed_env,
-                                        sync_check)
+from gfpo_fast.train.generation import StaleEngineError, check_fresh, engine_dtype, set_distributed_env, sync_check
 
 HERE = Path(__file__).parent
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
