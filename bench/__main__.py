@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     base = report.write(run, args.out)
     print("\n" + report.targets_markdown(run["targets"]), flush=True)
-    print(f"wrote {base}.md, .json, .png ({run['elapsed_s'] / 60:.1f} min)", flush=True)
+    print(f"wrote {base}.md, .json, .png ({run['elapsed_s'] / 60:.1f} min) from `{run['command']}` at {env['commit']}",
+          flush=True)
     return 0
 
 
