@@ -11,6 +11,7 @@ Public ops (each dispatches to Triton on CUDA, C++ on CPU, or the torch referenc
 
 Where each part lives, in import order (a module imports only from the layers above it):
 
+0. ``_checkout.py``: in a source checkout, wires ``kernels/`` in as ``gfpo_fast.kernels`` and finds the built ``_C``.
 1. ``_checks.py`` (argument validation, the bad-token-id rule), ``backends.py`` (backend selection);
    ``nanstats.py`` (TRL's NaN-aware std).
 2. References, the torch oracle of every op: ``policy_loss.py`` (the loss math once: ``LossConfig``,
@@ -21,7 +22,9 @@ Where each part lives, in import order (a module imports only from the layers ab
    over the C++ extension ``_C`` built from ``csrc/``: ``logprobs.py``, ``advantages.py``).
 4. Public ops, importing a backend lazily (``import gfpo_fast`` works without Triton): ``logprobs.py`` (with
    the one autograd layer over both backends' launchers), ``advantages.py``, ``fused_policy_loss.py``,
-   ``fused_linear.py`` (the chunk loop), ``modules.py`` (``nn.Module`` wrappers).
+   ``fused_linear.py`` (the chunk loop), ``lm_head.py`` (a model's output layer as weight, bias, scale and
+   soft-cap for the fused-linear ops), ``group_filter.py`` (GFPO's group-filter call, shared by the trainer
+   and the TRL integration), ``modules.py`` (``nn.Module`` wrappers).
 5. Applications: ``train/`` (``python -m gfpo_fast.train``) and ``integrations/`` (TRL drop-ins).
 """
 from . import _checkout  # noqa: F401  (first: in a source checkout, wires in kernels/ and the built _C)
