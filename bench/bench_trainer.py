@@ -50,28 +50,52 @@ What cannot be matched exactly, and why:
   includes drawing the prompt indices) and its logging after ``on_step_end``; ours includes computing
   the step's metrics. Both are milliseconds.
 
+TRL's path: TRL 1.16's GRPOTrainer always computes the policy's (and reference's) log-probs through its fused
+LM head: its constructor patches the model's forward (``trl.trainer.utils.add_fused_lm_head``) and every log-prob
+forward asks for it (``fused_lm_head=True``; ``ChunkedLogProbFunction``, torch tiles on the CPU, asking for the
+entropy too); TRL <= 1.14 took the logits path (full logits, ``selective_log_softmax``). The run records TRL's
+version and the path it took, counted: calls to ``ChunkedLogProbFunction`` (through the name TRL's fused
+forward looks up, ``trl.trainer.utils._ChunkedLogProbFunction``, wrapped by a counting subclass).
+
+**Equal work.** In the natural run each trainer samples its own completions, so their lengths and token counts
+differ and so does the work behind ``s/step``. After TRL's run, our trainer (``python -m gfpo_fast.train``, same
+config, no evals) runs in a subprocess on exactly TRL's completions: every ``model.generate`` call is forced to
+emit the completions TRL sampled at that step (a logits processor leaves only the recorded token, so the model
+still runs every decode step, as when sampling it; the prompts are checked to be TRL's). Same prompts, same
+completions, same lengths: the work is equal, and ``summary.md`` puts that row next to TRL's natural-run row
+(with the count of steps whose completion tokens match). The forcing patches
+``transformers.GenerationMixin.generate`` in that subprocess only; neither trainer is modified.
+
 Nothing is downloaded: the model comes from a local directory, a GGUF or the local Hugging Face cache.
 
     python -m bench.bench_trainer                                  # 25 steps, evals before and after
     python -m bench.bench_trainer --max_steps 2 --no_eval --output_dir /tmp/trl-smoke
+    python -m bench.bench_trainer --no_equal_work                  # TRL's natural run only
 
 Writes ``<output_dir>/metrics.jsonl`` (one line per step), ``eval.json`` (``{"before": ..., "after": ...}``
-in ``evaluate``'s format) and ``summary.md`` (machine, versions, commit, config, timings, the compare table row).
+in ``evaluate``'s format), ``completions.jsonl`` (per step: the prompt ids and TRL's completion ids),
+``equal_work/`` (our trainer's run on those completions) and ``summary.md`` (machine, versions, TRL's path,
+commit, config, timings, the compare table rows).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import trl
+import trl.trainer.utils as trl_utils
 from datasets import Dataset
-from transformers import PrinterCallback, TrainerCallback
+from transformers import LogitsProcessor, LogitsProcessorList, PrinterCallback, TrainerCallback
+from transformers.generation.utils import GenerationMixin
 from trl import GRPOConfig, GRPOTrainer
 
 from gfpo_fast.train import compare
@@ -95,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_eval", action="store_true", help="skip the held-out evals before and after training")
     p.add_argument("--model_name_or_path", default=default.model_name_or_path,
                    help="as for python -m gfpo_fast.train (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--no_equal_work", action="store_true",
+                   help="skip the equal-work run (our trainer on TRL's completions)")
+    p.add_argument("--replay", default=None, help=argparse.SUPPRESS)  # internal: the equal-work subprocess
     return p.parse_args(argv)
 
 
@@ -119,11 +146,15 @@ def trl_config(cfg: TrainConfig, on_gpu: bool) -> GRPOConfig:
 class StepRecorder(TrainerCallback):
     """Times every optimizer step, counts its completion tokens and appends one metrics line per step."""
 
-    def __init__(self, cfg: TrainConfig, train_rows: list[dict], path: Path):
-        self.cfg, self.train_rows, self.path = cfg, train_rows, path
+    def __init__(self, cfg: TrainConfig, train_rows: list[dict], path: Path, tokenizer=None):
+        self.cfg, self.train_rows, self.path, self.tokenizer = cfg, train_rows, path, tokenizer
+        self.row_of = {r["question"]: r for r in train_rows}
+        self.completions_path = path.with_name("completions.jsonl")
+        self.completions_path.write_text("")
         self.sampler = PromptSampler(len(train_rows), cfg.seed)  # our trainer's prompt order, for the check
         self.steps: list[dict] = []
         self.tokens, self.questions, self.t0, self.seconds = 0, [], 0.0, 0.0
+        self.rows_questions, self.completion_ids = [], []  # every row of the step (G per prompt), for the replay
         path.write_text("")
 
     def reward_func(self, name: str, func):
@@ -131,6 +162,7 @@ class StepRecorder(TrainerCallback):
         def wrapped(completion_ids, question, **kwargs):
             self.tokens = sum(map(len, completion_ids))  # every reward function sees the same completions
             self.questions = question[::self.cfg.num_generations]
+            self.rows_questions, self.completion_ids = list(question), [list(c) for c in completion_ids]
             return func(completion_ids=completion_ids, question=question, **kwargs)
 
         wrapped.__name__ = name
@@ -156,9 +188,109 @@ class StepRecorder(TrainerCallback):
         self.steps.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tokenizer is not None:  # the step's prompts and TRL's completions, for the equal-work replay
+            prompts = [prompt_token_ids(self.tokenizer, self.row_of[q]["prompt"]) for q in self.rows_questions]
+            with self.completions_path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "prompt_ids": prompts,
+                                    "completion_ids": self.completion_ids}) + "\n")
         print(f"step {row['step']}/{state.max_steps}: {self.seconds:.1f} s, {self.tokens} tokens, "
               f"{row['tokens_per_s']:.1f} tok/s, reward {row['reward']:.3f}, accuracy {row['accuracy']:.2f}, "
               f"length {row['completions/mean_length']:.1f}", flush=True)
+
+
+class CountingChunkedLogProb(trl_utils._ChunkedLogProbFunction):
+    """TRL's fused LM head (``ChunkedLogProbFunction``), counting its calls: installed under the name TRL's fused
+    forward looks up at call time, so the count says whether the run took the fused-LM-head path."""
+
+    calls = 0
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        CountingChunkedLogProb.calls += 1
+        return super().apply(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def counting_fused_lm_head():
+    original = trl_utils._ChunkedLogProbFunction
+    trl_utils._ChunkedLogProbFunction = CountingChunkedLogProb
+    try:
+        yield CountingChunkedLogProb
+    finally:
+        trl_utils._ChunkedLogProbFunction = original
+
+
+def trl_path(trainer: GRPOTrainer, fused_calls: int) -> str:
+    """Which of TRL's log-prob paths the run took, as counted, with TRL's version."""
+    patched = "forward" in vars(trainer.accelerator.unwrap_model(trainer.model))  # add_fused_lm_head's instance forward
+    if fused_calls:
+        return (f"TRL {trl.__version__}: log-probs through its fused LM head (ChunkedLogProbFunction, {fused_calls} "
+                f"calls over the run; the model's forward patched by add_fused_lm_head: {patched})")
+    return f"TRL {trl.__version__}: log-probs from the full logits (no fused-LM-head call; forward patched: {patched})"
+
+
+class ForcedCompletions(LogitsProcessor):
+    """Leaves only the recorded token of each row at each decode step (rows past their recorded completion are
+    left alone: they have ended with EOS, or hit the length limit, and generate pads them)."""
+
+    def __init__(self, completions: list[list[int]], prompt_width: int):
+        self.completions, self.width = completions, prompt_width
+
+    def __call__(self, input_ids, scores):
+        t = input_ids.shape[1] - self.width  # decode step: the prompts are left-padded to one width
+        for b, completion in enumerate(self.completions):
+            if t < len(completion):
+                token = completion[t]
+                scores[b] = -float("inf")
+                scores[b, token] = 0.0
+        return scores
+
+
+@contextlib.contextmanager
+def forced_generation(steps: list[dict]):
+    """Every ``model.generate`` call, in order, emits the completions recorded for that step (its prompts checked)."""
+    original, calls = GenerationMixin.generate, iter(steps)
+
+    def generate(self, *args, **kwargs):
+        step = next(calls, None)
+        if step is None:
+            raise RuntimeError(f"more generate calls than the {len(steps)} recorded steps")
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        if prompts != step["prompt_ids"]:
+            raise RuntimeError(f"step {step['step']}: the trainer's prompts are not those TRL saw")
+        forced = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []),
+                                      ForcedCompletions(step["completion_ids"], ids.shape[1])])
+        return original(self, *args, logits_processor=forced, **kwargs)
+
+    GenerationMixin.generate = generate
+    try:
+        yield
+    finally:
+        GenerationMixin.generate = original
+
+
+def replay(completions: Path, cli: argparse.Namespace) -> int:
+    """Our trainer (same config, no evals) with every generation forced to TRL's recorded completions."""
+    from gfpo_fast.train.__main__ import main as train_main
+
+    steps = [json.loads(line) for line in completions.read_text().splitlines() if line]
+    with forced_generation(steps):
+        return train_main(["--algorithm", "grpo", "--max_steps", str(len(steps)), "--do_eval", "false",
+                           "--model_name_or_path", cli.model_name_or_path, "--output_dir", cli.output_dir])
+
+
+def equal_work_rows(out: Path, ours: Path) -> tuple[dict, str]:
+    """The compare rows of TRL's natural run and of our trainer on TRL's completions, and how equal the work was."""
+    def per_step(path):
+        return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
+
+    theirs, mine = per_step(out), per_step(ours)
+    same = sum(a["num_tokens"] == b["num_tokens"] for a, b in zip(theirs, mine))
+    rows = {"trl grpo (natural run)": compare.summarize(out),
+            "gfpo-fast grpo on TRL's completions (equal work)": compare.summarize(ours)}
+    return rows, (f"Equal work: our trainer replayed TRL's completions ({ours}); completion tokens equal in "
+                  f"{same}/{len(theirs)} steps ({sum(s['num_tokens'] for s in theirs)} tokens in all).")
 
 
 def check_same_inputs(trainer: GRPOTrainer, tokenizer, rows: list[dict], eos_ids: list[int]) -> None:
@@ -173,7 +305,7 @@ def check_same_inputs(trainer: GRPOTrainer, tokenizer, rows: list[dict], eos_ids
 
 
 def write_summary(out: Path, cfg: TrainConfig, args: GRPOConfig, steps: list[dict], evals: dict, env: dict,
-                  load: list[float], command: list[str]) -> str:
+                  load: list[float], command: list[str], path: str, equal_work: Path | None) -> str:
     seconds = [s["time/step"] for s in steps]
     tokens = [s["num_tokens"] for s in steps]
     later = seconds[1:] or seconds
@@ -187,6 +319,7 @@ def write_summary(out: Path, cfg: TrainConfig, args: GRPOConfig, steps: list[dic
         f"- Machine: {compare.machine()}; torch threads {env['torch_threads']}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load average {load[0]:.2f} -> {load[1]:.2f}",
         f"- Versions: {versions}, python {env['python']}",
+        f"- TRL's path: {path}",
         f"- Commit: `{env['commit']}`",
         f"- Command: `python -m bench.bench_trainer {' '.join(command)}`",
         f"- Model: {cfg.model_name_or_path} ({cfg.dtype}); peak RSS "
@@ -200,8 +333,12 @@ def write_summary(out: Path, cfg: TrainConfig, args: GRPOConfig, steps: list[dic
         f"{statistics.mean(s['tokens_per_s'] for s in steps):.1f}, total {sum(tokens)} tokens / {sum(seconds):.1f} s "
         f"= {sum(tokens) / sum(seconds):.1f}; prompts as ours in {sum(s['prompts_match_ours'] for s in steps)}"
         f"/{len(steps)} steps.", "",
-        compare.table({"trl grpo": compare.summarize(out)}), "",
     ]
+    if equal_work is None:
+        lines += [compare.table({"trl grpo (natural run)": compare.summarize(out)}), ""]
+    else:
+        rows, note = equal_work_rows(out, equal_work)
+        lines += [compare.table(rows), "", note, ""]
     for when, result in evals.items():
         lines.append(f"eval {when}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in result.items()))
     text = "\n".join(lines) + "\n"
@@ -212,6 +349,8 @@ def write_summary(out: Path, cfg: TrainConfig, args: GRPOConfig, steps: list[dic
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cli = parse_args(argv)
+    if cli.replay:
+        return replay(Path(cli.replay), cli)
     cfg = TrainConfig(algorithm="grpo", max_steps=cli.max_steps, output_dir=cli.output_dir,
                       model_name_or_path=cli.model_name_or_path, do_eval=not cli.no_eval)
     on_gpu = torch.cuda.is_available()
@@ -225,7 +364,7 @@ def main(argv=None) -> int:
     eval_rows = eval_rows[:num_eval]
     names, funcs = build_reward_funcs(cfg.reward_funcs, cfg.max_completion_length)
     model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.gradient_checkpointing)
-    recorder = StepRecorder(cfg, train_rows, out / "metrics.jsonl")
+    recorder = StepRecorder(cfg, train_rows, out / "metrics.jsonl", tokenizer)
     args = trl_config(cfg, on_gpu)
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, args=args,
                           reward_funcs=[recorder.reward_func(n, f) for n, f in zip(names, funcs)],
@@ -244,11 +383,24 @@ def main(argv=None) -> int:
             print(f"eval {when}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in evals[when].items()), flush=True)
 
     run_eval("before")
-    trainer.train()
+    with counting_fused_lm_head() as fused:
+        trainer.train()
+    path = trl_path(trainer, fused.calls)
+    print(path, flush=True)
     run_eval("after")
     (out / "eval.json").write_text(json.dumps(evals, indent=2))
-    print(write_summary(out, cfg, args, recorder.steps, evals, env, [load_start, os.getloadavg()[0]], argv))
-    print(f"wrote {out / 'metrics.jsonl'}, {out / 'eval.json'}, {out / 'summary.md'}")
+    load = [load_start, os.getloadavg()[0]]
+    equal_work = None
+    if not cli.no_equal_work:  # our trainer on TRL's completions, in its own process (the generate patch stays there)
+        equal_work = out / "equal_work"
+        print(f"equal work: our trainer on TRL's completions -> {equal_work}", flush=True)
+        replayed = str((out / "completions.jsonl").resolve())
+        subprocess.run([sys.executable, "-m", "bench.bench_trainer", "--replay", replayed,
+                        "--output_dir", str(equal_work.resolve()), "--model_name_or_path", cli.model_name_or_path],
+                       check=True, cwd=Path(__file__).resolve().parent.parent)
+        load[1] = os.getloadavg()[0]
+    print(write_summary(out, cfg, args, recorder.steps, evals, env, load, argv, path, equal_work))
+    print(f"wrote {out / 'metrics.jsonl'}, {out / 'eval.json'}, {out / 'completions.jsonl'}, {out / 'summary.md'}")
     return 0
 
 
