@@ -1,7 +1,8 @@
 """``python -m bench.bench_trainer``: TRL's ``GRPOTrainer`` on the task and settings of ``python -m gfpo_fast.train``.
 
-Runs TRL 1.16's GRPOTrainer (public API: ``GRPOConfig``, ``GRPOTrainer``, a ``TrainerCallback``; only the
-prompt-id check calls TRL's internal ``_tokenize_prompts``, the exact step its generation uses) on what
+Runs TRL 1.16's GRPOTrainer (public API: ``GRPOConfig``, ``GRPOTrainer``, a ``TrainerCallback``; two internals
+only: the prompt-id check calls ``_tokenize_prompts``, the exact step its generation uses, and the path count
+wraps ``trl.trainer.utils._ChunkedLogProbFunction``, see below) on what
 ``python -m gfpo_fast.train --algorithm grpo`` trains by default, on the same machine, and writes the
 figures that run writes, so that the two can be compared row by row
 (``gfpo_fast.train.compare.summarize`` reads the output directory):
