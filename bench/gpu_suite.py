@@ -47,7 +47,7 @@ def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:
     return [(name, command, slack * limit) for name, command, limit in [
         ("gpu_tests", [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 90),
         ("kernel_bench", [*bench, "--families", "logprobs,fused_policy_loss,advantages"], 120),
-        ("fused_linear_bench", [*bench, "--families", "fused_linear"], 75),
+        ("fused_linear_bench", [*bench, "--families", "fused_linear"], 150),
         ("long_sequence", [PY, "-m", "bench.gpu_suite", "--long-sequence", "--dry" if dry else "--no-dry"], 45),
         ("train", [*train, "--max_steps", "1" if dry else "20", "--output_dir", str(out / "train")], 90),
         ("vllm", [*train, "--max_steps", "1" if dry else "3", "--generation_backend", "vllm",
