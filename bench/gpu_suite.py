@@ -33,7 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PY = sys.executable
 
 
-def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:
+def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:  # GPU limits add up to 480 s
     """(name, command, time limit in s) of each part. ``dry`` shrinks every shape for the CPU, where the limits are
     4x as long: a dry run proves that each part runs, not how fast (the 2-core CPU may also be busy)."""
     bench = [PY, "-m", "bench", "--out", str(out / "bench")]
@@ -45,13 +45,13 @@ def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:
         train += ["--bf16", "true"]
     slack = 4 if dry else 1
     return [(name, command, slack * limit) for name, command, limit in [
-        ("gpu_tests", [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 90),
+        ("gpu_tests", [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 60),
         ("kernel_bench", [*bench, "--families", "logprobs,fused_policy_loss,advantages"], 120),
-        ("fused_linear_bench", [*bench, "--families", "fused_linear"], 150),
+        ("fused_linear_bench", [*bench, "--families", "fused_linear"], 120),
         ("long_sequence", [PY, "-m", "bench.gpu_suite", "--long-sequence", "--dry" if dry else "--no-dry"], 45),
         ("train", [*train, "--max_steps", "1" if dry else "20", "--output_dir", str(out / "train")], 90),
         ("vllm", [*train, "--max_steps", "1" if dry else "3", "--generation_backend", "vllm",
-                  "--output_dir", str(out / "vllm")], 60),
+                  "--output_dir", str(out / "vllm")], 45),
     ]]
 
 
