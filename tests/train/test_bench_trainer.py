@@ -26,4 +26,7 @@ def test_bench_trainer_writes_comparable_metrics(tiny_model, tmp_path):
     assert set(evals) == {"before", "after"} and evals["before"]["eval/num_prompts"] == 16
     row = compare.summarize(out)  # readable by our comparison tool
     assert row["steps"] == 2 and row["s_per_step"] > 0
-    assert "| trl grpo |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| trl grpo (natural run) |" in summary
+    # the equal-work row: our trainer replayed TRL's completions, token for token
+    assert "| gfpo-fast grpo on TRL's completions (equal work) |" in summary and "equal in 2/2 steps" in summary
