@@ -238,7 +238,8 @@ def sync_check(train_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torc
     means = torch.stack([gap.sum() / m.sum().clamp(min=1), ratio.mean(), (ratio > cap).float().mean()])
     if reduce is not None:
         maxima, means = reduce(maxima, "max"), reduce(means, "mean")
-    maxima, means = maxima.tolist(), means.tolist()
+    read = torch.cat([maxima, means]).tolist()  # one host read
+    maxima, means = read[:3], read[3:]
     metrics = {"vllm/logp_gap_max": maxima[0], "vllm/logp_gap_mean": means[0], "vllm/is_ratio_min": -maxima[2],
                "vllm/is_ratio_mean": means[1], "vllm/is_ratio_max": maxima[1], "vllm/is_ratio_masked": means[2]}
     return SyncCheck(torch.where(ratio > cap, 0.0, ratio), metrics)
@@ -333,7 +334,6 @@ class VLLMColocate:
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())
 
-        self.dtype = dtype
         self.llm = LLM(model=model_path, dtype=dtype, distributed_executor_backend="external_launcher",
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, seed=seed + process_index, logprobs_mode="processed_logprobs",
