@@ -62,7 +62,7 @@ from gfpo_fast.advantages import weighted_rewards
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, parse_args
-from .data import PromptSampler, arithmetic_dataset, load_local_dataset, prompt_token_ids
+from .data import PromptSampler, load_rows, prompt_token_ids
 from .evaluation import evaluate
 from .filters import GroupFilter
 from .generation import (
@@ -139,18 +139,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                          "backward, so the micro-batches would each take a step; use gradient_accumulation_steps=1 "
                          "with a larger per_device_train_batch_size, or DDP / FSDP")
     return accelerator
-
-
-def load_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """``(train_rows, eval_rows)`` of the embedded arithmetic task or of local files (sizes: ``cfg.eval_split()``)."""
-    held_out, num_eval = cfg.eval_split()
-    if cfg.dataset_name == "arithmetic":
-        train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, held_out,
-                                                   max_operand=cfg.arithmetic_max_operand, ops=cfg.arithmetic_ops)
-    else:
-        train_rows = load_local_dataset(cfg.dataset_name)
-        eval_rows = load_local_dataset(cfg.eval_dataset_name) if cfg.eval_dataset_name else []
-    return train_rows, eval_rows[:num_eval]
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -41,6 +41,10 @@ class TrainConfig:
     dtype: str = _f("float32", "dtype of the trainable weights: float32, bfloat16 or float16")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (TRL: True; off here: the "
                                       "embedded model is small and the CPU is the bottleneck)")
+    use_liger_kernel: bool = _f(False, "patch the policy with Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels (CUDA "
+                                "and liger-kernel needed; the loss stays gfpo-fast's fused-linear one)")
+    lm_head_chunk_size: int = _f(1024, "tokens per lm_head chunk in the loss and the log-prob passes: the only "
+                                 "[chunk, V] buffer of a step (the [B, T, V] logits are never built)")
     dataset_name: str = _f("arithmetic", "'arithmetic' (embedded seeded word problems) or a local .jsonl/.json/.csv/"
                            ".parquet file or save_to_disk directory with a 'prompt' column")
     eval_dataset_name: str | None = _f(None, "local held-out dataset for the evals (the arithmetic task brings its "
@@ -134,7 +138,7 @@ class TrainConfig:
         choice("dtype", ("float32", "bfloat16", "float16"))
         for name in ("num_generations", "max_completion_length", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "max_steps", "logging_steps", "save_steps", "num_iterations",
-                     "eval_batch_size", "save_total_limit", "arithmetic_num_train"):
+                     "eval_batch_size", "save_total_limit", "arithmetic_num_train", "lm_head_chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -181,3 +181,15 @@ class PromptSampler:
                              f"{self.num_rows}; resume with the same dataset")
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._permutation()
+
+
+def load_rows(cfg) -> tuple[list[dict], list[dict]]:
+    """``(train_rows, eval_rows)`` of the embedded arithmetic task or of local files (sizes: ``cfg.eval_split()``)."""
+    held_out, num_eval = cfg.eval_split()
+    if cfg.dataset_name == "arithmetic":
+        train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, held_out,
+                                                   max_operand=cfg.arithmetic_max_operand, ops=cfg.arithmetic_ops)
+    else:
+        train_rows = load_local_dataset(cfg.dataset_name)
+        eval_rows = load_local_dataset(cfg.eval_dataset_name) if cfg.eval_dataset_name else []
+    return train_rows, eval_rows[:num_eval]
