@@ -49,14 +49,17 @@ launchers; ``"torch"`` runs each chunk through the reference log-probs and, in b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import backends
 from ._checks import FLOAT_DTYPES, require_float, require_positive_int, require_same_device, require_tensor
 from .logprobs import check_logits_and_ids, launchers, token_logprobs_ref
-from .policy_loss import check_loss_inputs, loss_config_from, policy_loss_ref
+from .policy_loss import LossConfig, check_loss_inputs, loss_config_from, policy_loss_ref, token_separable
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens: a [1024, 151936] bf16 chunk is 311 MB, enough rows to keep the GEMM efficient
 
@@ -100,90 +103,204 @@ def _chunks(n: int, chunk_size: int, active: torch.Tensor | None = None):
     return [rows for rows, keep in zip(chunks, padded.any(1).tolist()) if keep]
 
 
+@dataclass(frozen=True)
+class ChunkHead:
+    """The log-prob part of one chunk: a backend's launchers (``fast``, :func:`gfpo_fast.logprobs.launchers`), or
+    None for the torch reference, and the head transform (``temperature``, ``scale``, ``softcap``: floats, softcap
+    possibly None), applied by the launchers or by :func:`head_transform_ref`."""
+
+    fast: Any
+    temperature: float
+    scale: float
+    softcap: float | None
+
+    def logprobs(self, logits, ids, return_entropy):
+        """fp32 ``(logp, lse, entropy)`` of a ``[C, V]`` chunk, each ``[C]``; ``lse`` None on the torch path and
+        ``entropy`` None without ``return_entropy``."""
+        if self.fast is not None:
+            return self.fast.token_logprobs_forward(logits, ids, self.temperature, return_entropy, scale=self.scale,
+                                                    softcap=self.softcap)
+        out = token_logprobs_ref(head_transform_ref(logits, self.scale, self.softcap), ids,
+                                 temperature=self.temperature, return_entropy=return_entropy)
+        return (out[0], None, out[1]) if return_entropy else (out, None, None)
+
+    def dlogits(self, logits, ids, lse, dlogp, entropy=None, dentropy=None):
+        """dL/dlogits ``[C, V]`` of a chunk from fp32 ``[C]`` ``dlogp`` (and ``dentropy`` with its ``entropy``):
+        written over ``logits`` by a backend's launcher from the saved ``lse``, or on the torch path through
+        autograd over the reference (the softmax recomputed from ``logits``; no GEMM either way)."""
+        if self.fast is not None:
+            return self.fast.token_logprobs_backward(logits, ids, lse, dlogp, self.temperature, entropy=entropy,
+                                                     dentropy=dentropy, inplace=True, scale=self.scale,
+                                                     softcap=self.softcap)
+        with torch.enable_grad():
+            z = logits.requires_grad_()
+            out = token_logprobs_ref(head_transform_ref(z, self.scale, self.softcap), ids,
+                                     temperature=self.temperature, return_entropy=dentropy is not None)
+            outputs, grads = ((out[0], out[1]), (dlogp, dentropy)) if dentropy is not None else ((out,), (dlogp,))
+            (dlogits,) = torch.autograd.grad(outputs, z, grads)
+        return dlogits
+
+
+class LinearGrads:
+    """Gradients of ``F.linear(hidden, weight, bias)`` summed chunk by chunk: ``dhidden`` ``[N, H]`` in the
+    hidden dtype, ``dweight`` ``[V, H]`` and ``dbias`` ``[V]`` accumulated in fp32; None where ``need`` (three
+    bools: hidden, weight, bias) says no. ``skipping``: some chunks are never added, so ``dhidden`` starts at 0."""
+
+    def __init__(self, hidden, weight, need, skipping):
+        self.hidden_dtype, self.weight_dtype = hidden.dtype, weight.dtype
+        alloc = torch.zeros if skipping else torch.empty
+        self.hidden = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need[0] else None
+        self.weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        self.bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
+
+    def add(self, dlogits, h, weight, rows):
+        """Adds chunk ``rows``: ``dlogits`` ``[C, V]`` (the weight dtype), ``h = hidden[rows]`` ``[C, H]``."""
+        if self.hidden is not None:
+            torch.mm(dlogits, weight, out=self.hidden[rows])
+        if self.weight is not None:
+            if dlogits.dtype == torch.float32:
+                self.weight.addmm_(dlogits.t(), h)
+            else:  # the product in the low dtype (fp32 accumulation inside the GEMM), summed in fp32
+                self.weight.add_(dlogits.t() @ h)
+        if self.bias is not None:
+            self.bias.add_(dlogits.sum(0, dtype=torch.float32))
+
+    def result(self, upstream=None):
+        """``(dhidden, dweight, dbias)`` in the inputs' dtypes, each scaled in place by the 0-dim ``upstream``
+        when given (the buffers are consumed)."""
+        out = []
+        for grad, dtype in ((self.hidden, self.hidden_dtype), (self.weight, self.weight_dtype),
+                            (self.bias, self.weight_dtype)):
+            if grad is not None and upstream is not None:
+                grad.mul_(upstream)
+            out.append(None if grad is None else grad.to(dtype))
+        return tuple(out)
+
+
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd over ``[N, H]`` hidden states; saves the inputs and the fp32 per-token ``lse`` / entropy only.
 
-    ``fast``: a backend's log-prob launchers (:func:`gfpo_fast.logprobs.launchers`), or None for the torch
-    reference per chunk (whose backward recomputes the chunk's forward through autograd). ``scale`` (float) and
-    ``softcap`` (float or None): the head transform, applied by the launchers (or :func:`head_transform_ref`).
-
-    ``active`` (bool ``[N]`` or None): chunks without an active token are skipped, forward (outputs 0) and
-    backward (zero gradient, whatever ``dlogp`` says there); for a loss that ignores inactive tokens.
+    ``head``: a :class:`ChunkHead`; on the torch path (``head.fast`` None) the backward recomputes the chunk's
+    log-probs through autograd over the reference. ``active`` (bool ``[N]`` or None): chunks without an active
+    token are skipped, forward (outputs 0) and backward (zero gradient, whatever ``dlogp`` says there); for a
+    loss that ignores inactive tokens.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_ids, temperature, scale, softcap, return_entropy, chunk_size, fast,
-                active):
+    def forward(ctx, hidden, weight, bias, token_ids, head, return_entropy, chunk_size, active):
         N = hidden.shape[0]
         chunks = _chunks(N, chunk_size, active)
         skipping = sum(rows.stop - rows.start for rows in chunks) < N
         # zeros, not empty, when chunks are skipped: their outputs must be finite for the loss's masking
         alloc = torch.zeros if skipping else torch.empty
         logp = alloc(N, dtype=torch.float32, device=hidden.device)
-        lse = None if fast is None else alloc(N, dtype=torch.float32, device=hidden.device)
+        lse = None if head.fast is None else alloc(N, dtype=torch.float32, device=hidden.device)
         entropy = alloc(N, dtype=torch.float32, device=hidden.device) if return_entropy else None
         for rows in chunks:
             logits = F.linear(hidden[rows], weight, bias)  # [C, V], the only vocab-sized buffer
-            if fast is not None:
-                logp[rows], lse[rows], ent = fast.token_logprobs_forward(logits, token_ids[rows], temperature,
-                                                                         return_entropy, scale=scale, softcap=softcap)
-            else:
-                out = token_logprobs_ref(head_transform_ref(logits, scale, softcap), token_ids[rows],
-                                         temperature=temperature, return_entropy=return_entropy)
-                logp[rows], ent = out if return_entropy else (out, None)
+            logp[rows], lse_c, ent = head.logprobs(logits, token_ids[rows], return_entropy)
+            if lse is not None:
+                lse[rows] = lse_c
             if return_entropy:
                 entropy[rows] = ent
         ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
-        ctx.temperature, ctx.scale, ctx.softcap = temperature, scale, softcap
-        ctx.fast, ctx.chunks, ctx.skipping = fast, chunks, skipping
+        ctx.head, ctx.chunks, ctx.skipping = head, chunks, skipping
         ctx.set_materialize_grads(False)
         return (logp, entropy) if return_entropy else logp
 
     @staticmethod
     def backward(ctx, dlogp, dentropy=None):
         hidden, weight, bias, token_ids, lse, entropy = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if dlogp is None and dentropy is None:
-            return (None,) * 11
+            return (None,) * 8
         if dlogp is None:
             dlogp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        # Skipped chunks' rows of the hidden gradient are never written: they start at zero.
-        alloc_hidden = torch.zeros if ctx.skipping else torch.empty
-        grad_hidden = alloc_hidden(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        grads = LinearGrads(hidden, weight, ctx.needs_input_grad[:3], ctx.skipping)
         for rows in ctx.chunks:
             h = hidden[rows]
-            dlogits = _chunk_dlogits(ctx, F.linear(h, weight, bias), token_ids[rows], lse, entropy, dlogp, dentropy,
-                                     rows)
-            if need_hidden:
-                torch.mm(dlogits, weight, out=grad_hidden[rows])
-            if need_weight:
-                if dlogits.dtype == torch.float32:
-                    grad_weight.addmm_(dlogits.t(), h)
-                else:  # the product in the low dtype (fp32 accumulation inside the GEMM), summed in fp32
-                    grad_weight.add_(dlogits.t() @ h)
-            if need_bias:
-                grad_bias.add_(dlogits.sum(0, dtype=torch.float32))
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype)) + (None,) * 8
+            dent = None if dentropy is None else dentropy[rows]
+            dlogits = ctx.head.dlogits(F.linear(h, weight, bias), token_ids[rows], None if lse is None else lse[rows],
+                                       dlogp[rows], None if dent is None else entropy[rows], dent)
+            grads.add(dlogits, h, weight, rows)
+        return grads.result() + (None,) * 5
 
 
-def _chunk_dlogits(ctx, logits, ids, lse, entropy, dlogp, dentropy, rows):
-    """dL/dlogits of one chunk: from the saved ``lse`` and written over ``logits`` by a backend's launcher, or
-    on the torch path through autograd over the reference (its forward recomputed)."""
-    dent = None if dentropy is None else dentropy[rows]
-    if ctx.fast is not None:
-        return ctx.fast.token_logprobs_backward(logits, ids, lse[rows], dlogp[rows], ctx.temperature,
-                                                entropy=None if dent is None else entropy[rows], dentropy=dent,
-                                                inplace=True, scale=ctx.scale, softcap=ctx.softcap)
-    with torch.enable_grad():
-        z = logits.requires_grad_()
-        out = token_logprobs_ref(head_transform_ref(z, ctx.scale, ctx.softcap), ids, temperature=ctx.temperature,
-                                 return_entropy=dent is not None)
-        outputs, grads = ((out[0], out[1]), (dlogp[rows], dent)) if dent is not None else ((out,), (dlogp[rows],))
-        (dlogits,) = torch.autograd.grad(outputs, z, grads)
-    return dlogits
+class FusedLinearLossGradFunction(torch.autograd.Function):
+    """The loss of :func:`fused_linear_policy_loss` with its gradient formed in the forward pass, for a
+    token-separable loss (:func:`gfpo_fast.policy_loss.token_separable`): ``6 N H V`` FLOPs, no recompute.
+
+    Per chunk of the forward: project (one GEMM), log-probs and ``lse`` from a backend's launcher, then
+    ``dL/dlogp`` of the chunk's tokens from ``loss.dlogp`` (autograd of the reference loss on the ``[B, T]``
+    log-probs known so far: exact, since a token's gradient needs only its own log-prob), the backward launcher
+    writes ``dlogits`` over the chunk's logits, and two GEMMs add ``dhidden`` / ``dweight`` (and ``dbias``) into
+    a :class:`LinearGrads`. After the loop ``loss(logp, entropy)`` gives the value and the metrics, returned as
+    ``(loss, metrics)`` (the dict carries no gradient). Backward only scales the stored gradients by the
+    upstream gradient, in place: one backward per forward (a second one raises).
+
+    ``loss``: a :class:`PolicyLoss`; ``head``, ``chunk_size``, ``active`` as in
+    :class:`FusedLinearLogprobsFunction`. The entropy is a metric here, without gradient (the loss never reads
+    it). Gradients reach ``hidden``, ``weight`` and ``bias`` only (the loss's other tensors must not require
+    gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, token_ids, head, return_entropy, chunk_size, active, loss):
+        N = hidden.shape[0]
+        chunks = _chunks(N, chunk_size, active)
+        skipping = sum(rows.stop - rows.start for rows in chunks) < N
+        # zeros: the loss reads every log-prob to form a chunk's gradient, and skipped or later chunks' must be finite
+        logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros(N, dtype=torch.float32, device=hidden.device) if return_entropy else None
+        grads = LinearGrads(hidden, weight, ctx.needs_input_grad[:3], skipping)
+        for rows in chunks:
+            h, ids = hidden[rows], token_ids[rows]
+            logits = F.linear(h, weight, bias)  # [C, V], the only vocab-sized buffer, becomes dlogits in place
+            logp[rows], lse, ent = head.logprobs(logits, ids, return_entropy)
+            if return_entropy:
+                entropy[rows] = ent
+            grads.add(head.dlogits(logits, ids, lse, loss.dlogp(logp)[rows]), h, weight, rows)
+        value, metrics = loss(logp, entropy)
+        ctx.grads = grads
+        return value, metrics
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss, dmetrics=None):
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_policy_loss formed its gradient in the forward pass and it was used by "
+                               "a first backward: run the forward again for a second one")
+        grads, ctx.grads = ctx.grads, None
+        return grads.result(dloss) + (None,) * 6
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """:func:`gfpo_fast.policy_loss.policy_loss_ref` with one call's tensors bound: ``cfg``, ``old_logp``,
+    ``advantages``, ``mask`` (``[B, T]``) and ``kwargs`` (``ref_logp``, ``importance_sampling_ratio``,
+    ``num_items_in_batch``). Masked tokens pass no gradient to their log-probs: the reference's backward can
+    be NaN there (a zero gradient times an overflowed ratio) and must not reach the chunks (as in
+    ``fused_policy_loss``)."""
+
+    cfg: LossConfig
+    old_logp: torch.Tensor | None
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    kwargs: dict
+
+    def __call__(self, logp, entropy=None):
+        """``(loss, metrics)`` from ``logp`` (and ``entropy``), ``[B, T]`` or flat ``[B * T]`` fp32."""
+        logp = logp.view(self.mask.shape)
+        logp = torch.where(self.mask != 0, logp, logp.detach())
+        entropy = None if entropy is None else entropy.view(self.mask.shape)
+        return policy_loss_ref(self.cfg, logp, self.old_logp, self.advantages, self.mask, entropy=entropy,
+                               **self.kwargs)
+
+    def dlogp(self, logp):
+        """fp32 ``dL/dlogp`` at ``logp`` (``[B * T]``), flat: the reference's own autograd."""
+        with torch.enable_grad():
+            probe = logp.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(self(probe)[0], probe)
+        return grad
 
 
 # ----------------------------------------------------------------------------- public API
@@ -246,22 +363,32 @@ def gather_full(x: torch.Tensor | None) -> torch.Tensor | None:
     return x.full_tensor(grad_placements=[Partial("avg")] * len(x.placements))
 
 
-def _linear_logprobs(hidden, weight, token_ids, bias, temperature, scale, softcap, return_entropy, chunk_size, backend,
-                     active):
-    """:func:`fused_linear_logprobs`, skipping the chunks without an active token when ``active``
-    (bool, shaped like ``token_ids``) is given."""
+def _prepare(hidden, weight, bias, token_ids, temperature, scale, softcap, chunk_size, backend):
+    """Gathers a DTensor weight / bias, validates, and picks the per-chunk log-prob backend: ``(weight, bias,
+    head)`` with ``head`` a :class:`ChunkHead`."""
     weight, bias = gather_full(weight), gather_full(bias)
     _check_linear_inputs(hidden, weight, bias, token_ids, temperature, scale, softcap, chunk_size)
     # The op is a chunk loop around token_logprobs: the backend is that of the per-chunk log-probs.
     impl = backends.select("token_logprobs", backend, hidden.device)
     fast = None if impl == "torch" else launchers(impl)  # None: the torch reference per chunk
-    softcap = None if softcap is None else float(softcap)
+    return weight, bias, ChunkHead(fast, float(temperature), float(scale), None if softcap is None else float(softcap))
+
+
+def _linear_logprobs(hidden, weight, token_ids, bias, temperature, scale, softcap, return_entropy, chunk_size, backend,
+                     active):
+    """:func:`fused_linear_logprobs`, skipping the chunks without an active token when ``active``
+    (bool, shaped like ``token_ids``) is given."""
+    weight, bias, head = _prepare(hidden, weight, bias, token_ids, temperature, scale, softcap, chunk_size, backend)
     out = FusedLinearLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1),
-                                            float(temperature), float(scale), softcap, bool(return_entropy),
-                                            chunk_size, fast, None if active is None else active.reshape(-1))
+                                            head, bool(return_entropy), chunk_size,
+                                            None if active is None else active.reshape(-1))
     if return_entropy:
         return out[0].view(token_ids.shape), out[1].view(token_ids.shape)
     return out.view(token_ids.shape)
+
+
+def _requires_grad(*xs) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
 
 
 def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, mask, *, bias=None, temperature=1.0,
@@ -278,18 +405,38 @@ def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, ma
     (``F.linear(hidden, weight, bias)`` through the head transform)
     (:func:`fused_linear_policy_loss_ref`). Chunks whose tokens are all masked are not computed (zero
     gradient to their hidden states).
+
+    Two paths, same values and gradients (module docstring):
+
+    * **grad in forward** (``6 N H V`` FLOPs, no logits recompute) when the loss is token-separable
+      (:func:`gfpo_fast.policy_loss.token_separable`): with ``old_logp`` (off policy) ``algorithm="grpo"`` at
+      ``importance_sampling_level="token"`` with any loss type but ``vespo``; on policy (``old_logp=None``) every
+      algorithm, level and loss type (GRPO, DAPO, ..., GSPO, GSPO-token, GMPO, VESPO), with or without the KL,
+      except GSPO with ``beta > 0`` and ``use_bias_correction_kl``. It also needs autograd on (grad mode, and
+      ``hidden``, ``weight`` or ``bias`` requiring gradients) and no gradient wanted by the loss's other tensors.
+      The fp32 ``[V, H]`` weight gradient, the ``[N, H]`` hidden gradient and the fp32 ``[V]`` bias gradient
+      are held from the forward to the backward, which scales them in place: one backward per forward.
+    * **recompute** (``8 N H V``) otherwise: off-policy GSPO, GSPO-token, GMPO and VESPO, GSPO's bias-corrected
+      KL, and any call without gradients to the hidden states or the head.
     """
     cfg = loss_config_from("fused_linear_policy_loss", loss_kwargs)
     require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,))
     kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
                   num_items_in_batch=num_items_in_batch)
     check_loss_inputs(cfg, hidden[..., 0], old_logp, advantages, mask, source="hidden", **kwargs)
+    loss = PolicyLoss(cfg, old_logp, advantages, mask, kwargs)
     # Masked tokens' log-probs never reach the loss (policy_loss_ref zeroes them with masked()), so chunks
     # made only of them are skipped.
+    active = mask != 0
+    if (torch.is_grad_enabled() and token_separable(cfg, on_policy=old_logp is None)
+            and _requires_grad(hidden, weight, bias)
+            and not _requires_grad(old_logp, advantages, mask, *kwargs.values())):
+        weight, bias, head = _prepare(hidden, weight, bias, token_ids, temperature, scale, softcap, chunk_size,
+                                      backend)
+        return FusedLinearLossGradFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                                 token_ids.reshape(-1), head, bool(return_entropy), chunk_size,
+                                                 active.reshape(-1), loss)
     out = _linear_logprobs(hidden, weight, token_ids, bias, temperature, scale, softcap, return_entropy, chunk_size,
-                           backend, mask != 0)
+                           backend, active)
     logp, entropy = out if return_entropy else (out, None)
-    # Masked tokens pass no gradient to the chunks: the reference's backward can be NaN there (a zero
-    # gradient times an overflowed ratio), and must not reach dhidden / dweight (as in fused_policy_loss).
-    logp = torch.where(mask != 0, logp, logp.detach())
-    return policy_loss_ref(cfg, logp, old_logp, advantages, mask, entropy=entropy, **kwargs)
+    return loss(logp, entropy)

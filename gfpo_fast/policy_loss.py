@@ -78,6 +78,25 @@ class LossConfig:
 LOSS_KEYWORDS = frozenset(f.name for f in dataclasses.fields(LossConfig))
 
 
+def token_separable(cfg: LossConfig, *, on_policy: bool) -> bool:
+    """Whether ``dL/dlogp[b, t]`` of :func:`policy_loss_ref` depends on no log-prob but ``logp[b, t]`` itself
+    (and on the mask, advantages, old / ref log-probs and IS ratio, which are inputs), so that it is known for a
+    token as soon as that token's log-prob is: the condition of the fused-linear loss's grad-in-forward path.
+
+    ``on_policy``: ``old_logp`` is None. Then the log-ratio is ``lp - lp.detach()``, exactly 0 in value for any
+    finite ``lp``, so every importance weight (token, GSPO's sequence mean, GSPO-token's, GMPO's clipped
+    geometric mean), clip, VESPO weight and normaliser has a value and a gradient that do not depend on the
+    log-probs; what is left is the k3 KL, per token, which stays separable unless it is multiplied by GSPO's
+    sequence weight (``use_bias_correction_kl`` at ``importance_sampling_level="sequence"``: the weight's
+    gradient to one token carries the KL of every token of its row). Off policy, only per-token importance
+    weights are separable: ``algorithm="grpo"`` at level ``"token"``, any loss type but ``vespo`` (whose weight
+    sums the log-ratios of a row). The normalisers (:func:`row_weights`) depend on the mask only.
+    """
+    if on_policy:
+        return not (cfg.beta != 0.0 and cfg.use_bias_correction_kl and cfg.importance_sampling_level == "sequence")
+    return cfg.algorithm == "grpo" and cfg.importance_sampling_level == "token" and cfg.loss_type != "vespo"
+
+
 def loss_config_from(caller: str, loss_kwargs: dict) -> LossConfig:
     """:func:`make_loss_config` for the ``**loss_kwargs`` of the public op ``caller``; an unknown keyword
     is a ``TypeError`` naming ``caller``, as for a plain Python signature."""

@@ -1,6 +1,8 @@
 """Fused-linear log-probs and policy loss (gfpo_fast/fused_linear.py) against the unchunked reference:
 values and gradients for hidden, weight and bias, ragged chunks, entropy gradients, fp32 and bf16,
-per-token and per-sequence algorithms; the Triton chunk path (interpreter on CPU) and the torch one."""
+per-token and per-sequence algorithms, on and off policy, so both loss paths (the gradient formed in the forward
+pass, and the logits recomputed in backward; counted projections tell them apart); the Triton chunk path
+(interpreter on CPU) and the torch one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,18 +75,28 @@ def test_logprobs_bf16_flat_rows_without_bias(device):
         assert_close_3way(a, x, e, atol=1e-3, name=f"d{name}")
 
 
+# (loss keywords, on policy): dapo off policy and the on-policy GSPO / GMPO form the gradient in the forward pass,
+# off-policy GSPO and GMPO recompute the logits (gfpo_fast.policy_loss.token_separable)
+POLICY_LOSS_SPECS = {
+    "dapo": (dict(loss_type="dapo"), False),
+    "gspo": (dict(loss_type="grpo", importance_sampling_level="sequence"), False),
+    "gmpo-kl": (dict(algorithm="gmpo", beta=0.05), False),
+    "gspo-on-policy": (dict(loss_type="grpo", importance_sampling_level="sequence"), True),
+    "gmpo-kl-on-policy": (dict(algorithm="gmpo", beta=0.05), True),
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec", [dict(loss_type="dapo"), dict(loss_type="grpo", importance_sampling_level="sequence"),
-                                  dict(algorithm="gmpo", beta=0.05)], ids=["dapo", "gspo", "gmpo-kl"])
-def test_policy_loss_matches_reference(device, backend, spec):
+@pytest.mark.parametrize(("spec", "on_policy"), POLICY_LOSS_SPECS.values(), ids=POLICY_LOSS_SPECS.keys())
+def test_policy_loss_matches_reference(device, backend, spec, on_policy):
     hidden, weight, bias, ids = make_inputs(device)
     with torch.no_grad():
         logp = fused_linear_logprobs_ref(hidden, weight, ids, bias=bias, temperature=0.8)
     mask = torch.ones(B, T, device=device)
     mask[1] = 0
     mask[2, 2:] = 0
-    tensors = dict(old_logp=logp + 0.3 * torch.randn(B, T, device=device), advantages=torch.randn(B, device=device),
-                   mask=mask)
+    tensors = dict(old_logp=None if on_policy else logp + 0.3 * torch.randn(B, T, device=device),
+                   advantages=torch.randn(B, device=device), mask=mask)
     extra = dict(temperature=0.8, return_entropy=True,
                  ref_logp=logp + 0.3 * torch.randn(B, T, device=device) if spec.get("beta") else None)
     cfg = make_loss_config(**spec)
@@ -112,9 +124,14 @@ def test_policy_loss_matches_reference(device, backend, spec):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_policy_loss_skips_fully_masked_chunks(device, backend, monkeypatch):
+@pytest.mark.parametrize(("spec", "passes"), [(dict(loss_type="dapo"), 1),
+                                              (dict(importance_sampling_level="sequence"), 2)],
+                         ids=["dapo-grad-in-forward", "gspo-recompute"])
+def test_policy_loss_skips_fully_masked_chunks(device, backend, spec, passes, monkeypatch):
     """Chunks with no unmasked token are neither projected nor differentiated: NaN hidden states there
-    change nothing, their hidden gradient is exactly 0, and only the other chunks reach F.linear."""
+    change nothing, their hidden gradient is exactly 0, and only the other chunks reach F.linear: once for
+    a token-level loss (its gradient formed in the forward pass), twice for off-policy GSPO (the backward
+    recomputes the logits)."""
     from gfpo_fast import fused_linear
 
     hidden, weight, bias, ids = make_inputs(device)
@@ -135,13 +152,15 @@ def test_policy_loss_skips_fully_masked_chunks(device, backend, monkeypatch):
     monkeypatch.setattr(fused_linear.F, "linear", counting_linear)
     leaves = [x.clone().requires_grad_() for x in (garbage, weight, bias)]
     loss, metrics = gf.fused_linear_policy_loss(*leaves[:2], ids, *tensors.values(), bias=leaves[2], chunk_size=CHUNK,
-                                                backend=backend, temperature=0.8, return_entropy=True)
+                                                backend=backend, temperature=0.8, return_entropy=True, **spec)
+    assert projected == [4, 4]  # forward: chunks [0, 4) and [4, 8) only
     grads = torch.autograd.grad(loss, leaves)
-    assert projected == [4, 4] * 2  # forward and backward recompute: chunks [0, 4) and [4, 8) only
+    assert projected == [4, 4] * passes  # the recompute path projects them again in backward
     monkeypatch.setattr(fused_linear.F, "linear", linear)
     ref_leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    ref_loss, ref_metrics = fused_linear_policy_loss_ref(make_loss_config(), *ref_leaves[:2], ids, *tensors.values(),
-                                                         bias=ref_leaves[2], temperature=0.8, return_entropy=True)
+    ref_loss, ref_metrics = fused_linear_policy_loss_ref(make_loss_config(**spec), *ref_leaves[:2], ids,
+                                                         *tensors.values(), bias=ref_leaves[2], temperature=0.8,
+                                                         return_entropy=True)
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
     assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5, name="loss")
     for key in metrics:
