@@ -5,7 +5,11 @@ Two tables per run, gradients to ``hidden`` and ``weight`` (no bias), fp32 on th
 * **log-probs** (``gf.fused_linear_logprobs``) at two heads, SmolLM2's (H = 576, V = 49,152) and a Qwen-size one
   (H = 896, V = 151,936) on the CPU, swept over the token count N, with a random upstream gradient;
 * **the loss** (``gf.fused_linear_policy_loss``, and ``gf.FusedLinearGRPOLoss`` where it exists): token-level
-  ``dapo`` and GSPO (sequence level).
+  ``dapo`` and GSPO (sequence level), off policy, and GSPO on policy (``old_logp=None``). gfpo-fast's op forms the
+  gradient in the forward pass for dapo and on-policy GSPO (``6 N H V`` FLOPs) and recomputes the logits in
+  backward for off-policy GSPO (``8 N H V``; :func:`gfpo_fast.policy_loss.token_separable` decides, the row's
+  name says which); the row "fused_linear_logprobs + loss (recompute)" is the recompute path on every variant
+  (the op's log-probs, then the reference loss), for the side-by-side.
 
 Implementations: the oracle (full logits ``hidden @ weight.T``, then the project's reference log-probs and loss;
 checked against, never a baseline); gfpo-fast with ``backend="auto"``; the peers: idiomatic torch eager (full
@@ -19,8 +23,9 @@ eager on the CPU), for log-probs its fused linear cross-entropy with ``reduction
 log-prob; Triton, CUDA only). Every loss peer puts TRL's loss math (``policy_loss_ref``) on its log-probs.
 
 FLOPs (TFLOP/s): ``6 N H V`` useful ones (the forward GEMM and the two backward GEMMs). The floor of the
-recompute design that gfpo-fast and TRL share is ``8 N H V`` (the backward recomputes the logits): the targets
-compare the measured time with ``8 N H V`` at the matmul rate measured in the same run.
+recompute design that gfpo-fast's log-probs and TRL share is ``8 N H V`` (the backward recomputes the logits): the
+targets compare the measured time with ``8 N H V`` at the matmul rate measured in the same run, and the loss's
+time on each path with its own floor (``6 N H V`` for the gradient in the forward pass).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 import gfpo_fast as gf
 from gfpo_fast.fused_policy_loss import fused_policy_loss_ref
 from gfpo_fast.logprobs import token_logprobs_ref
-from gfpo_fast.policy_loss import make_loss_config, policy_loss_ref
+from gfpo_fast.policy_loss import make_loss_config, policy_loss_ref, token_separable
 
 from .harness import (
     Case,
@@ -46,7 +51,9 @@ from .harness import (
     trl_logits_label,
 )
 
-VARIANTS = {"dapo": dict(loss_type="dapo"), "gspo": dict(loss_type="grpo", importance_sampling_level="sequence")}
+GSPO = dict(loss_type="grpo", importance_sampling_level="sequence")
+# name: (loss keywords, on policy: old_logp None)
+VARIANTS = {"dapo": (dict(loss_type="dapo"), False), "gspo": (GSPO, False), "gspo-on-policy": (GSPO, True)}
 # Log-probs: (H, V, token counts N); loss: rows B, completion length T, vocab V and hidden sizes H; dtype.
 SIZES = {
     "test": dict(dtype=torch.float32, heads=[(64, 1000, [64, 128])], B=2, T=32, V=1000, H=[64]),
@@ -105,8 +112,8 @@ def make_logprob_inputs(N, H, V, dtype, device) -> dict:
             "dlogp": torch.randn(N, generator=g, device=device)}
 
 
-def _args(x):
-    return x["hidden"], x["weight"], x["ids"], x["old"], x["adv"], x["mask"]
+def _args(x, on_policy=False):
+    return x["hidden"], x["weight"], x["ids"], None if on_policy else x["old"], x["adv"], x["mask"]
 
 
 def _with_grads(loss_fn):
@@ -150,21 +157,37 @@ def logprob_implementations(device: torch.device, compile: bool) -> list[Impl]:
     return impls
 
 
+def path_label(cfg, on_policy: bool) -> str:
+    """The path gfpo-fast's loss takes for this config, as the rows name it."""
+    return "grad in forward" if token_separable(cfg, on_policy=on_policy) else "recompute"
+
+
 def loss_implementations(variant: str, T: int, device: torch.device, compile: bool) -> list[Impl]:
-    kw = VARIANTS[variant]
+    kw, on_policy = VARIANTS[variant]
     cfg = make_loss_config(**kw)
-    impls = [oracle("torch reference", _with_grads(lambda x: linear_policy_loss_ref(cfg, *_args(x))))]
+
+    def args(x):
+        return _args(x, on_policy)
+
+    impls = [oracle("torch reference", _with_grads(lambda x: linear_policy_loss_ref(cfg, *args(x))))]
     for name, op in gf_ops().items():
         call = op(**kw) if isinstance(op, type) else functools.partial(op, **kw)
-        impls.append(Impl(f"gfpo-fast {name} (auto)", _with_grads(lambda x, call=call: call(*_args(x))), role="ours"))
-    impls.append(Impl(EAGER + " + loss", _with_grads(lambda x: idiomatic_linear_loss(cfg, *_args(x)))))
+        impls.append(Impl(f"gfpo-fast {name} (auto: {path_label(cfg, on_policy)})",
+                          _with_grads(lambda x, call=call: call(*args(x))), role="ours"))
+
+    def recompute(x):
+        hidden, weight, ids, old, adv, mask = args(x)
+        return policy_loss_ref(cfg, gf.fused_linear_logprobs(hidden, weight, ids), old, adv, mask)
+
+    impls.append(Impl("gfpo-fast fused_linear_logprobs + loss (recompute)", _with_grads(recompute), role="ours"))
+    impls.append(Impl(EAGER + " + loss", _with_grads(lambda x: idiomatic_linear_loss(cfg, *args(x)))))
     impls.append(compiled_impl(COMPILED + " + loss", idiomatic_linear_loss,
-                               lambda f: _with_grads(lambda x: f(cfg, *_args(x))), compile))
+                               lambda f: _with_grads(lambda x: f(cfg, *args(x))), compile))
 
     def on_logprobs(logprobs):
         """Peer log-probs ``logprobs(hidden [N, H], weight, ids [N]) -> [N]``, then TRL's loss math."""
         def loss(x):
-            hidden, weight, ids, old, adv, mask = _args(x)
+            hidden, weight, ids, old, adv, mask = args(x)
             logp = logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, ids.reshape(-1)).view(ids.shape)
             return policy_loss_ref(cfg, logp, old, adv, mask)
         return _with_grads(loss)
@@ -178,7 +201,7 @@ def loss_implementations(variant: str, T: int, device: torch.device, compile: bo
                      importance_sampling_level=cfg.importance_sampling_level, epsilon_low=cfg.epsilon,
                      epsilon_high=cfg.epsilon_high, temperature=1.0, max_completion_length=T)
         return _with_grads(lambda x: module(x["hidden"], x["weight"], x["ids"], x["mask"], x["adv"],
-                                            old_per_token_logps=x["old"]))
+                                            old_per_token_logps=args(x)[3]))
 
     impls.append(peer_impl(LIGER_LOSS, "liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss", liger))
     return impls

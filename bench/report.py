@@ -67,6 +67,27 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
                 f"{measured['matmul_tflop_s']:.3g} TFLOP/s = {floor_ms:.0f} ms)",
                 ours and ours["median_ms"] / floor_ms, floor_goal)
 
+    def fused_linear_loss_paths():
+        """Issue 18 point 5, per loss case: the op's time against the floor of its path (6NHV with the gradient in
+        the forward pass, 8NHV with the recompute), and against the recompute composition at the same shape."""
+        rate = measured["matmul_tflop_s"]
+        for ours in [r for r in results if r["family"] == "fused_linear" and r["shape"].get("op") == "loss"
+                     and r["impl"].startswith(GF + " fused_linear_policy_loss") and r["status"] == "ok"]:
+            sh = ours["shape"]
+            nhv = sh["N"] * sh["H"] * sh["V"]
+            grad_in_forward = "grad in forward" in ours["impl"]
+            head = (f"fused-linear loss {sh['variant']} fwd+bwd N={sh['N']} H={sh['H']} V={sh['V']} {sh['dtype']}, "
+                    f"{'grad in forward' if grad_in_forward else 'recompute'}")
+            for k in (6, 8):
+                floor_ms = k * nhv / rate / 1e9
+                goal = "<= 1 (beats the recompute design's floor)" if grad_in_forward and k == 8 else "none"
+                add(f"{head}: time / {k}NHV floor ({floor_ms:.0f} ms at the measured {rate:.3g} TFLOP/s)",
+                    ours["median_ms"] / floor_ms, goal, verdict=None if goal != "none" else "information")
+            recompute = _find(results, "fused_linear", GF + " fused_linear_logprobs + loss", **sh)
+            add(f"{head}: speed-up vs fused_linear_logprobs + loss (recompute) at that shape (ideal 8/6 = 1.33 "
+                "with the gradient in the forward pass, 1 with the recompute)", _ratio(recompute, ours), "none",
+                verdict="information")
+
     variants = {v: _find(results, "fused_policy_loss", GF, "fused loss fwd+bwd by variant", variant=v)
                 for v in ("dapo", "grpo", "gmpo", "gfpo-half")}
     if env["device_type"] == "cpu":
@@ -108,6 +129,7 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
         add("same: speed-up vs Liger LigerFusedLinearGRPOLoss", _ratio(liger, fl), ">= 2")
         add("same: peak memory / Liger's", _ratio(fl, liger, "peak_mib"), "<= 1")
         fused_linear_targets(4096, 151936, 16384, ">= 1.2", None)
+    fused_linear_loss_paths()
     add("GMPO time / token-level GRPO time (fused loss)", _ratio(variants["gmpo"], variants["grpo"]), "<= 1.05")
     add("GFPO keeping half of each group: time / unfiltered dapo", _ratio(variants["gfpo-half"], variants["dapo"]),
         "<= 0.55")

@@ -13,16 +13,28 @@ In the loss, a chunk whose tokens are all masked (padding, GFPO's dropped rows) 
 and backward: no GEMM, no kernel, ``logp`` / ``entropy`` 0 (never seen by the loss) and a zero
 gradient; finding those chunks costs one host synchronisation per forward.
 
+The gradient in the forward pass (:func:`fused_linear_policy_loss` only): when a token's ``dL/dlogp`` needs no
+other token's log-prob (:func:`gfpo_fast.policy_loss.token_separable`: off-policy token-level losses, and every
+on-policy loss, GSPO and GMPO included, since their ratios are 1 in value there), it is known as soon as the
+chunk's log-probs are, so the chunk's logits become ``dlogits`` right away and ``dhidden`` / ``dweight`` /
+``dbias`` are summed in the forward; the backward only scales them by the upstream gradient
+(:class:`FusedLinearLossGradFunction`). ``dL/dlogp`` comes from the reference loss's own autograd on the
+``[B, T]`` log-probs known so far (one ``O(B T)`` evaluation per chunk), never from a second copy of the loss.
+Every other loss (off-policy GSPO, GSPO-token, GMPO, VESPO: a token's gradient needs its whole row) keeps the
+recompute path.
+
 Shapes and dtypes: ``hidden`` ``[B, T, H]`` or ``[N, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]`` in
 the hidden dtype (fp32 / bf16 / fp16); ``token_ids`` ``[B, T]`` / ``[N]``; ``logp`` / ``entropy`` fp32
 shaped like ``token_ids``; gradients in their inputs' dtypes.
 
-Cost: 4 GEMMs of ``2 N V H`` FLOPs (forward, recomputed forward, two backward) instead of 3: the
-recompute is the price of never storing ``[N, V]``. Peak extra memory: one ``[C, V]`` logits chunk,
-the fp32 ``[V, H]`` weight-gradient accumulator (plus one ``[V, H]`` product in the weight dtype per
-chunk when that is not fp32) and O(N). Memory traffic of the log-prob part per logit: 2 bytes read
-forward, 2 read + 2 written backward, as in ``kernels/logprobs.py``, on a chunk that is still in L2 for
-small chunks.
+Cost: with the recompute, 4 GEMMs of ``2 N V H`` FLOPs (forward, recomputed forward, two backward), the
+price of never storing ``[N, V]``; with the gradient in the forward pass, 3 (``6 N H V``, the GEMM floor of
+any implementation). Peak extra memory: one ``[C, V]`` logits chunk, the fp32 ``[V, H]`` weight-gradient
+accumulator (plus one ``[V, H]`` product in the weight dtype per chunk when that is not fp32) and O(N); on the
+grad-in-forward path the accumulator, the ``[N, H]`` hidden gradient and the fp32 ``[V]`` bias gradient exist
+from the forward to the backward instead of during the backward only. Memory traffic of the log-prob part per
+logit: 2 bytes read forward, 2 read + 2 written backward, as in ``kernels/logprobs.py``, on a chunk that is
+still in L2 for small chunks.
 
 The head's transform: ``scale`` (a model's logit scale: Cohere's ``logit_scale``, Granite's ``1 /
 logits_scaling``, ...) and ``softcap`` (final-logit soft-capping, Gemma 2/3's ``final_logit_softcapping``)
@@ -41,10 +53,11 @@ averages over the ranks of its mesh (``Partial("avg")``): each rank's loss gradi
 FSDP2 averages its data-parallel gradients. An lm_head that FSDP2 has already unsharded for the model's
 forward (the root module's, after its forward) is a plain tensor, and FSDP2 reduces its gradient itself.
 
-Backends: ``"triton"`` (CUDA, or the CPU interpreter) and ``"cpp"`` (CPU) run the same chunk loop over their
-launchers; ``"torch"`` runs each chunk through the reference log-probs and, in backward, through autograd
-(the forward recomputed), still one chunk at a time. Triton is imported only when its backend runs, so
-``gfpo_fast`` imports without it.
+Backends: ``"triton"`` (CUDA, or the CPU interpreter) and ``"cpp"`` (CPU) run the same chunk loops (both paths)
+over their launchers (:class:`ChunkHead`); ``"torch"`` runs each chunk through the reference log-probs and gets
+its ``dlogits`` through autograd over them (the chunk's softmax recomputed from its logits, not its GEMM), in
+backward or, on the grad-in-forward path, in the forward, still one chunk at a time. Triton is imported only
+when its backend runs, so ``gfpo_fast`` imports without it.
 """
 from __future__ import annotations
 
