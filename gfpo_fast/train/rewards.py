@@ -12,7 +12,12 @@ Built-ins, by name:
 
 * ``accuracy``: 1.0 if the final answer equals the ``answer`` column, else 0.0. The final answer is the
   content of the last ``\\boxed{...}`` if there is one, else the last number in the text (thousands
-  commas dropped; ``12.0`` equals ``12``).
+  commas dropped; ``12.0`` equals ``12``). A GSM8K-style ``answer`` (worked solution, then ``#### 42``)
+  counts by what follows its last ``####``. Numbers only, no dependency.
+* ``math_accuracy``: the same question asked of `math-verify <https://github.com/huggingface/Math-Verify>`_
+  (``pip install math-verify``): the reference (``answer``, or TRL's ``solution`` column; after ``####`` if
+  it has one) and the completion are parsed as LaTeX or expressions and compared symbolically, so
+  ``\\boxed{\\frac{1}{2}}`` matches ``0.5``. ``None`` (no reward) for a row whose reference does not parse.
 * ``format``: 1.0 if the completion ends with its answer: a number or ``\\boxed{...}`` on the last line,
   followed by nothing but punctuation.
 * ``length``: ``-len(completion_ids) / max_completion_length`` (in ``[-1, 0]``; shorter is better).
@@ -26,6 +31,7 @@ import importlib.util
 import math
 import re
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -67,12 +73,64 @@ def final_answer(text: str) -> float | None:
     return parse_number(numbers[-1]) if numbers else None
 
 
+def reference_text(answer) -> str:
+    """The reference answer of a row: the text after the last ``####`` of a GSM8K-style answer, else all of it."""
+    text = str(answer)
+    return text.rsplit("####", 1)[1].strip() if "####" in text else text.strip()
+
+
 def accuracy_reward(completions, answer, **kwargs) -> list[float]:
     out = []
     for completion, truth in zip(completions, answer):
-        got, want = final_answer(completion_text(completion)), parse_number(str(truth))
+        got, want = final_answer(completion_text(completion)), parse_number(reference_text(truth))
         out.append(float(got is not None and want is not None and math.isclose(got, want, abs_tol=1e-6)))
     return out
+
+
+MATH_VERIFY_MISSING = ("reward_funcs: 'math_accuracy' needs the math-verify package, which is not installed: "
+                       "`pip install math-verify`; or use 'accuracy' (numbers only, no dependency)")
+
+
+def import_math_verify():
+    """``(parse, verify)`` of math-verify, or a ValueError saying how to install it."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as err:
+        raise ValueError(MATH_VERIFY_MISSING) from err
+    return parse, verify
+
+
+def math_accuracy_reward(completions, answer=None, solution=None, **kwargs) -> list[float | None]:
+    """1.0 if math-verify finds the completion's answer equal to the reference, 0.0 if not, None if the
+    reference does not parse (see the module docstring). Timeouts (math-verify's, by SIGALRM) only in
+    the main thread, where signals work."""
+    parse, verify = import_math_verify()
+    references = answer if answer is not None else solution
+    if references is None:
+        raise ValueError("math_accuracy needs an 'answer' column (or TRL's 'solution') with the reference answers")
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    parsed = {}  # the G completions of a prompt share its reference: parse it once
+    out = []
+    for completion, ref in zip(completions, references):
+        text = reference_text(ref)
+        if text not in parsed:
+            parsed[text] = parse(text, parsing_timeout=timeout)
+        gold = parsed[text]
+        if not gold:
+            out.append(None)
+            continue
+        got = parse(completion_text(completion), parsing_timeout=timeout)
+        out.append(float(bool(got) and verify(gold, got, timeout_seconds=timeout)))
+    return out
+
+
+ACCURACY_REWARDS = ("accuracy", "math_accuracy")  # built-ins that measure correctness (the evals report them)
+
+
+def accuracy_name(reward_names: list[str]) -> str | None:
+    """The first correctness reward among ``reward_names`` (``ACCURACY_REWARDS``), or None: what an eval
+    reports as accuracy."""
+    return next((n for n in reward_names if n in ACCURACY_REWARDS), None)
 
 
 def format_reward(completions, **kwargs) -> list[float]:
@@ -112,10 +170,13 @@ def load_function(spec: str, what: str):
 
 def build_reward_funcs(specs: list[str], max_completion_length: int) -> tuple[list[str], list]:
     """``(names, functions)`` for the ``reward_funcs`` option."""
-    builtins = {"accuracy": accuracy_reward, "format": format_reward,
+    builtins = {"accuracy": accuracy_reward, "math_accuracy": math_accuracy_reward, "format": format_reward,
                 "length": make_length_reward(max_completion_length)}
     if not specs:
-        raise ValueError("reward_funcs is empty; name at least one (accuracy, format, length or module:function)")
+        raise ValueError("reward_funcs is empty; name at least one (accuracy, math_accuracy, format, length or "
+                         "module:function)")
+    if "math_accuracy" in specs:
+        import_math_verify()  # now, not after the model has loaded
     funcs = [builtins[s] if s in builtins else load_function(s, "reward_funcs") for s in specs]
     names = [s if s in builtins else s.rsplit(":", 1)[1] for s in specs]
     return names, funcs

@@ -46,7 +46,7 @@ def test_reward_error_keeps_the_last_checkpoint_intact(make_config, tmp_path):
 @pytest.mark.parametrize("name, message", [
     ("/nonexistent/model", "does not exist"),
     ("./missing.gguf", "GGUF file missing.gguf does not exist"),
-    ("not-a-cached/model-id", "neither a local path nor a hub id in the local Hugging Face cache"),
+    ("not-a-cached/model-id", "not a local path and not in the local Hugging Face cache, and offline mode"),
 ])
 def test_unreadable_model_path(make_config, name, message):
     with pytest.raises(ValueError, match=message):
