@@ -87,20 +87,9 @@ def arithmetic_dataset(num_train: int, num_eval: int, seed: int = ARITHMETIC_SEE
     return rows[num_eval:], rows[:num_eval]
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path, what: str = "dataset_name") -> list[dict]:
+    """Rows of one local file, read without ``datasets`` (see the module docstring)."""
     suffix = path.suffix.lower()
-    if path.is_dir():
-        try:
-            import datasets
-        except ImportError as err:
-            raise ValueError(f"{path} is a directory: reading a saved `datasets` dataset needs "
-                             "`pip install datasets`") from err
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise ValueError(f"{path} holds splits {list(ds)}; save the one to train on, or name it 'train'")
-            ds = ds["train"]
-        return [dict(r) for r in ds]
     if suffix == ".jsonl":
         with path.open() as f:
             return [json.loads(line) for line in f if line.strip()]
@@ -120,8 +109,8 @@ def _read_rows(path: Path) -> list[dict]:
         except ImportError as err:
             raise ValueError(f"reading {path} needs pyarrow: `pip install pyarrow`") from err
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"dataset {path}: unsupported format {suffix!r}; use .jsonl, .json, .csv, .parquet "
-                     "or a datasets.save_to_disk directory")
+    raise ValueError(f"{what}: {path} has an unsupported format {suffix!r}; use .jsonl, .json, .csv, .parquet, a "
+                     "save_to_disk directory or a folder of data files")
 
 
 def check_prompts(rows: list[dict], source: str) -> list[dict]:
@@ -147,7 +136,7 @@ def load_local_dataset(path: str) -> list[dict]:
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"dataset_name: {p} does not exist (use 'arithmetic' for the embedded task or a local file)")
-    return check_prompts(_read_rows(p), str(p))
+    return load_split(str(p))
 
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -198,7 +187,7 @@ def load_split(name: str, config: str | None = None, split: str | None = "train"
                 raise ValueError(f"{split_arg}={split!r}: {what}={name!r} is a single file, whose only split is "
                                  "'train'; put the held-out rows in a file of their own and pass it as "
                                  "eval_dataset_name")
-            return check_prompts(_read_rows(path), str(path))
+            return check_prompts(_read_rows(path, what), str(path))
         datasets = _import_datasets(what, name)
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
