@@ -232,3 +232,53 @@ def cases(device: torch.device, size: str, compile: bool) -> list[Case]:
         for variant in VARIANTS for H in c["H"]
     ]
     return out
+
+
+def interleaved_paths(size: str = "cpu", rounds: int = 10) -> str:
+    """The loss's two paths side by side on a shared machine: for each variant, ``rounds`` rounds of one call of
+    gfpo-fast's op (its auto path), one of the recompute composition and one forward GEMM ``hidden @ weight.T``
+    of the whole ``[N, H] x [H, V]`` (``2 N H V``), in alternating order, so that load drifts hit all three alike.
+    The floors are 3 and 4 of those GEMMs (``6 N H V``, ``8 N H V``) measured in the same rounds. Returns a
+    markdown table: medians in ms, and the medians of the per-round ratios."""
+    import os
+    import statistics
+    import time
+
+    c, device = SIZES[size], torch.device("cpu")
+    B, T, V, H = c["B"], c["T"], c["V"], c["H"][0]
+    lines = [f"N = {B * T}, H = {H}, V = {V}, {str(c['dtype']).removeprefix('torch.')}, {rounds} rounds, "
+             f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.1f}", "",
+             "| variant | path | op ms | recompute ms | GEMM ms | op / 6NHV floor | op / 8NHV floor | recompute / 8NHV "
+             "floor | speed-up vs recompute |", "|---|---|---|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        impls = {i.name.split(" (")[0]: i for i in loss_implementations(variant, T, device, compile=False)}
+        auto = impls["gfpo-fast fused_linear_policy_loss"]
+        calls = [auto.fn, impls["gfpo-fast fused_linear_logprobs + loss"].fn,
+                 lambda x: F.linear(x["hidden"].detach().reshape(-1, H), x["weight"].detach())]
+        x = make_inputs(B, T, H, V, c["dtype"], device)
+        times = [[], [], []]
+        for round_ in range(rounds + 1):  # round 0 warms up
+            for k in (range(3) if round_ % 2 else reversed(range(3))):
+                t0 = time.perf_counter()
+                calls[k](x)
+                if round_:
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+        op, rec, gemm = (statistics.median(t) for t in times)
+        ratio = [statistics.median(a / (k * g) for a, g in zip(times[i], times[2])) for i, k in ((0, 3), (0, 4),
+                                                                                                 (1, 4))]
+        speedup = statistics.median(r / o for r, o in zip(times[1], times[0]))
+        lines.append(f"| {variant} | {auto.name.split('auto: ')[1].rstrip(')')} | {op:.0f} | {rec:.0f} | {gemm:.0f} | "
+                     f"{ratio[0]:.2f} | {ratio[1]:.2f} | {ratio[2]:.2f} | {speedup:.2f}x |")
+    lines.append(f"\nload average at end {os.getloadavg()[0]:.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_fused_linear",
+                                     description=interleaved_paths.__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=list(SIZES), default="cpu")
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    print(interleaved_paths(args.size, args.rounds))
