@@ -29,7 +29,11 @@ time on each path with its own floor (``6 N H V`` for the gradient in the forwar
 """
 from __future__ import annotations
 
+import argparse
 import functools
+import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -240,10 +244,6 @@ def interleaved_paths(size: str = "cpu", rounds: int = 10) -> str:
     of the whole ``[N, H] x [H, V]`` (``2 N H V``), in alternating order, so that load drifts hit all three alike.
     The floors are 3 and 4 of those GEMMs (``6 N H V``, ``8 N H V``) measured in the same rounds. Returns a
     markdown table: medians in ms, and the medians of the per-round ratios."""
-    import os
-    import statistics
-    import time
-
     c, device = SIZES[size], torch.device("cpu")
     B, T, V, H = c["B"], c["T"], c["V"], c["H"][0]
     lines = [f"N = {B * T}, H = {H}, V = {V}, {str(c['dtype']).removeprefix('torch.')}, {rounds} rounds, "
@@ -274,8 +274,6 @@ def interleaved_paths(size: str = "cpu", rounds: int = 10) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m bench.bench_fused_linear",
                                      description=interleaved_paths.__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="cpu")
