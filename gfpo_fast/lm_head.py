@@ -67,6 +67,17 @@ class LMHead:
         """``weight``, ``bias``, ``scale`` and ``softcap`` as keywords of the fused-linear ops."""
         return dict(weight=self.weight, bias=self.bias, scale=self.scale, softcap=self.softcap)
 
+    def op_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``(hidden, op keywords)`` in the dtype the model's own lm_head would compute in: the autocast dtype when
+        autocast is on for ``hidden``'s device (the projection of an autocast forward), else the weight's. Casting
+        outside the op keeps its forward and its recomputing backward in one dtype (autograd Functions run their
+        backward without autocast)."""
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
+        cast = dataclasses.replace(self, weight=self.weight.to(dtype),
+                                   bias=None if self.bias is None else self.bias.to(dtype))
+        return hidden.to(dtype), cast.op_kwargs()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits from its last hidden states ``[..., H]``, float32 ``[..., V]`` (the reference)."""
         return head_transform_ref(F.linear(hidden, gather_full(self.weight), gather_full(self.bias)), self.scale,

@@ -184,13 +184,11 @@ def _completion_hidden(trainer, model, input_ids, attention_mask, T: int):
     the head's; if they differ, the trainer switches to the logits path and this returns None.
     """
     head = lm_head_of(trainer.accelerator.unwrap_model(model))  # a LoRA head merged here, with gradients
-    weight, bias = head.weight, head.bias
     with trainer.accelerator.autocast():
         out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True,
                     use_cache=False)
         last = out.hidden_states[-1]
-        device = last.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        hidden, head_kwargs = head.op_inputs(last[:, -(T + 1):-1])
         if not trainer._gf_head_verified:
             with torch.no_grad():
                 expected = head.logits(last[:, -1])
@@ -200,8 +198,7 @@ def _completion_hidden(trainer, model, input_ids, attention_mask, T: int):
                                           f"({head.describe()}) by up to {error.item():.3g}")
                 return None
             trainer._gf_head_verified = True
-    return last[:, -(T + 1):-1].to(dtype), dict(weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype),
-                                                scale=head.scale, softcap=head.softcap)
+    return hidden, head_kwargs
 
 
 def _fast_compute_loss(self, model, inputs):

@@ -13,12 +13,17 @@ functions of this module, each timed under its name (``time/<name>`` in the metr
     backward          their backward
     optimizer         clip, step, schedule                                     (optimizer_step)
 
-then ``step_metrics`` (one host read) and a checkpoint every ``save_steps``. The loss is
-``gfpo_fast.fused_policy_loss`` (Triton on CUDA, C++ or torch on the CPU). It is on-policy by default
+then ``step_metrics`` (one host read) and a checkpoint every ``save_steps``. No ``[B, T, V]`` logits are
+built: every model pass (policy, old, reference) returns its last hidden states, and the loss
+(``gfpo_fast.fused_linear_policy_loss``: Triton on CUDA, C++ or torch on the CPU), the no-grad log-probs
+(``gfpo_fast.fused_linear_logprobs``) and the entropy metric project them through the lm_head
+(``gfpo_fast.lm_head.lm_head_of``: tied, biased, LoRA'd, scaled or soft-capped) one ``lm_head_chunk_size`` chunk
+of tokens at a time; ``verify_lm_head`` checks at setup that the head reproduces the model's logits. It is
+on-policy by default
 (``num_iterations=1``): the ratio is 1 in value and the loss is the clipped surrogate's plain policy
 gradient, exactly as TRL computes it without old log-probs. The G completions of a prompt share its
 forward pass: each distinct prompt is prefilled once for generation and run once in the policy forward
-and backward (``prefix.py``), with the same values and gradients.
+and backward (``prefix.py``), with the same values and gradients, with or without gradient checkpointing.
 
 The embedded default (no arguments) trains SmolLM2-135M-Instruct with GFPO (length filter, 6 of 8
 kept) on single-digit arithmetic word problems: 40 steps of 2 prompts x 8 completions of at most 48
@@ -59,6 +64,7 @@ from accelerate.utils import gather_object, set_seed
 
 import gfpo_fast as gf
 from gfpo_fast.advantages import weighted_rewards
+from gfpo_fast.lm_head import lm_head_of
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, parse_args
@@ -75,9 +81,16 @@ from .generation import (
     sync_check,
 )
 from .models import load_model_and_tokenizer, resolve_model_path
-from .prefix import cache_name, left_padded_positions, prompt_cache
+from .prefix import (
+    allow_checkpointed_prefix,
+    cache_name,
+    can_share_under_checkpointing,
+    left_padded_positions,
+    prompt_cache,
+    read_only,
+)
 from .reporting import Reporter, StepTimer, peak_memory_gb
-from .rewards import RewardFunctionError, as_completions, build_reward_funcs, score
+from .rewards import RewardFunctionError, accuracy_name, as_completions, build_reward_funcs, score
 
 
 # ----------------------------------------------------------------------------- what flows through a step
@@ -139,6 +152,24 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                          "backward, so the micro-batches would each take a step; use gradient_accumulation_steps=1 "
                          "with a larger per_device_train_batch_size, or DDP / FSDP")
     return accelerator
+
+
+def apply_liger_kernel(model) -> None:
+    """Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels in ``model``, as TRL's ``use_liger_kernel`` does, without its
+    fused linear cross-entropy (the loss stays gfpo-fast's fused-linear one). CUDA only: a ``ValueError`` on the
+    CPU, without liger-kernel, or for a model type Liger does not patch (it would otherwise change nothing)."""
+    if not torch.cuda.is_available():
+        raise ValueError("use_liger_kernel=True needs CUDA: Liger-Kernel's kernels are Triton GPU kernels; leave "
+                         "use_liger_kernel false on the CPU")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as err:
+        raise ValueError("use_liger_kernel=True needs liger-kernel: `pip install liger-kernel`") from err
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model.config.model_type)
+    if apply is None:
+        raise ValueError(f"use_liger_kernel=True: Liger-Kernel has no kernels for model_type "
+                         f"{model.config.model_type!r} (it patches {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))})")
+    apply(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -222,23 +253,39 @@ def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return prompt_ids[:, p0:], prompt_mask[:, p0:], completion_ids[:, :t1], completion_mask[:, :t1]
 
 
-def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool = False):
-    """Policy logits for the completion tokens: ``(B, T, V)``, position t predicts ``completion_ids[:, t]``.
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool = False):
+    """The policy's last hidden states at the completion tokens: ``(B, T, H)``, position t predicts
+    ``completion_ids[:, t]`` through the lm_head (:func:`gfpo_fast.lm_head.lm_head_of`); the lm_head itself
+    projects one position per row (``logits_to_keep=1``), so no ``(B, T, V)`` logits are built.
 
-    With ``share_prompts`` each distinct prompt runs once (``prefix.prompt_cache``) and the rows continue
-    from its KV cache; same values and gradients, without G copies of the prompt's work.
+    The model's own forward (through DDP and its gradient checkpointing) with ``output_hidden_states``: it also
+    returns every layer's hidden states, which a training forward keeps for its backward anyway. With
+    ``share_prompts`` each distinct prompt runs once (``prefix.prompt_cache``) and the rows continue from its
+    read-only KV cache; same values and gradients, without G copies of the prompt's work.
     """
-    P, T = prompt_ids.shape[1], completion_ids.shape[1]
+    P = prompt_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + T)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1)  # (B, P + T)
     position_ids = left_padded_positions(attention_mask)  # (B, P + T)
     cache = prompt_cache(model, prompt_ids, prompt_mask) if share_prompts else None
     if cache is not None:  # feed the last prompt token and the completion but its last token: T positions
-        return model(input_ids=input_ids[:, P - 1:-1], attention_mask=attention_mask[:, :-1],
-                     position_ids=position_ids[:, P - 1:-1], use_cache=True, **{cache_name(model): cache}).logits
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=T + 1, use_cache=False)
-    return out.logits[:, :-1]  # (B, T, V)
+        out = model(input_ids=input_ids[:, P - 1:-1], attention_mask=attention_mask[:, :-1],
+                    position_ids=position_ids[:, P - 1:-1], use_cache=True, output_hidden_states=True,
+                    logits_to_keep=1, **{cache_name(model): read_only(cache)})
+        return out.hidden_states[-1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
+                output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1][:, P - 1:-1]  # (B, T, H)
+
+
+def verify_lm_head(model, prompt: list[int]) -> None:
+    """Raises ``ValueError`` unless ``model``'s logits are its lm_head's (:func:`gfpo_fast.lm_head.lm_head_of`) of
+    its last hidden states, on one prompt: the loss is computed from the hidden states, so a model that transforms
+    its logits in a way the head does not know must stop the run, not train a different objective."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt], device=next(model.parameters()).device), logits_to_keep=1,
+                    output_hidden_states=True, use_cache=False)
+        lm_head_of(model).check(out.hidden_states[-1][:, -1], out.logits[:, -1])
 
 
 def micro_batches(n: int, parts: int) -> list[slice]:
@@ -248,14 +295,18 @@ def micro_batches(n: int, parts: int) -> list[slice]:
 
 
 @torch.no_grad()
-def batch_logprobs(model, batch: Batch, cfg: TrainConfig, share_prompts: bool) -> torch.Tensor:
-    """No-grad per-token log-probs ``(B, T)`` of ``batch`` under ``model`` (old or reference policy)."""
-    out = []
+def batch_logprobs(model, batch: Batch, cfg: TrainConfig, share_prompts: bool, accelerator) -> torch.Tensor:
+    """No-grad per-token log-probs ``(B, T)`` of ``batch`` under ``model`` (old or reference policy), from its
+    hidden states one ``lm_head_chunk_size`` chunk of tokens at a time (``gf.fused_linear_logprobs``)."""
+    head, out = lm_head_of(accelerator.unwrap_model(model)), []
     for s in micro_batches(len(batch), cfg.gradient_accumulation_steps):
         mb = batch[s]
-        logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
-                                   share_prompts)
-        out.append(gf.token_logprobs(logits, mb.completion_ids, temperature=cfg.temperature))
+        with accelerator.autocast():
+            hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
+                                       share_prompts)
+            hidden, head_kwargs = head.op_inputs(hidden)
+            out.append(gf.fused_linear_logprobs(hidden, token_ids=mb.completion_ids, temperature=cfg.temperature,
+                                                chunk_size=cfg.lm_head_chunk_size, **head_kwargs))
     return torch.cat(out)
 
 
@@ -327,8 +378,8 @@ def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share
       must match ``old_logp``: a clearly stale engine raises ``generation.StaleEngineError``.
     """
     vllm = batch.sampling_logp is not None
-    old_logp = batch_logprobs(model, batch, cfg, share_prompts) if cfg.num_iterations > 1 or vllm else None
-    ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts) if ref_model is not None else None
+    old_logp = batch_logprobs(model, batch, cfg, share_prompts, accelerator) if cfg.num_iterations > 1 or vllm else None
+    ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts, accelerator) if ref_model is not None else None
     is_ratio, sync_metrics = None, {}
     if vllm:
         check = sync_check(old_logp, batch.sampling_logp, batch.completion_mask, cap=cfg.vllm_importance_sampling_cap,
@@ -355,13 +406,16 @@ def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dic
         # accumulation: skip the gradient all-reduce until the last micro-batch.
         with accelerator.no_sync(model) if j < len(parts) - 1 else nullcontext():
             with timer("policy_forward"):
+                head = lm_head_of(accelerator.unwrap_model(model))  # per micro-batch: a LoRA head merges with grad
                 with accelerator.autocast():
-                    logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
-                                               mb.completion_mask, share_prompts)  # (b, T, V)
-                loss, m = gf.fused_policy_loss(logits, mb.completion_ids, mb.old_logp, mb.advantages,
-                                               mb.completion_mask, temperature=cfg.temperature, ref_logp=mb.ref_logp,
-                                               importance_sampling_ratio=mb.is_ratio, num_items_in_batch=mb.num_items,
-                                               **loss_kwargs)
+                    hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
+                                               mb.completion_mask, share_prompts)  # (b, T, H)
+                    hidden, head_kwargs = head.op_inputs(hidden)
+                    loss, m = gf.fused_linear_policy_loss(
+                        hidden, token_ids=mb.completion_ids, old_logp=mb.old_logp, advantages=mb.advantages,
+                        mask=mb.completion_mask, temperature=cfg.temperature, ref_logp=mb.ref_logp,
+                        importance_sampling_ratio=mb.is_ratio, num_items_in_batch=mb.num_items, return_entropy=True,
+                        chunk_size=cfg.lm_head_chunk_size, **head_kwargs, **loss_kwargs)
             with timer("backward"):
                 accelerator.backward(loss)
         loss_sum += loss.detach()
@@ -406,8 +460,9 @@ def step_metrics(scores: Scores, keep: torch.Tensor, loss: torch.Tensor, grad_no
     rewards, completions = {k: next(values) for k in rewards}, {k: next(values) for k in completions}
     stop = per_process.pop("stop") > 0
     metrics = {**scores.logged, **rewards}
-    if "accuracy" in reward_names:
-        metrics["accuracy"] = metrics["rewards/accuracy/mean"]
+    accuracy = accuracy_name(reward_names)
+    if accuracy is not None:
+        metrics["accuracy"] = metrics[f"rewards/{accuracy}/mean"]
     metrics.update({"step": step, "lr": lr, **per_process, **completions})
     metrics["completions/max_length"] = int(metrics["completions/max_length"])
     metrics["num_tokens"] = int(metrics["num_tokens"])
@@ -438,12 +493,17 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.beta != 0.0:
         ref_model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype)
         ref_model = accelerator.prepare_model(ref_model.eval().requires_grad_(False), evaluation_mode=True)
+    if cfg.use_liger_kernel:
+        apply_liger_kernel(model)
     eos_ids = eos_token_ids(model, tokenizer)
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
-    # One prompt pass per group (prefix.py) needs a KV cache in the training forward: not with gradient
-    # checkpointing (transformers then runs without a cache); single process or DDP only (FSDP, DeepSpeed: untested).
+    # One prompt pass per group (prefix.py) continues from a read-only KV cache in the training forward; with
+    # gradient checkpointing it needs transformers >= 5.24; single process or DDP only (FSDP, DeepSpeed: untested).
     dist = accelerator.distributed_type.value
-    share_prompts = not cfg.gradient_checkpointing and (dist == "NO" or dist.startswith("MULTI_"))
+    share_prompts = (dist == "NO" or dist.startswith("MULTI_")) and \
+        (not cfg.gradient_checkpointing or can_share_under_checkpointing())
+    if share_prompts and cfg.gradient_checkpointing:
+        allow_checkpointed_prefix(model)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
     sampler = PromptSampler(len(train_rows), cfg.seed)
     step = restore(resume, rank, cfg.seed, optimizer, scheduler, sampler, group_filter)
@@ -453,8 +513,9 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(config_yaml)
-    train_prompts = [prompt_token_ids(tokenizer, r["prompt"]) for r in train_rows]
-    eval_prompts = [prompt_token_ids(tokenizer, r["prompt"]) for r in eval_rows]
+    train_prompts = [prompt_token_ids(tokenizer, r["prompt"], cfg.chat_template_kwargs) for r in train_rows]
+    eval_prompts = [prompt_token_ids(tokenizer, r["prompt"], cfg.chat_template_kwargs) for r in eval_rows]
+    verify_lm_head(accelerator.unwrap_model(model), train_prompts[0])
     vllm = None
     if cfg.generation_backend == "vllm":
         vllm = VLLMColocate(resolve_model_path(cfg.model_name_or_path)[0],

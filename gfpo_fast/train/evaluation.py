@@ -6,13 +6,15 @@ import torch
 from gfpo_fast.advantages import weighted_rewards
 
 from .generation import generate_transformers
-from .rewards import as_completions, score
+from .rewards import accuracy_name, as_completions, score
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, prompts, cfg, accelerator, reward_names, reward_funcs, eos_ids) -> dict:
-    """Held-out accuracy (mean accuracy reward; weighted reward if there is no accuracy reward) and mean
-    completion length, greedy and sampled (one sample per prompt, seeded: the same draws before and after)."""
+    """Held-out accuracy (mean accuracy reward, ``rewards.accuracy_name``; weighted reward if there is no accuracy
+    reward) and mean completion length, greedy and sampled (one sample per prompt, seeded: the same draws before and
+    after)."""
+    accuracy = accuracy_name(reward_names)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(rows), world))
     out = {}
@@ -30,8 +32,8 @@ def evaluate(model, tokenizer, rows, prompts, cfg, accelerator, reward_names, re
                 chunk_rows = [rows[j] for j in chunk]
                 comps = as_completions(tokenizer.batch_decode(ids, skip_special_tokens=True), chunk_rows)
                 r = score(reward_funcs, reward_names, chunk_rows, comps, ids, None, {})  # (n, F)
-                if "accuracy" in reward_names:
-                    s = r[:, reward_names.index("accuracy")]
+                if accuracy is not None:
+                    s = r[:, reward_names.index(accuracy)]
                 else:
                     s = weighted_rewards(r, cfg.reward_weights)
                 sums += torch.tensor([float(torch.nan_to_num(s).sum()), sum(map(len, ids)),
