@@ -67,6 +67,7 @@ from gfpo_fast.advantages import weighted_rewards
 from gfpo_fast.lm_head import lm_head_of
 
 from . import checkpoint as ckpt
+from . import lora
 from .config import TrainConfig, parse_args
 from .data import PromptSampler, load_rows, prompt_token_ids
 from .evaluation import evaluate
@@ -379,7 +380,10 @@ def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share
     """
     vllm = batch.sampling_logp is not None
     old_logp = batch_logprobs(model, batch, cfg, share_prompts, accelerator) if cfg.num_iterations > 1 or vllm else None
-    ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts, accelerator) if ref_model is not None else None
+    ref_logp = None
+    if ref_model is not None:
+        with lora.adapters_disabled(accelerator.unwrap_model(ref_model)):  # a LoRA policy as its own base
+            ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts, accelerator)
     is_ratio, sync_metrics = None, {}
     if vllm:
         check = sync_check(old_logp, batch.sampling_logp, batch.completion_mask, cap=cfg.vllm_importance_sampling_cap,
@@ -487,10 +491,16 @@ def train(cfg: TrainConfig) -> dict:
     group_filter = GroupFilter(cfg.group_filter, G, cfg.num_remains_in_group, adaptive=cfg.adaptive_difficulty,
                                scale_rewards=cfg.scale_rewards) if cfg.algorithm == "gfpo" else None
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
-    model, tokenizer = load_model_and_tokenizer(str(resume / "model") if resume else cfg.model_name_or_path,
-                                                cfg.dtype, cfg.gradient_checkpointing)
+    if cfg.use_peft:  # the base model, then a new adapter or the checkpoint's (lora.py)
+        lora.require_peft()
+        model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.gradient_checkpointing,
+                                                    lora.quantization_config(cfg))
+        model = lora.add_adapter(model, cfg, resume / "model" if resume else None)
+    else:
+        model, tokenizer = load_model_and_tokenizer(str(resume / "model") if resume else cfg.model_name_or_path,
+                                                    cfg.dtype, cfg.gradient_checkpointing)
     ref_model = None
-    if cfg.beta != 0.0:
+    if cfg.beta != 0.0 and not cfg.use_peft:  # a LoRA policy's reference is its base: adapters disabled
         ref_model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype)
         ref_model = accelerator.prepare_model(ref_model.eval().requires_grad_(False), evaluation_mode=True)
     if cfg.use_liger_kernel:
@@ -504,6 +514,8 @@ def train(cfg: TrainConfig) -> dict:
     if share_prompts and cfg.gradient_checkpointing:
         allow_checkpointed_prefix(model)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
+    if cfg.beta != 0.0 and cfg.use_peft:
+        ref_model = model
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
     sampler = PromptSampler(len(train_rows), cfg.seed)
     step = restore(resume, rank, cfg.seed, optimizer, scheduler, sampler, group_filter)
@@ -588,9 +600,12 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         (out_dir / "eval.json").write_text(json.dumps(evals, indent=2))
         summary["eval"] = str(out_dir / "eval.json")
+        if cfg.save_merged_model:
+            summary["merged"] = str(lora.save_merged(summary["policy"], tokenizer, out_dir / "merged"))
         print("\nfiles:")
-        for key in ("metrics", "plot", "eval", "checkpoint", "model"):
-            print(f"  {key:<10} {summary[key]}")
+        for key in ("metrics", "plot", "eval", "checkpoint", "model", "merged"):
+            if key in summary:
+                print(f"  {key:<10} {summary[key]}")
     accelerator.wait_for_everyone()
     return summary
 

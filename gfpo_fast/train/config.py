@@ -43,6 +43,17 @@ class TrainConfig:
     dtype: str = _f("float32", "dtype of the trainable weights: float32, bfloat16 or float16")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (TRL: True; off here: the "
                                       "embedded model is small and the CPU is the bottleneck)")
+    use_peft: bool = _f(False, "train a LoRA adapter (peft) instead of the full model; checkpoints hold the adapter")
+    lora_r: int = _f(16, "use_peft: LoRA rank")
+    lora_alpha: int = _f(32, "use_peft: LoRA alpha (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = _f(0.05, "use_peft: dropout on the LoRA input (0 for an adapter on the lm_head)")
+    lora_target_modules: list[str] | None = _f(None, "use_peft: module names to adapt (None: peft's default for the "
+                                               "architecture, e.g. q_proj v_proj; 'all-linear': every linear layer "
+                                               "but the lm_head)")
+    load_in_4bit: bool = _f(False, "use_peft: QLoRA, the base weights in 4-bit NF4 (bitsandbytes, CUDA only)")
+    load_in_8bit: bool = _f(False, "use_peft: the base weights in 8-bit (bitsandbytes, CUDA only)")
+    save_merged_model: bool = _f(False, "use_peft: at the end, also write output_dir/merged, the base model with the "
+                                 "adapter merged (loadable by transformers without peft)")
     use_liger_kernel: bool = _f(False, "patch the policy with Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels (CUDA "
                                 "and liger-kernel needed; the loss stays gfpo-fast's fused-linear one)")
     lm_head_chunk_size: int = _f(1024, "tokens per lm_head chunk in the loss and the log-prob passes: the only "
@@ -164,6 +175,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise ValueError(f"lora_r must be an integer >= 1, got {self.lora_r!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are both set; choose one")
+        for name in ("load_in_4bit", "load_in_8bit", "save_merged_model"):
+            if getattr(self, name) and not self.use_peft:
+                raise ValueError(f"{name}=True needs use_peft=True (it concerns the LoRA adapter's base model)")
         n = self.eval_num_prompts
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"eval_num_prompts must be None or an integer >= 1 (--do_eval false skips the evals), "

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .lora import merged_named_weights
 from .prefix import cache_name, prompt_cache
 
 
@@ -191,15 +192,12 @@ def checkpoint_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
     is gathered with ``full_tensor()`` when its turn comes, so one full parameter exists at a time, not the
     whole model (every rank must consume the generator in the same order: the gather is a collective).
     Tied parameters appear once (``named_parameters`` deduplicates them): a model with tied embeddings
-    yields ``embed_tokens`` and no ``lm_head``, which vLLM's loaders skip for tied models. The trainer
-    does not train LoRA adapters; a PEFT model is refused here rather than pushed with unmerged names.
+    yields ``embed_tokens`` and no ``lm_head``, which vLLM's loaders skip for tied models. A LoRA (peft)
+    policy yields its base model's weights with the adapter merged (``lora.merged_named_weights``).
     """
     from torch.distributed.tensor import DTensor
 
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            raise ValueError(f"vLLM weight sync: parameter {name!r} is a LoRA adapter; the trainer pushes plain "
-                             "full weights only (merge the adapter into the base model first)")
+    for name, param in merged_named_weights(model):
         tensor = param.detach()
         yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 

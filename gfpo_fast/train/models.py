@@ -124,8 +124,10 @@ def _hub_error(name: str, err: Exception) -> ValueError:
         f"download it elsewhere into the cache and set HF_HUB_OFFLINE=1. ({type(err).__name__}: {err})")
 
 
-def load_model_and_tokenizer(name: str, dtype: str = "float32", gradient_checkpointing: bool = False):
-    """Returns ``(model, tokenizer)``: the model in ``dtype`` and train mode, the tokenizer left-padding with a pad
+def load_model_and_tokenizer(name: str, dtype: str = "float32", gradient_checkpointing: bool = False,
+                             quantization_config=None):
+    """Returns ``(model, tokenizer)``: the model in ``dtype`` and train mode (its linear layers quantized by
+    ``quantization_config``, a transformers ``BitsAndBytesConfig``, when given), the tokenizer left-padding with a pad
     token. A Hub id may be downloaded unless offline mode is on (``hub_offline``); a local path never is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,7 +137,8 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", gradient_checkpo
     local_only = not hub_id or hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local_only,
+                                                     quantization_config=quantization_config)
     except (OSError, ValueError) as err:  # network, HTTP and cache misses are OSErrors (huggingface_hub's too)
         if hub_id:
             raise _hub_error(name, err) from err

@@ -27,9 +27,11 @@ import torch
 
 
 def cache_name(model) -> str:
-    """The KV-cache keyword and output of ``model`` (through a DDP wrapper): transformers 5.24 renamed
-    ``past_key_values`` to ``cache``."""
-    return _cache_name(type(getattr(model, "module", model)))
+    """The KV-cache keyword and output of ``model`` (through a DDP and a peft wrapper, which pass it on):
+    transformers 5.24 renamed ``past_key_values`` to ``cache``."""
+    model = getattr(model, "module", model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_name(type(model))
 
 
 @functools.cache
