@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gfpo_fast.train import TrainConfig, train
-from gfpo_fast.train.__main__ import main
+from gfpo_fast.train.__main__ import main, verify_lm_head
 from gfpo_fast.train.rewards import RewardFunctionError
 
 
@@ -103,3 +103,25 @@ def test_resume_from_nothing(make_config):
 def test_default_config_is_valid():
     cfg = TrainConfig()
     assert cfg.algorithm == "gfpo" and 2 <= cfg.num_remains_in_group < cfg.num_generations
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_liger_kernel_needs_cuda(make_config):
+    with pytest.raises(ValueError, match="use_liger_kernel=True needs CUDA"):
+        train(make_config(use_liger_kernel=True))
+
+
+def test_a_model_that_transforms_its_logits_unknown_to_the_head_is_refused(tiny_model):
+    """The loss comes from the hidden states: a model whose logits are not its lm_head's (here doubled in its
+    forward, with no config field saying so) is refused at setup, never trained on a different objective."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    model.forward = forward
+    with pytest.raises(ValueError, match="the model's logits differ from its lm_head's"):
+        verify_lm_head(model, [5, 6, 7])
