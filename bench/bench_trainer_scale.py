@@ -94,11 +94,13 @@ def build_model(a, gradient_checkpointing: bool):
 
     torch.manual_seed(0)
     heads = max(1, a.hidden // 64)
+    device = torch.device(a.device)  # built where it trains (a CUDA init is much faster than the CPU's)
     config = Qwen2Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
                          num_hidden_layers=a.layers, num_attention_heads=heads,
                          num_key_value_heads=max(1, heads // 2), max_position_embeddings=a.prompt + a.T + 8,
                          tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    model = Qwen2ForCausalLM(config)
+    with device:
+        model = Qwen2ForCausalLM(config)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -193,6 +195,7 @@ def setup_trl(a, ckpt: bool):
     inputs = {**x, "old_per_token_logps": None}
     counter = counting_fused_lm_head()
     counted = counter.__enter__()  # installed for the process's life: the step keeps the context alive
+    calls_before = counted.calls
 
     def step(_keep=counter):
         loss = trainer.training_step(model, dict(inputs), x["num_items_in_batch"])
@@ -203,8 +206,9 @@ def setup_trl(a, ckpt: bool):
         return float(loss), float(grad_norm)
 
     def path():
-        return (f"TRL {trl.__version__}: " + (f"fused LM head (ChunkedLogProbFunction, {counted.calls} calls)"
-                                             if counted.calls else "full logits (no fused-LM-head call)")
+        calls = counted.calls - calls_before
+        return (f"TRL {trl.__version__}: " + (f"fused LM head (ChunkedLogProbFunction, {calls} calls)" if calls
+                                             else "full logits (no fused-LM-head call)")
                 + f"; gradient checkpointing {model.is_activation_checkpointing}")
 
     return step, {"path": path, "trl": trl.__version__}
@@ -246,19 +250,33 @@ def run_one(a, contender: str) -> dict:
 
 
 def worker(a) -> int:
+    """Every contender of ``--contender`` at every ``--configs`` pair, in this process, one result line each."""
+    import copy
+
     if a.as_limit_gb:
         limit = int(a.as_limit_gb * 1e9)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    for contender in a.contender.split(","):
-        try:
-            row = run_one(a, contender)
-        except (MemoryError, RuntimeError) as err:
-            if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
-                raise
-            row = {"contender": contender, "G": a.G, "T": a.T, "model": a.model, "device": a.device,
-                   "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-        print(RESULT + json.dumps(row), flush=True)
+    for G, T in parse_configs(a.configs):
+        for contender in a.contender.split(","):
+            one = copy.copy(a)
+            one.G, one.T = G, T
+            try:
+                row = run_one(one, contender)
+            except (MemoryError, RuntimeError) as err:
+                if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
+                    raise
+                row = {"contender": contender, "G": G, "T": T, "model": a.model, "device": a.device,
+                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            print(RESULT + json.dumps(row), flush=True)
+            trim()
+            if a.device == "cuda":
+                import torch
+                torch.cuda.empty_cache()
     return 0
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    return [tuple(map(int, c.split("x"))) for c in text.split(",") if c]
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -293,28 +311,29 @@ def make_logits_tree(spec: str | None) -> Path | None:
     return tree
 
 
-def worker_command(a, contender: str, G: int, T: int) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--contender", contender, "--G", str(G),
-           "--T", str(T), "--prompt", str(a.prompt), "--model", a.model, "--vocab", str(a.vocab), "--hidden",
-           str(a.hidden), "--layers", str(a.layers), "--steps", str(a.steps), "--device", a.device]
-    return cmd
-
-
-def run_worker(a, contenders: list[str], G: int, T: int, tree: Path | None, as_limit_gb: float | None) -> list[dict]:
-    """A fresh process for ``contenders`` (one on the CPU) at ``G x T``; its result rows."""
-    cmd = worker_command(a, ",".join(contenders), G, T)
+def run_worker(a, contenders: list[str], configs: list[tuple[int, int]], tree: Path | None,
+               as_limit_gb: float | None) -> list[dict]:
+    """A fresh process for ``contenders`` at ``configs`` (one of each on the CPU), from ``tree`` (None: this
+    checkout); its result rows, printed as they come."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--contender", ",".join(contenders),
+           "--configs", ",".join(f"{G}x{T}" for G, T in configs), "--prompt", str(a.prompt), "--model", a.model,
+           "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--layers", str(a.layers), "--steps", str(a.steps),
+           "--device", a.device]
     if as_limit_gb:
         cmd += ["--as_limit_gb", str(as_limit_gb)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree or ROOT), str(ROOT)]))
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=tree or ROOT, capture_output=True, text=True, timeout=a.timeout)
-    rows = [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-    if proc.returncode != 0 or not rows:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        done = {r["contender"] for r in rows}
-        rows += [{"contender": c, "G": G, "T": T, "model": a.model, "device": a.device,
-                  "error": f"exit {proc.returncode}: {tail[0][:300]}"} for c in contenders if c not in done]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=tree or ROOT, capture_output=True, text=True, timeout=a.timeout)
+        stdout, code, tail = proc.stdout, proc.returncode, (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+    except subprocess.TimeoutExpired as err:
+        stdout, code, tail = (err.stdout or b"").decode(errors="replace"), "timeout", [f"after {a.timeout} s"]
+    rows = [json.loads(line[len(RESULT):]) for line in stdout.splitlines() if line.startswith(RESULT)]
+    done = {(r["contender"], r["G"], r["T"]) for r in rows}
+    rows += [{"contender": c, "G": G, "T": T, "model": a.model, "device": a.device,
+              "error": f"exit {code}: {(tail or [''])[0][:300]}"}
+             for G, T in configs for c in contenders if (c, G, T) not in done]
     for r in rows:
         r.update(load_before=load, load_after=os.getloadavg()[0], wall_s=time.perf_counter() - start,
                  as_limit_gb=as_limit_gb)
@@ -342,7 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens (one prompt shared by the G rows)")
-    p.add_argument("--steps", type=int, default=None, help="steps per process (default 1 on the CPU, 3 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="steps per process (default 1 on the CPU, 2 on CUDA: "
+                                                                "a warm-up, then the timed one)")
     p.add_argument("--rounds", type=int, default=1, help="rounds over configs x contenders, interleaved")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--logits_tree", default=None, help=f"a source tree of {LOGITS_COMMIT} (or auto: a git worktree)")
@@ -355,11 +375,9 @@ def main(argv=None) -> int:
     # worker
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--contender", help=argparse.SUPPRESS)
-    p.add_argument("--G", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     p.add_argument("--as_limit_gb", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.steps = a.steps or (3 if a.device == "cuda" else 1)
+    a.steps = a.steps or (2 if a.device == "cuda" else 1)
     if a.worker:
         return worker(a)
 
@@ -367,7 +385,7 @@ def main(argv=None) -> int:
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         p.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS)}")
-    configs = [tuple(map(int, c.split("x"))) for c in a.configs.split(",")]
+    configs = parse_configs(a.configs)
     if a.max_gb is None:
         if a.device == "cuda":
             import torch
@@ -376,46 +394,61 @@ def main(argv=None) -> int:
             a.max_gb = mem_available_gb() - 2
     logits = [c for c in contenders if c.startswith("logits")]
     tree = make_logits_tree(a.logits_tree or "auto") if logits else None
+    made_tree = tree is not None and (a.logits_tree or "auto") == "auto"
     vocab = a.vocab if a.model == "tiny-qwen2" else None
     started, rows = datetime.datetime.now(), []
     loads = [os.getloadavg()[0]]
-    for _ in range(a.rounds):
-        for G, T in configs:
-            ours = [c for c in contenders if not c.startswith("logits")]
-            if a.device == "cuda":  # one process per source tree; the first step is a warm-up
-                rows += run_worker(a, ours, G, T, None, None)
-            else:
-                for c in ours:
-                    rows += run_worker(a, [c], G, T, None, None)
-            for c in logits:
-                bound = logits_bound_gb(G, T, vocab or 0, 2 if a.device == "cuda" else 4) if vocab else 0.0
-                if tree is None:
-                    rows.append({"contender": c, "G": G, "T": T, "model": a.model, "device": a.device,
-                                 "not_run": f"no {LOGITS_COMMIT} source tree (--logits_tree)"})
-                elif bound > a.max_gb and not a.confirm_limit:
-                    rows.append({"contender": c, "G": G, "T": T, "model": a.model, "device": a.device,
-                                 "not_run": f"does not fit: needs >= {bound:.1f} GB for the logits and their "
-                                            f"gradient, {a.max_gb:.1f} GB allowed", "bound_gb": bound})
-                else:
-                    limit = a.max_gb if bound > a.max_gb else None
-                    got = run_worker(a, [c], G, T, tree, limit)
-                    for r in got:
-                        r["bound_gb"] = bound
-                    rows += got
-                    continue
-                print("[scale] " + summary_line(rows[-1]), flush=True)
-    loads.append(os.getloadavg()[0])
     meta = {"command": "python -m bench.bench_trainer_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": f"{started:%Y-%m-%d %H:%M}", "seconds": (datetime.datetime.now() - started).total_seconds(),
-            "commit": git_commit(), "machine": machine(a.device), "load": loads, "max_gb": a.max_gb,
-            "logits_tree": str(tree) if tree else None, "model": a.model, "vocab": vocab, "hidden": a.hidden,
-            "layers": a.layers, "prompt": a.prompt, "steps": a.steps, "versions": versions()}
-    text = report(meta, rows)
-    print(text)
+            "date": f"{started:%Y-%m-%d %H:%M}", "commit": git_commit(), "machine": machine(a.device),
+            "load": loads, "max_gb": a.max_gb, "logits_tree": str(tree) if tree else None, "model": a.model,
+            "vocab": vocab, "hidden": a.hidden, "layers": a.layers, "prompt": a.prompt, "steps": a.steps,
+            "versions": versions()}
+
+    def save(final: bool = False) -> str:  # after every process: a run cut short keeps what it finished
+        meta.update(seconds=(datetime.datetime.now() - started).total_seconds(), finished=final,
+                    load=[loads[0], os.getloadavg()[0]])
+        text = report(meta, rows)
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            a.out.with_suffix(".md").write_text(text)
+        return text
+
+    def run(contenders, configs, tree=None, limit=None, **extra):
+        rows.extend({**r, **extra} for r in run_worker(a, contenders, configs, tree, limit))
+        save()
+
+    def skip(row):
+        rows.append(row)
+        print("[scale] " + summary_line(row), flush=True)
+
+    ours = [c for c in contenders if not c.startswith("logits")]
+    for _ in range(a.rounds):
+        if a.device == "cuda" and ours:  # one process per source tree; its first step of each is a warm-up
+            run(ours, configs)
+        fitting = []
+        for G, T in configs:
+            if a.device == "cpu":
+                for c in ours:
+                    run([c], [(G, T)])
+            for c in logits:
+                bound = logits_bound_gb(G, T, vocab, 2 if a.device == "cuda" else 4) if vocab else 0.0
+                row = {"contender": c, "G": G, "T": T, "model": a.model, "device": a.device, "bound_gb": bound}
+                if tree is None:
+                    skip({**row, "not_run": f"no {LOGITS_COMMIT} source tree (--logits_tree)"})
+                elif bound > a.max_gb and not a.confirm_limit:
+                    skip({**row, "not_run": f"does not fit: needs >= {bound:.1f} GB for the logits and their "
+                                            f"gradient, {a.max_gb:.1f} GB allowed"})
+                elif a.device == "cuda":
+                    fitting.append((G, T))
+                else:
+                    run([c], [(G, T)], tree, a.max_gb if bound > a.max_gb else None, bound_gb=bound)
+        if fitting:
+            run(logits, sorted(set(fitting)), tree)
+    if made_tree:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+    print(save(final=True))
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        a.out.with_suffix(".md").write_text(text)
         print(f"wrote {a.out.with_suffix('.md')} and .json")
     return 0
 

@@ -1,4 +1,4 @@
-"""The one-shot GPU suite: everything a lent GPU should prove, in one call of at most 8 minutes.
+"""The one-shot GPU suite: everything a lent GPU should prove, in one call of at most 9 minutes.
 
     python -m bench.gpu_suite              # on a machine with one CUDA GPU
     python -m bench.gpu_suite --dry        # the same parts at tiny shapes on the CPU (CI runs this)
@@ -14,7 +14,11 @@ cut short still leaves what it finished:
 4. ``long_sequence``: one sequence of 65,536 tokens through the log-prob and the fused loss kernels, then one
    of another length: it must run (no grid limit) and compile nothing the second time;
 5. ``train``: 20 steps of the default trainer on the GPU;
-6. ``vllm``: 3 steps with ``--generation_backend vllm`` where vLLM is installed (skipped otherwise).
+6. ``vllm``: 3 steps with ``--generation_backend vllm`` where vLLM is installed (skipped otherwise);
+7. ``train_scale``: one training step of G = 8 completions of 4,096 and of 16,384 tokens on a Qwen2 of vocabulary
+   151,936 (hidden 1,024, 4 layers), bf16: this trainer with and without gradient checkpointing, TRL's
+   GRPOTrainer on the same batch, and the trainer at 72a2052 (full logits) where git can make that worktree
+   (``python -m bench.bench_trainer_scale``; peak CUDA memory and step time).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PY = sys.executable
 
 
-def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:  # GPU limits add up to 480 s
+def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:  # GPU limits add up to 540 s
     """(name, command, time limit in s) of each part. ``dry`` shrinks every shape for the CPU, where the limits are
     4x as long: a dry run proves that each part runs, not how fast (the 2-core CPU may also be busy)."""
     bench = [PY, "-m", "bench", "--out", str(out / "bench")]
@@ -43,6 +47,13 @@ def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:  # GPU li
         train += ["--num_generations", "4", "--num_remains_in_group", "2", "--max_completion_length", "8"]
     else:
         train += ["--bf16", "true"]
+    scale = [PY, "-m", "bench.bench_trainer_scale", "--logits_tree", "auto", "--out", str(out / "train_scale")]
+    if dry:
+        scale += ["--configs", "2x16", "--vocab", "1000", "--hidden", "32", "--layers", "1", "--prompt", "4",
+                  "--contenders", "head,trl,logits"]
+    else:
+        scale += ["--device", "cuda", "--configs", "8x4096,8x16384", "--hidden", "1024", "--layers", "4",
+                  "--contenders", "head,head_ckpt,trl,trl_ckpt,logits"]
     slack = 4 if dry else 1
     return [(name, command, slack * limit) for name, command, limit in [
         ("gpu_tests", [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 60),
@@ -52,6 +63,7 @@ def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:  # GPU li
         ("train", [*train, "--max_steps", "1" if dry else "20", "--output_dir", str(out / "train")], 90),
         ("vllm", [*train, "--max_steps", "1" if dry else "3", "--generation_backend", "vllm",
                   "--output_dir", str(out / "vllm")], 45),
+        ("train_scale", scale, 60),
     ]]
 
 
