@@ -245,7 +245,8 @@ def run_one(a, contender: str) -> dict:
            "steps": a.steps, "step_s": times, "loss": loss, "grad_norm": grad_norm, "build_s": build_s,
            "baseline_rss_gb": base_rss / 1e9, "loaded_maxrss_gb": base_maxrss / 1e9, "peak_rss_gb": peak / 1e9,
            "step_rss_gb": (peak - base_rss) / 1e9, "gfpo_fast": str(Path(gfpo_fast.__file__).parent.parent),
-           "torch_threads": torch.get_num_threads(), "rlimit_as_gb": a.as_limit_gb, **{k: v() if callable(v) else v for k, v in info.items()}}
+           "torch_threads": torch.get_num_threads(), "rlimit_as_gb": a.as_limit_gb,
+           **{k: v() if callable(v) else v for k, v in info.items()}}
     if cuda:
         row["cuda_step_gb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 1e9
         row["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -273,7 +274,8 @@ def worker(a) -> int:
                 if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
                     raise
                 row = {"contender": contender, "G": G, "T": T, "model": a.model, "device": a.device,
-                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", "rlimit_as_gb": a.as_limit_gb}
+                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                       "rlimit_as_gb": a.as_limit_gb}
             print(RESULT + json.dumps(row), flush=True)
             trim()
             if a.device == "cuda":
