@@ -127,7 +127,8 @@ def make_inputs(a, vocab: int, device):
 def train_config(a, ckpt: bool):
     from gfpo_fast.train.config import TrainConfig
 
-    return TrainConfig(algorithm="grpo", num_generations=a.G, per_device_train_batch_size=a.G,
+    G = max(a.G, 2)  # the config asks for groups of two or more; a one-row batch (G = 1) never reads it
+    return TrainConfig(algorithm="grpo", num_generations=G, per_device_train_batch_size=G,
                        gradient_accumulation_steps=1, max_completion_length=a.T, gradient_checkpointing=ckpt,
                        bf16=a.device == "cuda", max_steps=a.steps, warmup_steps=0, do_eval=False)
 
