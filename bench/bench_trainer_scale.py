@@ -458,7 +458,10 @@ def main(argv=None) -> int:
         if fitting:
             run(logits, sorted(set(fitting)), tree)
     if made_tree:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+        gone = subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True,
+                              text=True)
+        if gone.returncode:
+            print(f"[scale] could not remove the worktree {tree}: {gone.stderr.strip()[:200]}", flush=True)
     print(save(final=True))
     if a.out:
         print(f"wrote {a.out.with_suffix('.md')} and .json")

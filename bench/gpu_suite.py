@@ -50,7 +50,7 @@ def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:  # GPU li
     scale = [PY, "-m", "bench.bench_trainer_scale", "--logits_tree", "auto", "--out", str(out / "train_scale")]
     if dry:
         scale += ["--configs", "2x16", "--vocab", "1000", "--hidden", "32", "--layers", "1", "--prompt", "4",
-                  "--contenders", "head,trl,logits"]
+                  "--contenders", "head,trl,logits", "--max_gb", "4"]
     else:
         scale += ["--device", "cuda", "--configs", "8x4096,8x16384", "--hidden", "1024", "--layers", "4",
                   "--contenders", "head,head_ckpt,trl,trl_ckpt,logits"]
