@@ -275,7 +275,7 @@ def worker(a) -> int:
                 if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
                     raise
                 row = {"contender": contender, "G": G, "T": T, "model": a.model, "device": a.device,
-                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                       "error": out_of_memory(err),
                        "rlimit_as_gb": a.as_limit_gb}
             print(RESULT + json.dumps(row), flush=True)
             trim()
@@ -283,6 +283,16 @@ def worker(a) -> int:
                 import torch
                 torch.cuda.empty_cache()
     return 0
+
+
+def out_of_memory(err: BaseException) -> str:
+    """A short line for an allocation that failed (torch's CPU message is long)."""
+    import re
+
+    tried = re.search(r"tried to allocate (\d+) bytes", str(err))
+    if tried:
+        return f"out of memory: an allocation of {int(tried.group(1)) / 1e9:.2f} GB failed"
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
@@ -515,18 +525,20 @@ def report(meta: dict, rows: list[dict]) -> str:
              f"- Model: {meta['model']}" + (f" (Qwen2 from a config: vocab {meta['vocab']}, hidden {meta['hidden']}, "
                                             f"{meta['layers']} layers, fp32)" if meta["vocab"] else "")
              + f"; prompt {meta['prompt']} tokens shared by the G rows; {meta['steps']} step(s) per fresh process",
-             "", f"| G x T | contender | s/step | {mem} | total peak GB | path |", "|---|---|---|---|---|---|"]
+             "", f"| G x T | contender | s/step | load | {mem} | total peak GB | path |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         label = LABELS.get(r["contender"], r["contender"])
         if "not_run" in r or "error" in r:
             limit = r.get("rlimit_as_gb") or r.get("as_limit_gb")
             why = r.get("not_run") or r["error"] + (f" (RLIMIT_AS {limit:.1f} GB)" if limit else "")
-            lines.append(f"| {r['G']} x {r['T']} | {label} | - | {why} | - | - |")
+            lines.append(f"| {r['G']} x {r['T']} | {label} | - | - | {why} | - | - |")
             continue
         timed = r["step_s"][1:] if len(r["step_s"]) > 1 and cuda else r["step_s"]
         step_mem = r["cuda_step_gb"] if "cuda_step_gb" in r else r["step_rss_gb"]
         total = r["cuda_peak_gb"] if "cuda_peak_gb" in r else r["peak_rss_gb"]
-        lines.append(f"| {r['G']} x {r['T']} | {label} | {statistics.median(timed):.2f} | {step_mem:.2f} | "
+        load = f"{r['load_before']:.1f}-{r['load_after']:.1f}" if "load_before" in r else "-"
+        lines.append(f"| {r['G']} x {r['T']} | {label} | {statistics.median(timed):.2f} | {load} | {step_mem:.2f} | "
                      f"{total:.2f} | {r.get('path', '')} |")
     return "\n".join(lines) + "\n"
 
