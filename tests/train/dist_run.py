@@ -1,9 +1,12 @@
-"""Run under ``accelerate launch``: trains with the CLI arguments, then writes this rank's parameters."""
+"""Run under ``accelerate launch``: trains with the CLI arguments, then writes this rank's full parameters
+(``params_rank<r>.pt``, DTensors gathered) and the class of each parameter (``param_types_rank<r>.json``)."""
+import json
 import sys
 from pathlib import Path
 
 import torch
 
+from gfpo_fast.fused_linear import gather_full
 from gfpo_fast.train import parse_args, train
 
 if __name__ == "__main__":
@@ -11,5 +14,8 @@ if __name__ == "__main__":
     cfg = parse_args(sys.argv[1:])
     run = train(cfg)
     rank = torch.distributed.get_rank()
-    flat = torch.cat([p.detach().reshape(-1) for p in run["policy"].parameters()])
+    params = list(run["policy"].parameters())
+    flat = torch.cat([gather_full(p.detach()).reshape(-1) for p in params])  # collective for DTensors
     torch.save(flat, Path(cfg.output_dir) / f"params_rank{rank}.pt")
+    types = sorted({type(p).__name__ for p in params})
+    (Path(cfg.output_dir) / f"param_types_rank{rank}.json").write_text(json.dumps(types))
