@@ -52,6 +52,7 @@ import math
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -179,19 +180,21 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
 
 
-def make_scheduler(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then linear decay to 0, cosine decay to 0, or constant (TRL's default is linear)."""
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        if cfg.lr_scheduler_type == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.lr_scheduler_type == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+def make_scheduler(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """transformers' ``get_scheduler(lr_scheduler_type)``, as TRL builds it, one step in, so that the first step
+    already trains: ``warmup_steps`` W and ``max_steps`` N are given as W + 1 and N + 1 and the schedule is stepped
+    once, and step s (from 0) gets transformers' factor of step s + 1. For "linear" that is ``(s + 1) / (W + 1)``
+    during the warm-up, then ``(N - s) / (N - W)``: transformers' own decay, and the warm-up this trainer always
+    had; called plainly, transformers' warm-up would give the first step learning rate 0 (a whole generation
+    batch for nothing)."""
+    from transformers import get_scheduler
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps + 1,
+                              num_training_steps=cfg.max_steps + 1, scheduler_specific_kwargs=cfg.lr_scheduler_kwargs)
+    with warnings.catch_warnings():  # stepped before any optimizer step on purpose
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+        scheduler.step()
+    return scheduler
 
 
 def checkpoint_state(step: int, scheduler, sampler: PromptSampler, group_filter: GroupFilter | None) -> dict:
@@ -587,6 +590,8 @@ def train(cfg: TrainConfig) -> dict:
                 break
     if do_eval and step >= cfg.max_steps:
         evals["after"] = reporter.print_eval("after", evaluate_policy())
+    if cfg.push_to_hub and step >= cfg.max_steps and accelerator.is_main_process:  # a finished run only
+        print(ckpt.push_to_hub(last_saved / "model", cfg.hub_model_id or Path(cfg.output_dir).resolve().name))
 
     # ---- files
     plot = reporter.plot()

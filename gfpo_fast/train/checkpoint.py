@@ -160,3 +160,20 @@ def load_checkpoint(path: Path, process_index: int) -> tuple[dict, dict | None]:
     rng_file = path / f"rng_state_{process_index}.pt"
     rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
     return trainer_state, rng
+
+
+def push_to_hub(model_dir: Path, repo_id: str) -> str:
+    """Uploads ``model_dir`` (a checkpoint's ``model/``) to the Hub repository ``repo_id`` (created if missing) and
+    returns a line saying where it went, or, when the upload fails (no network, no token, no rights), a line
+    saying why and how to upload it later: the trained run stays on disk either way."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        url = api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=url.repo_id, folder_path=model_dir,
+                          commit_message=f"gfpo-fast: {model_dir.parent.name}")
+    except Exception as err:  # noqa: BLE001 - any failure of the upload is reported, the run's files are kept
+        return (f"push_to_hub: could not upload {model_dir} to {repo_id} ({type(err).__name__}: {err}); without a "
+                f"network or a token (`hf auth login`) upload it later with `hf upload {repo_id} {model_dir}`")
+    return f"push_to_hub: {model_dir} uploaded to {url}"

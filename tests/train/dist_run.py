@@ -1,5 +1,6 @@
 """Run under ``accelerate launch``: trains with the CLI arguments, then writes this rank's full parameters
-(``params_rank<r>.pt``, DTensors gathered) and the class of each parameter (``param_types_rank<r>.json``)."""
+(``params_rank<r>.pt``, DTensors gathered), the parameters' classes and how many elements this rank holds
+(``param_types_rank<r>.json``)."""
 import json
 import sys
 from pathlib import Path
@@ -17,5 +18,6 @@ if __name__ == "__main__":
     params = list(run["policy"].parameters())
     flat = torch.cat([gather_full(p.detach()).reshape(-1) for p in params])  # collective for DTensors
     torch.save(flat, Path(cfg.output_dir) / f"params_rank{rank}.pt")
-    types = sorted({type(p).__name__ for p in params})
-    (Path(cfg.output_dir) / f"param_types_rank{rank}.json").write_text(json.dumps(types))
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+    sharding = {"types": sorted({type(p).__name__ for p in params}), "local_numel": local, "numel": flat.numel()}
+    (Path(cfg.output_dir) / f"param_types_rank{rank}.json").write_text(json.dumps(sharding))
