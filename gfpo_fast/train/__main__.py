@@ -38,10 +38,11 @@ every group carries a learning signal
     python -m gfpo_fast.train --config run.yaml --resume_from_checkpoint latest
     accelerate launch --num_processes 2 -m gfpo_fast.train ...  # DDP; FSDP / DeepSpeed via --config_file
 
-FSDP and DeepSpeed come from ``accelerate config`` files (``examples/accelerate/``: ``accelerate launch
---config_file examples/accelerate/fsdp.yaml -m gfpo_fast.train``): the loop does its own gradient
-accumulation (the loss is already normalised by TRL's rules), so DeepSpeed runs with
-``gradient_accumulation_steps: 1`` in its config and in the trainer; checkpoints gather a full state dict.
+FSDP2 and DeepSpeed come from ``accelerate config`` files (``examples/accelerate/``: ``accelerate launch
+--config_file examples/accelerate/fsdp.yaml -m gfpo_fast.train``; on the CPU ``distributed.py`` shards with
+``fully_shard`` where accelerate will not): the loop does its own gradient accumulation (the loss is already
+normalised by TRL's rules), so DeepSpeed runs with ``gradient_accumulation_steps: 1`` in its config and in the
+trainer; checkpoints hold a full state dict and the optimizer sharded (``checkpoint.py``).
 """
 from __future__ import annotations
 
