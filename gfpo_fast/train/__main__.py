@@ -38,10 +38,11 @@ every group carries a learning signal
     python -m gfpo_fast.train --config run.yaml --resume_from_checkpoint latest
     accelerate launch --num_processes 2 -m gfpo_fast.train ...  # DDP; FSDP / DeepSpeed via --config_file
 
-FSDP and DeepSpeed come from ``accelerate config`` files (``examples/accelerate/``: ``accelerate launch
---config_file examples/accelerate/fsdp.yaml -m gfpo_fast.train``): the loop does its own gradient
-accumulation (the loss is already normalised by TRL's rules), so DeepSpeed runs with
-``gradient_accumulation_steps: 1`` in its config and in the trainer; checkpoints gather a full state dict.
+FSDP2 and DeepSpeed come from ``accelerate config`` files (``examples/accelerate/``: ``accelerate launch
+--config_file examples/accelerate/fsdp.yaml -m gfpo_fast.train``; on the CPU ``distributed.py`` shards with
+``fully_shard`` where accelerate will not): the loop does its own gradient accumulation (the loss is already
+normalised by TRL's rules), so DeepSpeed runs with ``gradient_accumulation_steps: 1`` in its config and in the
+trainer; checkpoints hold a full state dict and the optimizer sharded (``checkpoint.py``).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ import math
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -64,10 +66,11 @@ from accelerate.utils import gather_object, set_seed
 
 import gfpo_fast as gf
 from gfpo_fast.advantages import weighted_rewards
+from gfpo_fast.fused_linear import gather_full
 from gfpo_fast.lm_head import lm_head_of
 
 from . import checkpoint as ckpt
-from . import lora
+from . import distributed, lora
 from .config import TrainConfig, parse_args
 from .data import PromptSampler, load_rows, prompt_token_ids
 from .evaluation import evaluate
@@ -178,40 +181,43 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
 
 
-def make_scheduler(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then linear decay to 0, cosine decay to 0, or constant (TRL's default is linear)."""
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        if cfg.lr_scheduler_type == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.lr_scheduler_type == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+def make_scheduler(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """transformers' ``get_scheduler(lr_scheduler_type)``, as TRL builds it, one step in, so that the first step
+    already trains: ``warmup_steps`` W and ``max_steps`` N are given as W + 1 and N + 1 and the schedule is stepped
+    once, and step s (from 0) gets transformers' factor of step s + 1. For "linear" that is ``(s + 1) / (W + 1)``
+    during the warm-up, then ``(N - s) / (N - W)``: transformers' own decay, and the warm-up this trainer always
+    had; called plainly, transformers' warm-up would give the first step learning rate 0 (a whole generation
+    batch for nothing)."""
+    from transformers import get_scheduler
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps + 1,
+                              num_training_steps=cfg.max_steps + 1, scheduler_specific_kwargs=cfg.lr_scheduler_kwargs)
+    with warnings.catch_warnings():  # stepped before any optimizer step on purpose
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+        scheduler.step()
+    return scheduler
 
 
-def checkpoint_state(step: int, optimizer, scheduler, sampler: PromptSampler, group_filter: GroupFilter | None) -> dict:
-    """What a checkpoint holds besides the model and the RNG states (``restore`` reads it back)."""
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+def checkpoint_state(step: int, scheduler, sampler: PromptSampler, group_filter: GroupFilter | None) -> dict:
+    """What a checkpoint holds besides the model, the optimizer and the RNG states (``restore`` reads it back)."""
+    return {"scheduler": scheduler.state_dict(), "step": step,
             "sampler": sampler.state_dict(),
             "group_filter": None if group_filter is None else group_filter.state_dict()}
 
 
-def restore(checkpoint: Path | None, rank: int, seed: int, optimizer, scheduler, sampler: PromptSampler,
+def restore(checkpoint: Path | None, accelerator, seed: int, model, optimizer, scheduler, sampler: PromptSampler,
             group_filter: GroupFilter | None) -> int:
-    """Loads ``checkpoint``'s trainer state and this process's RNG state; returns the step to start from.
+    """Loads ``checkpoint``'s optimizer state (resharded to this run), trainer state and this process's RNG state;
+    returns the step to start from. Collective: call it on all ranks.
 
     A new run (``checkpoint`` None), or a resume on more processes than the checkpoint had, seeds every
     process apart instead (``seed + rank + step``): different sampling on every rank; the prompt order is
     seeded apart (``PromptSampler``).
     """
-    step, rng = 0, None
+    step, rng, rank = 0, None, accelerator.process_index
     if checkpoint is not None:
         state, rng = ckpt.load_checkpoint(checkpoint, rank)
-        optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_optimizer(accelerator, checkpoint / ckpt.OPTIMIZER, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         if group_filter is not None:
@@ -430,8 +436,8 @@ def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dic
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, accelerator) -> torch.Tensor:
     """Clips the gradient norm (``max_grad_norm`` 0: off), steps the optimizer and the schedule, clears the
-    gradients. Returns the norm before clipping (0-dim; 0 when clipping is off)."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 \
+    gradients. Returns the norm before clipping (0-dim; 0 when clipping is off; a plain tensor under FSDP2 too)."""
+    grad_norm = gather_full(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)) if max_grad_norm > 0 \
         else torch.zeros((), device=accelerator.device)
     optimizer.step()
     scheduler.step()
@@ -483,6 +489,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- setup: accelerator, data, rewards, models, optimizer, resume state, generation engine, reporting
     accelerator = make_accelerator(cfg)
+    fsdp_cpu = distributed.fsdp2_on_cpu(accelerator)  # FSDP asked for, accelerate MULTI_CPU: shard by hand
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     G = cfg.num_generations
     set_seed(cfg.seed)
@@ -502,23 +509,27 @@ def train(cfg: TrainConfig) -> dict:
     ref_model = None
     if cfg.beta != 0.0 and not cfg.use_peft:  # a LoRA policy's reference is its base: adapters disabled
         ref_model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype)
-        ref_model = accelerator.prepare_model(ref_model.eval().requires_grad_(False), evaluation_mode=True)
+        ref_model = distributed.prepare_reference(accelerator, ref_model, fsdp_cpu)
     if cfg.use_liger_kernel:
         apply_liger_kernel(model)
     eos_ids = eos_token_ids(model, tokenizer)
     # One prompt pass per group (prefix.py) continues from a read-only KV cache in the training forward; with
-    # gradient checkpointing it needs transformers >= 5.24; single process or DDP only (FSDP, DeepSpeed: untested).
+    # gradient checkpointing it needs transformers >= 5.24; single process or DDP only. Not under FSDP2: the prompt
+    # pass's keys and values reach the loss through the cache, a side channel that FSDP2's per-layer backward hooks
+    # do not see, so their backward runs on resharded (freed) weights (measured: "setStorage ... out of bounds for
+    # storage of size 0"). DeepSpeed: untested.
     dist = accelerator.distributed_type.value
-    share_prompts = (dist == "NO" or dist.startswith("MULTI_")) and \
+    share_prompts = (dist == "NO" or dist.startswith("MULTI_")) and not fsdp_cpu and \
         (not cfg.gradient_checkpointing or can_share_under_checkpointing())
     if share_prompts and cfg.gradient_checkpointing:
         allow_checkpointed_prefix(model)
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
+    model, optimizer = distributed.prepare_policy(accelerator, model, functools.partial(make_optimizer, cfg=cfg),
+                                                  fsdp_cpu)
     if cfg.beta != 0.0 and cfg.use_peft:
         ref_model = model
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
     sampler = PromptSampler(len(train_rows), cfg.seed)
-    step = restore(resume, rank, cfg.seed, optimizer, scheduler, sampler, group_filter)
+    step = restore(resume, accelerator, cfg.seed, model, optimizer, scheduler, sampler, group_filter)
 
     out_dir = Path(cfg.output_dir)
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -583,14 +594,16 @@ def train(cfg: TrainConfig) -> dict:
                                              accelerator=accelerator, timer=timer)
             reporter.log({**metrics, **sync_metrics})
             if step % cfg.save_steps == 0 or step >= cfg.max_steps or stop_now:
-                last_saved = ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, tokenizer,
-                                                  checkpoint_state(step, optimizer, scheduler, sampler, group_filter),
+                last_saved = ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, optimizer, tokenizer,
+                                                  checkpoint_state(step, scheduler, sampler, group_filter),
                                                   config_yaml, cfg.save_total_limit)
             if stop_now:
                 reporter.print(f"stopped by signal at step {step}; resume with --resume_from_checkpoint {last_saved}")
                 break
     if do_eval and step >= cfg.max_steps:
         evals["after"] = reporter.print_eval("after", evaluate_policy())
+    if cfg.push_to_hub and step >= cfg.max_steps and accelerator.is_main_process:  # a finished run only
+        print(ckpt.push_to_hub(last_saved / "model", cfg.hub_model_id or Path(cfg.output_dir).resolve().name))
 
     # ---- files
     plot = reporter.plot()

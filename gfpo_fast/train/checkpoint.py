@@ -1,16 +1,22 @@
-"""Checkpoints: everything needed to continue a run exactly, written atomically.
+"""Checkpoints: everything needed to continue a run exactly, on any number of processes, written atomically.
 
 Layout of ``<output_dir>/checkpoints/checkpoint-<step>/``:
 
-* ``model/``: ``save_pretrained`` safetensors, config and tokenizer (``from_pretrained`` loads it);
-* ``trainer_state.pt``: optimizer, scheduler, step, prompt-sampler position, GFPO filter history;
+* ``model/``: ``save_pretrained`` safetensors, config and tokenizer (``from_pretrained`` loads it): the full state
+  dict, gathered on rank 0 whatever the wrapping (DDP, FSDP2 DTensors, DeepSpeed ZeRO);
+* ``optimizer/``: the optimizer state as a ``torch.distributed.checkpoint`` (DCP) directory, keyed by parameter
+  name: each rank writes the part it holds (its shard under FSDP2; replicated state once), and loading
+  reshards it to the loading run's processes and wrapping, so a run may resume on another process count or
+  switch between single-process, DDP and FSDP2. Under DeepSpeed it is instead ``accelerator.save_state``'s
+  directory (the engine's own ZeRO checkpoint; untested here, no GPU);
+* ``trainer_state.pt``: scheduler, step, prompt-sampler position, GFPO filter history (the same on every rank);
 * ``rng_state_<rank>.pt``: Python, NumPy and torch (CPU and CUDA) generator states of each process;
 * ``config.yaml``: the run's configuration, for reference.
 
 A checkpoint is written into ``checkpoint-<step>.tmp`` and renamed into place only when complete, so a
 crash or a second signal never leaves a half-written checkpoint under a final name, and an existing
 checkpoint is replaced only by a complete one. Resuming with the same configuration on the same
-device reproduces the uninterrupted run (bit-exact on the CPU).
+device and process count reproduces the uninterrupted run (bit-exact on the CPU, FSDP2 included).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
+OPTIMIZER = "optimizer"  # the optimizer state's directory in a checkpoint
 
 
 def checkpoints_dir(output_dir: str) -> Path:
@@ -51,6 +58,10 @@ def resolve_resume(spec: str, output_dir: str) -> Path:
     if not (path / "trainer_state.pt").is_file() or not (path / "model").is_dir():
         raise ValueError(f"resume_from_checkpoint: {path} is not a checkpoint directory (expected model/ and "
                          "trainer_state.pt inside)")
+    if not (path / OPTIMIZER).is_dir():
+        raise ValueError(f"resume_from_checkpoint: {path} has no {OPTIMIZER}/ directory: it was written by an older "
+                         "gfpo-fast (optimizer state of rank 0 only, inside trainer_state.pt); start a new run from "
+                         f"its weights with --model_name_or_path {path / 'model'}")
     return path
 
 
@@ -69,8 +80,48 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, model, tokenizer, trainer_state: dict, config_yaml: str,
-                    total_limit: int) -> Path:
+def full_model_state_dict(accelerator, model) -> dict:
+    """The model's full state dict on rank 0, on the CPU (other ranks: empty or partial; collective: call it on
+    all ranks). torch's ``get_model_state_dict`` gathers DTensors (FSDP2, accelerate's or ours) and strips DDP's
+    ``module.`` prefix; DeepSpeed's engine gathers its own (``accelerator.get_state_dict``)."""
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        return accelerator.get_state_dict(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _inner(optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def save_optimizer(accelerator, path: Path, model, optimizer) -> None:
+    """Writes the optimizer state into ``path`` (see the module docstring; collective)."""
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        accelerator.save_state(str(path))
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    dcp.save({"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}, checkpoint_id=path)
+
+
+def load_optimizer(accelerator, path: Path, model, optimizer) -> None:
+    """Loads ``path``'s optimizer state (:func:`save_optimizer`) into ``optimizer``, resharded to this run (collective).
+
+    DCP loads into the tensors of a state dict of the same structure: ``get_optimizer_state_dict`` builds it, first
+    giving a fresh optimizer its state with one zero-gradient, zero-learning-rate step (torch's own initialisation,
+    the parameters do not change)."""
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        accelerator.load_state(str(path))
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}
+    dcp.load(state, checkpoint_id=path)
+    set_optimizer_state_dict(model, _inner(optimizer), state["optimizer"])
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, model, optimizer, tokenizer, trainer_state: dict,
+                    config_yaml: str, total_limit: int) -> Path:
     """Writes ``checkpoint-<step>`` on every process's behalf (collective: call it on all ranks)."""
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step}"
@@ -80,7 +131,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model, tokenizer, t
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3
+    save_optimizer(accelerator, tmp / OPTIMIZER, model, optimizer)
+    state_dict = full_model_state_dict(accelerator, model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(tmp / "model", state_dict=state_dict)
         tokenizer.save_pretrained(tmp / "model")
@@ -108,3 +160,20 @@ def load_checkpoint(path: Path, process_index: int) -> tuple[dict, dict | None]:
     rng_file = path / f"rng_state_{process_index}.pt"
     rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
     return trainer_state, rng
+
+
+def push_to_hub(model_dir: Path, repo_id: str) -> str:
+    """Uploads ``model_dir`` (a checkpoint's ``model/``) to the Hub repository ``repo_id`` (created if missing) and
+    returns a line saying where it went, or, when the upload fails (no network, no token, no rights), a line
+    saying why and how to upload it later: the trained run stays on disk either way."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        url = api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=url.repo_id, folder_path=model_dir,
+                          commit_message=f"gfpo-fast: {model_dir.parent.name}")
+    except Exception as err:  # noqa: BLE001 - any failure of the upload is reported, the run's files are kept
+        return (f"push_to_hub: could not upload {model_dir} to {repo_id} ({type(err).__name__}: {err}); without a "
+                f"network or a token (`hf auth login`) upload it later with `hf upload {repo_id} {model_dir}`")
+    return f"push_to_hub: {model_dir} uploaded to {url}"

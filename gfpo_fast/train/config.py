@@ -21,8 +21,13 @@ from pathlib import Path
 
 from gfpo_fast._checks import require_num_remains
 
+from .models import hub_offline
+
 ALGORITHMS = ("grpo", "gfpo", "gmpo", "gspo", "gspo_token")
 GROUP_FILTERS = ("length", "token_efficiency")
+# transformers' SchedulerType names that step without a metric (reduce_lr_on_plateau and greedy need one)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 DEFAULT_MAX_STEPS = 40
 EVAL_PROMPTS = 128  # held-out prompts when eval_num_prompts is None; a run of DEFAULT_MAX_STEPS evaluates them all
 EVAL_PROMPTS_MIN = 16  # the fewest a shorter run evaluates (eval_num_prompts None)
@@ -129,7 +134,11 @@ class TrainConfig:
     # ---------------------------------------------------------------- optimisation
     learning_rate: float = _f(1e-5, "AdamW learning rate (TRL: 1e-6; on the embedded task 5e-6 moved held-out accuracy "
                                     "by +3/+7 points in 25 steps, 2e-5 without warm-up drove lengths to the cap)")
-    lr_scheduler_type: str = _f("linear", "linear (decay to 0), cosine or constant")
+    lr_scheduler_type: str = _f("linear", f"a transformers get_scheduler name, as TRL: {', '.join(LR_SCHEDULERS)}. "
+                                "The warm-up's first step trains at learning_rate / (warmup_steps + 1), not 0 "
+                                "(make_scheduler); 'constant' ignores warmup_steps (constant_with_warmup does not)")
+    lr_scheduler_kwargs: str | dict | None = _f(None, "extra keywords of the schedule, a JSON object (YAML: a "
+                                                "mapping), e.g. '{\"min_lr_rate\": 0.1}' for cosine_with_min_lr")
     warmup_steps: int = _f(3, "linear warm-up steps (TRL: 0; Adam's first, sign-like steps are the largest)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
@@ -145,6 +154,10 @@ class TrainConfig:
     save_steps: int = _f(10, "checkpoint every this many steps (and at the end; TRL: 500)")
     save_total_limit: int = _f(2, "checkpoints to keep (older ones are deleted)")
     resume_from_checkpoint: str | None = _f(None, "a checkpoint directory, or 'latest' for the newest in output_dir")
+    push_to_hub: bool = _f(False, "upload the final checkpoint's model (weights, config, tokenizer) to the Hugging "
+                           "Face Hub at the end (needs a network and a token: `hf auth login`; refused up front with "
+                           "HF_HUB_OFFLINE=1)")
+    hub_model_id: str | None = _f(None, "repository of push_to_hub, owner/name or name (None: the name of output_dir)")
     do_eval: bool = _f(True, "evaluate on the held-out prompts before and after training (false: no evals)")
     eval_num_prompts: int | None = _f(None, f"held-out prompts per eval. None: {EVAL_PROMPTS} are held out of "
                                       f"training and a run of max_steps >= {DEFAULT_MAX_STEPS} (the default) evaluates "
@@ -167,7 +180,12 @@ class TrainConfig:
         choice("vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
         if not self.vllm_max_logp_gap >= 0:
             raise ValueError(f"vllm_max_logp_gap must be >= 0 (0: no check), got {self.vllm_max_logp_gap}")
-        choice("lr_scheduler_type", ("linear", "cosine", "constant"))
+        choice("lr_scheduler_type", LR_SCHEDULERS)
+        self.lr_scheduler_kwargs = _json_mapping("lr_scheduler_kwargs", self.lr_scheduler_kwargs, "schedule keywords")
+        if self.push_to_hub and hub_offline():
+            raise ValueError("push_to_hub=True but Hugging Face offline mode is on (HF_HUB_OFFLINE / "
+                             "TRANSFORMERS_OFFLINE): nothing could be uploaded at the end of the run; unset it, or "
+                             "drop push_to_hub and upload the checkpoint's model/ later with `hf upload`")
         choice("dtype", ("float32", "bfloat16", "float16"))
         for name in ("num_generations", "max_completion_length", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "max_steps", "logging_steps", "save_steps", "num_iterations",
@@ -235,16 +253,7 @@ class TrainConfig:
                 raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in ignored.items())}: dataset_name='arithmetic' "
                                  "has no configurations or splits (it holds out its own eval problems; see "
                                  "eval_num_prompts); leave them unset, or name another dataset_name")
-        kwargs = self.chat_template_kwargs
-        if isinstance(kwargs, str):
-            try:
-                kwargs = json.loads(kwargs)
-            except json.JSONDecodeError as err:
-                raise ValueError("chat_template_kwargs must be a JSON object such as '{\"enable_thinking\": false}', "
-                                 f"got {self.chat_template_kwargs!r} ({err})") from err
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise ValueError(f"chat_template_kwargs must be a mapping of template variables (a JSON object), got "
-                             f"{self.chat_template_kwargs!r}")
+        kwargs = _json_mapping("chat_template_kwargs", self.chat_template_kwargs, "template variables")
         reserved = sorted(set(kwargs or ()) & {"conversation", "add_generation_prompt", "tokenize", "return_dict",
                                                "return_tensors", "continue_final_message"})
         if reserved:
@@ -275,6 +284,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _json_mapping(name: str, value, what: str):
+    """``value`` of field ``name`` as a dict: JSON text (the command line) parsed, a mapping (YAML) or None kept."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name} must be a JSON object such as '{{\"key\": 1}}', got {value!r} ({err})") from err
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping of {what} (a JSON object), got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------- command line
