@@ -13,8 +13,9 @@ functions of this module, each timed under its name (``time/<name>`` in the metr
     backward          their backward
     optimizer         clip, step, schedule                                     (optimizer_step)
 
-then ``step_metrics`` (one host read) and a checkpoint every ``save_steps``. No ``[B, T, V]`` logits are
-built: every model pass (policy, old, reference) returns its last hidden states, and the loss
+then ``step_metrics`` (one host read) to ``reporting.Reporter`` (metrics.jsonl, the ``report_to`` trackers, the
+``log_completions`` samples), a held-out eval every ``eval_steps`` and a checkpoint every ``save_steps``. No
+``[B, T, V]`` logits are built: every model pass (policy, old, reference) returns its last hidden states, and the loss
 (``gfpo_fast.fused_linear_policy_loss``: Triton on CUDA, C++ or torch on the CPU), the no-grad log-probs
 (``gfpo_fast.fused_linear_logprobs``) and the entropy metric project them through the lm_head
 (``gfpo_fast.lm_head.lm_head_of``: tied, biased, LoRA'd, scaled or soft-capped) one ``lm_head_chunk_size`` chunk

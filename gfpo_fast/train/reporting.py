@@ -88,22 +88,6 @@ def trackers(report_to: list[str]) -> list[str]:
     return list(report_to)
 
 
-def plain(value) -> str:
-    """A prompt or completion as one line of text: a message list gives its last message's content."""
-    if isinstance(value, list):
-        value = value[-1]["content"] if value else ""
-    return " ".join(str(value).split())
-
-
-def cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def finite_or_none(x: float) -> float | None:
-    """JSON has no NaN: a reward function's ``None`` (NaN here) stays ``null`` in completions.jsonl."""
-    return None if math.isnan(x) else x
-
-
 class Reporter:
     """The run's outputs: ``metrics.jsonl``, the trackers of ``cfg.report_to`` (started here on the accelerator
     that ``make_accelerator`` built with them), ``completions.jsonl``, the progress bar and the plot.
@@ -260,7 +244,26 @@ class Reporter:
         return self.plot_path
 
 
+# ----------------------------------------------------------------------------- completion tables
+def plain(value) -> str:
+    """A prompt or completion as one line of text: a message list gives its last message's content."""
+    if isinstance(value, list):
+        value = value[-1]["content"] if value else ""
+    return " ".join(str(value).split())
+
+
+def cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters (an ellipsis marks the cut): one terminal line per completion."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: a reward function's ``None`` (NaN here) stays ``null`` in completions.jsonl."""
+    return None if math.isnan(x) else x
+
+
 def number(x: float | None, spec: str) -> str:
+    """A table cell: ``-`` for no value (a dropped row's advantage, a reward function's ``None``)."""
     return "-" if x is None else format(x, spec)
 
 

@@ -48,6 +48,13 @@ def test_log_completions_rows_and_terminal_table(make_config, capsys):
     assert sum(line.rstrip().endswith(("yes", "no")) for line in table) == 3
 
 
+def test_resume_drops_the_completions_after_the_checkpoint(make_config, tmp_path):
+    train(make_config(log_completions=True, max_steps=2, save_steps=1))
+    run = train(make_config(log_completions=True, max_steps=2,
+                            resume_from_checkpoint=str(tmp_path / "run" / "checkpoints" / "checkpoint-1")))
+    assert [r["step"] for r in jsonl(Path(run["metrics"]).with_name("completions.jsonl"))] == [1] * 8 + [2] * 8
+
+
 def test_eval_steps_runs_evals_at_those_steps(make_config):
     run = train(make_config(do_eval=True, eval_steps=2, max_steps=5))
     assert list(run["evals"]) == ["before", "step_2", "step_4", "after"]
