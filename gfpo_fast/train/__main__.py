@@ -13,8 +13,9 @@ functions of this module, each timed under its name (``time/<name>`` in the metr
     backward          their backward
     optimizer         clip, step, schedule                                     (optimizer_step)
 
-then ``step_metrics`` (one host read) and a checkpoint every ``save_steps``. No ``[B, T, V]`` logits are
-built: every model pass (policy, old, reference) returns its last hidden states, and the loss
+then ``step_metrics`` (one host read) to ``reporting.Reporter`` (metrics.jsonl, the ``report_to`` trackers, the
+``log_completions`` samples), a held-out eval every ``eval_steps`` and a checkpoint every ``save_steps``. No
+``[B, T, V]`` logits are built: every model pass (policy, old, reference) returns its last hidden states, and the loss
 (``gfpo_fast.fused_linear_policy_loss``: Triton on CUDA, C++ or torch on the CPU), the no-grad log-probs
 (``gfpo_fast.fused_linear_logprobs``) and the entropy metric project them through the lm_head
 (``gfpo_fast.lm_head.lm_head_of``: tied, biased, LoRA'd, scaled or soft-capped) one ``lm_head_chunk_size`` chunk
@@ -62,7 +63,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 
 import gfpo_fast as gf
 from gfpo_fast.advantages import weighted_rewards
@@ -93,7 +94,7 @@ from .prefix import (
     prompt_cache,
     read_only,
 )
-from .reporting import Reporter, StepTimer, peak_memory_gb
+from .reporting import Reporter, StepTimer, peak_memory_gb, trackers
 from .rewards import RewardFunctionError, accuracy_name, as_completions, build_reward_funcs, score
 
 
@@ -139,7 +140,8 @@ class Batch:
 
 # ----------------------------------------------------------------------------- setup helpers
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The Accelerator: bf16 mixed precision on a GPU unless ``cfg.bf16`` says otherwise; ``cpu=True`` without one.
+    """The Accelerator: bf16 mixed precision on a GPU unless ``cfg.bf16`` says otherwise; ``cpu=True`` without one;
+    the trackers of ``cfg.report_to`` (started by ``Reporter``), tensorboard's under ``output_dir/tensorboard``.
 
     Decided before the Accelerator exists (mixed precision is fixed at construction). Without a GPU the
     Accelerator is told cpu=True: otherwise ``accelerate launch --num_processes 2`` on a CPU machine starts two
@@ -150,7 +152,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     if bf16 and not on_gpu:
         raise ValueError("bf16=True on the CPU: without AVX512-BF16/AMX it is ~20x slower than float32; "
                          "leave bf16 unset (or false) here")
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu)
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard"))
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu,
+                              log_with=trackers(cfg.report_to) or None, project_config=project)
     if accelerator.distributed_type.value == "DEEPSPEED" and cfg.gradient_accumulation_steps > 1:
         raise ValueError("gradient_accumulation_steps > 1 under DeepSpeed: its engine steps the optimizer on every "
                          "backward, so the micro-batches would each take a step; use gradient_accumulation_steps=1 "
@@ -552,7 +556,7 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.wait_for_everyone()
     loss_kwargs = cfg.loss_kwargs(world)
     trainer_state = TrainerState(global_step=step, max_steps=cfg.max_steps)  # the reward functions' trainer_state
-    reporter = Reporter(cfg.output_dir, accelerator.is_main_process, step, cfg.max_steps, cfg.logging_steps)
+    reporter = Reporter(cfg, accelerator, step)
     evaluate_policy = functools.partial(evaluate, model, tokenizer, eval_rows, eval_prompts, cfg, accelerator,
                                         reward_names, reward_funcs, eos_ids)
     do_eval = cfg.do_eval and bool(eval_rows)
@@ -562,7 +566,7 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the loop: one generation batch per iteration (num_iterations optimizer steps on it)
     with closing(reporter), stop_on_signal(reporter) as stop:
         if do_eval and step == 0:
-            evals["before"] = reporter.print_eval("before", evaluate_policy())
+            evals["before"] = reporter.log_eval("before", step, evaluate_policy())
         while step < cfg.max_steps:
             timer = StepTimer()
             # prompts: the global order is the same on every rank; each rank takes whole groups, B = its prompts * G
@@ -593,6 +597,9 @@ def train(cfg: TrainConfig) -> dict:
                                              lr=scheduler.get_last_lr()[0], reward_names=reward_names, cfg=cfg,
                                              accelerator=accelerator, timer=timer)
             reporter.log({**metrics, **sync_metrics})
+            reporter.log_completions(step, rows, scores, keep, batch.advantages, reward_names)
+            if do_eval and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+                evals[f"step_{step}"] = reporter.log_eval(f"step {step}", step, evaluate_policy())
             if step % cfg.save_steps == 0 or step >= cfg.max_steps or stop_now:
                 last_saved = ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, optimizer, tokenizer,
                                                   checkpoint_state(step, scheduler, sampler, group_filter),
@@ -601,12 +608,12 @@ def train(cfg: TrainConfig) -> dict:
                 reporter.print(f"stopped by signal at step {step}; resume with --resume_from_checkpoint {last_saved}")
                 break
     if do_eval and step >= cfg.max_steps:
-        evals["after"] = reporter.print_eval("after", evaluate_policy())
+        evals["after"] = reporter.log_eval("after", step, evaluate_policy())
     if cfg.push_to_hub and step >= cfg.max_steps and accelerator.is_main_process:  # a finished run only
         print(ckpt.push_to_hub(last_saved / "model", cfg.hub_model_id or Path(cfg.output_dir).resolve().name))
 
     # ---- files
-    plot = reporter.plot()
+    plot = reporter.finish()
     summary = {"step": step, "metrics": str(reporter.metrics_path), "plot": str(plot), "checkpoint": str(last_saved),
                "model": str(last_saved / "model") if last_saved else None, "evals": evals,
                "policy": accelerator.unwrap_model(model)}

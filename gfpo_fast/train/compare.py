@@ -54,7 +54,8 @@ def run_one(out: Path, flags: list[str]) -> None:
 
 
 def summarize(out: Path) -> dict:
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [r for r in rows if "loss" in r]  # the eval rows carry only the step and eval/ metrics
     evals = json.loads((out / "eval.json").read_text())
     row = {
         "steps": len(steps),

@@ -28,6 +28,7 @@ GROUP_FILTERS = ("length", "token_efficiency")
 # transformers' SchedulerType names that step without a metric (reduce_lr_on_plateau and greedy need one)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # report_to names (accelerate's trackers)
 DEFAULT_MAX_STEPS = 40
 EVAL_PROMPTS = 128  # held-out prompts when eval_num_prompts is None; a run of DEFAULT_MAX_STEPS evaluates them all
 EVAL_PROMPTS_MIN = 16  # the fewest a shorter run evaluates (eval_num_prompts None)
@@ -150,7 +151,8 @@ class TrainConfig:
     seed: int = _f(42, "seed of data order, sampling and initialisation")
     # ---------------------------------------------------------------- logging, eval, checkpoints
     output_dir: str = _f("runs/gfpo-smollm2-arithmetic", "where metrics, plots and checkpoints go")
-    logging_steps: int = _f(1, "print/plot metrics every this many steps (TRL: 10; JSONL gets every step)")
+    logging_steps: int = _f(1, "refresh the progress bar (and log_completions) every this many steps (TRL: "
+                               "10; metrics.jsonl and the trackers get every step)")
     save_steps: int = _f(10, "checkpoint every this many steps (and at the end; TRL: 500)")
     save_total_limit: int = _f(2, "checkpoints to keep (older ones are deleted)")
     resume_from_checkpoint: str | None = _f(None, "a checkpoint directory, or 'latest' for the newest in output_dir")
@@ -158,13 +160,29 @@ class TrainConfig:
                            "Face Hub at the end (needs a network and a token: `hf auth login`; refused up front with "
                            "HF_HUB_OFFLINE=1)")
     hub_model_id: str | None = _f(None, "repository of push_to_hub, owner/name or name (None: the name of output_dir)")
-    do_eval: bool = _f(True, "evaluate on the held-out prompts before and after training (false: no evals)")
+    do_eval: bool = _f(True, "evaluate on the held-out prompts before and after training (and every eval_steps; "
+                       "false: no evals)")
     eval_num_prompts: int | None = _f(None, f"held-out prompts per eval. None: {EVAL_PROMPTS} are held out of "
                                       f"training and a run of max_steps >= {DEFAULT_MAX_STEPS} (the default) evaluates "
                                       f"all of them; a shorter run evaluates the first {EVAL_PROMPTS} * max_steps / "
                                       f"{DEFAULT_MAX_STEPS}, at least {EVAL_PROMPTS_MIN}, so a quick look stays "
                                       "quick. An integer holds out and evaluates exactly that many")
     eval_batch_size: int = _f(128, "prompts per generate call in the evals")
+    eval_steps: int | None = _f(None, "also evaluate every this many steps during training (None: only before and "
+                                "after); a multiple of num_iterations (evals run between generation batches)")
+    report_to: list[str] = _f([], f"experiment trackers that get every metric of metrics.jsonl, under the same "
+                              f"names: any of {list(TRACKERS)} (through accelerate; each needs its package), 'all' "
+                              "(every one installed) or 'none'. TensorBoard writes to "
+                              "output_dir/tensorboard/<project>")
+    project: str = _f("gfpo-fast", "the trackers' project: the wandb / trackio project, the mlflow experiment, the "
+                      "tensorboard subfolder (TRL: 'huggingface', trackio only)")
+    run_name: str | None = _f(None, "the run's name in wandb, trackio and mlflow (None: the last part of output_dir)")
+    log_completions: bool = _f(False, "every logging_steps steps, append the step's completions (prompt, completion, "
+                               "rewards, advantage, kept by the group filter) to output_dir/completions.jsonl and "
+                               "the trackers (a wandb table; text in tensorboard and trackio; not mlflow), and print "
+                               "a table of them")
+    num_completions_to_print: int | None = _f(None, "log_completions: rows of the printed table, first group first "
+                                              "(None: all of them); the file and the trackers get every row")
 
     def __post_init__(self):
         self.validate()
@@ -204,6 +222,7 @@ class TrainConfig:
         for name in ("load_in_4bit", "load_in_8bit", "save_merged_model"):
             if getattr(self, name) and not self.use_peft:
                 raise ValueError(f"{name}=True needs use_peft=True (it concerns the LoRA adapter's base model)")
+        self._validate_logging()
         n = self.eval_num_prompts
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"eval_num_prompts must be None or an integer >= 1 (--do_eval false skips the evals), "
@@ -234,6 +253,33 @@ class TrainConfig:
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def _validate_logging(self) -> None:
+        """The tracker and completion-logging fields; ``report_to`` given as one string becomes a list, and
+        ``['none']`` the empty list."""
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        names = list(self.report_to or [])
+        unknown = [n for n in names if n not in (*TRACKERS, "all", "none")]
+        if unknown or (len(names) > 1 and {"all", "none"} & set(names)):
+            raise ValueError(f"report_to must be 'none', 'all' or a list of {list(TRACKERS)}, got {self.report_to!r}")
+        self.report_to = [] if names == ["none"] else names
+        for name in ("project", "run_name"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value) and not (name == "run_name" and value is None):
+                raise ValueError(f"{name} must be a non-empty string{' or None' if name == 'run_name' else ''}, "
+                                 f"got {value!r}")
+        for name in ("eval_steps", "num_completions_to_print"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if self.eval_steps is not None:
+            if not self.do_eval:
+                raise ValueError(f"eval_steps={self.eval_steps} with do_eval=false: no evals would run; leave "
+                                 "eval_steps unset or set do_eval true")
+            if self.eval_steps % self.num_iterations:
+                raise ValueError(f"eval_steps must be a multiple of num_iterations={self.num_iterations} (evals run "
+                                 f"between generation batches, every num_iterations steps), got {self.eval_steps}")
 
     def _validate_data(self) -> None:
         """The model-and-data fields; ``chat_template_kwargs`` given as JSON text becomes a dict here."""

@@ -81,5 +81,7 @@ def test_embedded_task_with_evals_before_and_after(make_config):
     for ev in run["evals"].values():
         assert 0 <= ev["eval/greedy_accuracy"] <= 1 and 1 <= ev["eval/sampled_mean_length"] <= 6
     assert run["plot"].endswith(".png")
-    rows = read_metrics(run)
-    assert "accuracy" in rows[0] and "rewards/format/mean" in rows[0]
+    rows = read_metrics(run)  # the evals are rows of their own, at steps 0 and 1
+    assert [r["step"] for r in rows if "eval/greedy_accuracy" in r] == [0, 1]
+    train_rows = [r for r in rows if "loss" in r]
+    assert "accuracy" in train_rows[0] and "rewards/format/mean" in train_rows[0]

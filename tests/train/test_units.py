@@ -116,11 +116,14 @@ def test_completion_mask_stops_after_first_eos():
 
 
 def test_no_signal_warning(tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from gfpo_fast.train import TrainConfig
     from gfpo_fast.train.reporting import ZERO_STD_PATIENCE, Reporter
 
-    rep = Reporter(str(tmp_path), True, 0, 20, 1)
-    base = {"reward": 0.0, "loss": 0.0, "completions/mean_length": 5.0, "tokens_per_s": 1.0,
-            "completions/clipped_ratio": 0.5}
+    rep = Reporter(TrainConfig(output_dir=str(tmp_path), max_steps=20), Accelerator(cpu=True), 0)
+    base = {"reward": 0.0, "loss": 0.0, "completions/mean_length": 5.0, "completions/kept_fraction": 1.0,
+            "tokens_per_s": 1.0, "completions/clipped_ratio": 0.5}
     for step in range(1, ZERO_STD_PATIENCE + 1):
         rep.log({**base, "step": step, "frac_reward_zero_std": 0.9})
     rep.close()
