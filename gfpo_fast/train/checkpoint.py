@@ -101,7 +101,8 @@ def save_optimizer(accelerator, path: Path, model, optimizer) -> None:
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    dcp.save({"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}, checkpoint_id=path)
+    dcp.save({"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}, checkpoint_id=path,
+             no_dist=not torch.distributed.is_initialized())  # one process: no collectives (and no warning)
 
 
 def load_optimizer(accelerator, path: Path, model, optimizer) -> None:
@@ -116,7 +117,7 @@ def load_optimizer(accelerator, path: Path, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = {"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     set_optimizer_state_dict(model, _inner(optimizer), state["optimizer"])
 
 
