@@ -24,6 +24,9 @@ import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +97,15 @@ def _inner(optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
+@contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """Silences DCP's warning that it saves or loads "in a single process": without a process group that is the
+    intent (a single-process run), said on every checkpoint otherwise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_optimizer(accelerator, path: Path, model, optimizer) -> None:
     """Writes the optimizer state into ``path`` (see the module docstring; collective)."""
     if accelerator.distributed_type.value == "DEEPSPEED":
@@ -101,8 +113,9 @@ def save_optimizer(accelerator, path: Path, model, optimizer) -> None:
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    dcp.save({"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}, checkpoint_id=path,
-             no_dist=not torch.distributed.is_initialized())  # one process: no collectives (and no warning)
+    with _single_process_ok():
+        dcp.save({"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}, checkpoint_id=path,
+                 no_dist=not torch.distributed.is_initialized())
 
 
 def load_optimizer(accelerator, path: Path, model, optimizer) -> None:
@@ -117,7 +130,8 @@ def load_optimizer(accelerator, path: Path, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = {"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}
-    dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     set_optimizer_state_dict(model, _inner(optimizer), state["optimizer"])
 
 
