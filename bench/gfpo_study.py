@@ -1,0 +1,141 @@
+"""``python -m bench.gfpo_study``: the runs and tables of the GFPO study (issue 20).
+
+Two subcommands, both reusing what exists:
+
+* ``trl --seed N [bench_trainer flags]``: ``python -m bench.bench_trainer`` (TRL's GRPOTrainer on our default
+  task) with another seed. bench_trainer has no ``--seed``; this sets ``TrainConfig``'s seed for that one run
+  (prompt order, TRL's sampling seed and our eval's sampled draws all follow it, as in our trainer).
+* ``replay --completions FILE --seed N --output_dir DIR``: our trainer (GRPO, no evals) forced onto the
+  completions a TRL run recorded (``bench_trainer.forced_generation``, the equal-work replay, with the TRL run's
+  seed so that the prompt order matches), then the held-out eval of the result (a 1-step run at lr 0 from the
+  final checkpoint; its eval before training is the one that counts). If our updates equal TRL's, the result
+  evaluates like TRL's policy; if they do not, like ours.
+* ``table --runs NAME=DIR ... [--compare_json FILE ...] --out PREFIX``: the rows of ``gfpo_fast.train.compare.summarize`` for finished run
+  directories (ours or bench_trainer's), grouped by the name before `` seed `` into per-seed rows and means,
+  with each variant's sampled length as a ratio of the ``--baseline`` variant's mean; writes PREFIX.md/.json/.png.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from gfpo_fast.train import compare
+
+KEYS = ("greedy_accuracy_after", "sampled_accuracy_after", "greedy_mean_length_after", "sampled_mean_length_after",
+        "s_per_step")
+
+
+def run_trl(seed: int, rest: list[str]) -> int:
+    from bench import bench_trainer
+    from gfpo_fast.train.config import TrainConfig
+
+    bench_trainer.TrainConfig = functools.partial(TrainConfig, seed=seed)
+    return bench_trainer.main(rest)
+
+
+def run_replay(completions: Path, seed: int, out: Path) -> int:
+    from bench.bench_trainer import forced_generation
+    from gfpo_fast.train.__main__ import main as train_main
+
+    steps = [json.loads(line) for line in completions.read_text().splitlines() if line]
+    n = str(len(steps))
+    with forced_generation(steps):
+        rc = train_main(["--algorithm", "grpo", "--max_steps", n, "--do_eval", "false", "--seed", str(seed),
+                         "--save_steps", n, "--output_dir", str(out)])
+    if rc:
+        return rc
+    return train_main(["--algorithm", "grpo", "--model_name_or_path", str(out / "checkpoints" / f"checkpoint-{n}" / "model"),
+                       "--max_steps", "1", "--learning_rate", "0", "--eval_num_prompts", "128", "--seed", str(seed),
+                       "--save_steps", "1000", "--output_dir", str(out / "eval")]) or 0
+
+
+def group(rows: dict[str, dict]) -> dict[str, list[tuple[str, dict]]]:
+    """``{variant: [(run name, row), ...]}`` from run names of the form ``"<variant> seed <n>"``."""
+    out: dict[str, list[tuple[str, dict]]] = {}
+    for name, row in rows.items():
+        out.setdefault(name.split(" seed ")[0], []).append((name, row))
+    return out
+
+
+def means(rows: dict[str, dict]) -> dict[str, dict]:
+    """Mean of every scalar column per variant (variants with one run too), plus ``n`` runs."""
+    out = {}
+    for variant, runs in group(rows).items():
+        scalars = [k for k, v in runs[0][1].items() if not isinstance(v, list)]
+        out[variant] = {k: statistics.mean(r[k] for _, r in runs) for k in scalars} | {"n": len(runs)}
+    return out
+
+
+def verdict(mean: dict, base: dict) -> dict:
+    """Issue 20's two targets for one variant's means against the baseline's."""
+    ratio = mean["sampled_mean_length_after"] / base["sampled_mean_length_after"]
+    dg = mean["greedy_accuracy_after"] - base["greedy_accuracy_after"]
+    ds = mean["sampled_accuracy_after"] - base["sampled_accuracy_after"]
+    return {"length_ratio": ratio, "d_greedy": dg, "d_sampled": ds,
+            "meets": ratio <= 0.75 and dg >= -0.03 and ds >= -0.03}
+
+
+def table(rows: dict[str, dict], baseline: str) -> str:
+    m = means(rows)
+    base = m.get(baseline)
+    lines = ["| run | s/step | greedy acc | sampled acc | greedy len | sampled len | sampled len / baseline |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, runs in group(rows).items():
+        for name, r in runs:
+            ratio = f"{r['sampled_mean_length_after'] / base['sampled_mean_length_after']:.2f}x" if base else ""
+            lines.append(f"| {name} | {r['s_per_step']:.1f} | {r['greedy_accuracy_after']:.3f} | "
+                         f"{r['sampled_accuracy_after']:.3f} | {r['greedy_mean_length_after']:.1f} | "
+                         f"{r['sampled_mean_length_after']:.1f} | {ratio} |")
+        mv = m[variant]
+        v = verdict(mv, base) if base else None
+        tail = (f"{v['length_ratio']:.2f}x (greedy {v['d_greedy']:+.3f}, sampled {v['d_sampled']:+.3f}; "
+                f"{'meets' if v['meets'] else 'misses'} the targets)") if v and variant != baseline else ""
+        lines.append(f"| **{variant} mean of {mv['n']}** | {mv['s_per_step']:.1f} | {mv['greedy_accuracy_after']:.3f} | "
+                     f"{mv['sampled_accuracy_after']:.3f} | {mv['greedy_mean_length_after']:.1f} | "
+                     f"{mv['sampled_mean_length_after']:.1f} | {tail} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["trl"]:
+        p = argparse.ArgumentParser(prog="python -m bench.gfpo_study trl")
+        p.add_argument("--seed", type=int, required=True)
+        args, rest = p.parse_known_args(argv[1:])
+        return run_trl(args.seed, rest)
+    if argv[:1] == ["replay"]:
+        p = argparse.ArgumentParser(prog="python -m bench.gfpo_study replay")
+        p.add_argument("--completions", required=True, help="completions.jsonl of a bench_trainer run")
+        p.add_argument("--seed", type=int, required=True, help="that run's seed")
+        p.add_argument("--output_dir", required=True)
+        args = p.parse_args(argv[1:])
+        return run_replay(Path(args.completions), args.seed, Path(args.output_dir))
+    p = argparse.ArgumentParser(prog="python -m bench.gfpo_study table")
+    p.add_argument("cmd", choices=["table"])
+    p.add_argument("--runs", nargs="*", default=[], help="'<variant> seed <n>=<run dir>' items")
+    p.add_argument("--compare_json", nargs="*", default=[],
+                   help="compare.json files of earlier comparisons: their per-seed rows join the table")
+    p.add_argument("--baseline", default="grpo")
+    p.add_argument("--out", required=True, help="output prefix: writes .md, .json, .png")
+    args = p.parse_args(argv)
+    rows = {}
+    for path in args.compare_json:
+        rows.update({k: v for k, v in json.loads(Path(path).read_text()).items() if " mean of " not in k})
+    for item in args.runs:
+        name, _, path = item.rpartition("=")
+        rows[name] = compare.summarize(Path(path))
+    text = table(rows, args.baseline)
+    out = Path(args.out)
+    out.with_suffix(".md").write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"runs": rows, "means": means(rows)}, indent=2))
+    compare.plot(rows, out.with_suffix(".png"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
