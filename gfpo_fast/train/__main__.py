@@ -162,6 +162,18 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
+def load_policy(cfg: TrainConfig, resume: Path | None):
+    """``(model, tokenizer)`` to train: the model of ``cfg`` (or of the checkpoint ``resume``); with ``use_peft`` the
+    base model of ``cfg`` (quantized with ``load_in_4bit`` / ``8bit``) under a new LoRA adapter or the checkpoint's."""
+    if not cfg.use_peft:
+        return load_model_and_tokenizer(str(resume / "model") if resume else cfg.model_name_or_path, cfg.dtype,
+                                        cfg.gradient_checkpointing)
+    lora.require_peft()
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.gradient_checkpointing,
+                                                lora.quantization_config(cfg))
+    return lora.add_adapter(model, cfg, resume / "model" if resume else None), tokenizer
+
+
 def apply_liger_kernel(model) -> None:
     """Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels in ``model``, as TRL's ``use_liger_kernel`` does, without its
     fused linear cross-entropy (the loss stays gfpo-fast's fused-linear one). CUDA only: a ``ValueError`` on the
@@ -502,14 +514,7 @@ def train(cfg: TrainConfig) -> dict:
     group_filter = GroupFilter(cfg.group_filter, G, cfg.num_remains_in_group, adaptive=cfg.adaptive_difficulty,
                                scale_rewards=cfg.scale_rewards) if cfg.algorithm == "gfpo" else None
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
-    if cfg.use_peft:  # the base model, then a new adapter or the checkpoint's (lora.py)
-        lora.require_peft()
-        model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.gradient_checkpointing,
-                                                    lora.quantization_config(cfg))
-        model = lora.add_adapter(model, cfg, resume / "model" if resume else None)
-    else:
-        model, tokenizer = load_model_and_tokenizer(str(resume / "model") if resume else cfg.model_name_or_path,
-                                                    cfg.dtype, cfg.gradient_checkpointing)
+    model, tokenizer = load_policy(cfg, resume)
     ref_model = None
     if cfg.beta != 0.0 and not cfg.use_peft:  # a LoRA policy's reference is its base: adapters disabled
         ref_model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype)
