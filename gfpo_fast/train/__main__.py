@@ -26,16 +26,17 @@ gradient, exactly as TRL computes it without old log-probs. The G completions of
 forward pass: each distinct prompt is prefilled once for generation and run once in the policy forward
 and backward (``prefix.py``), with the same values and gradients, with or without gradient checkpointing.
 
-The embedded default (no arguments) trains SmolLM2-135M-Instruct with GFPO (length filter, 6 of 8
-kept) on single-digit arithmetic word problems: 40 steps of 2 prompts x 8 completions of at most 48
-tokens at temperature 0.7, lr 1e-5 (3 warm-up steps, then linear decay), evaluating greedy and sampled
-accuracy on 128 held-out problems before and after (a shorter run evaluates fewer: ``--eval_num_prompts``).
+The embedded default (no arguments) trains SmolLM2-135M-Instruct with GRPO (dapo loss; ``--algorithm gfpo``
+adds the group filter: length, 6 of 8 kept) on single-digit arithmetic word problems: 40 steps of 2 prompts
+x 8 completions of at most 48 tokens at temperature 0.7, lr 1e-5 (3 warm-up steps, then linear decay),
+evaluating greedy and sampled accuracy on 128 held-out problems before and after (a shorter run evaluates
+fewer: ``--eval_num_prompts``).
 The base model is right 24% of the time sampled at T=0.7 and 31% greedy on those problems, so almost
 every group carries a learning signal
 (``bench/results/train/`` has the measured runs: step time, accuracy before and after).
 
     python -m gfpo_fast.train                                  # the embedded default
-    python -m gfpo_fast.train --algorithm grpo --max_steps 2   # quick look (evals on 16 prompts)
+    python -m gfpo_fast.train --algorithm gfpo --max_steps 2   # quick look (evals on 16 prompts)
     python -m gfpo_fast.train --config run.yaml --resume_from_checkpoint latest
     accelerate launch --num_processes 2 -m gfpo_fast.train ...  # DDP; FSDP / DeepSpeed via --config_file
 

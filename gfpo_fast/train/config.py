@@ -98,7 +98,9 @@ class TrainConfig:
     scale_rewards: str = _f("group", "divide advantages by the group std ('group'), the batch std ('batch') or not "
                             "('none')")
     # ---------------------------------------------------------------- algorithm
-    algorithm: str = _f("gfpo", "grpo, gfpo (GRPO plus a group filter), gmpo, gspo (sequence-level ratio), gspo_token")
+    algorithm: str = _f("grpo", "grpo, gfpo (GRPO plus a group filter), gmpo, gspo (sequence-level ratio), gspo_token. "
+                        "The default is grpo: on the embedded task GFPO learned less than GRPO over 3 seeds "
+                        "(bench/results/train/gfpo-study-2026-12-01.md)")
     num_generations: int = _f(8, "completions per prompt, G")
     num_remains_in_group: int | None = _f(6, "gfpo: completions kept per group, 2 <= k < num_generations (TRL: None)")
     group_filter: str = _f("length", "gfpo: 'length' (keep the shortest), 'token_efficiency' (highest reward per "
@@ -150,7 +152,7 @@ class TrainConfig:
     bf16: bool | None = _f(None, "bf16 mixed precision (None: on for CUDA, off on the CPU, where it is ~20x slower)")
     seed: int = _f(42, "seed of data order, sampling and initialisation")
     # ---------------------------------------------------------------- logging, eval, checkpoints
-    output_dir: str = _f("runs/gfpo-smollm2-arithmetic", "where metrics, plots and checkpoints go")
+    output_dir: str = _f("runs/smollm2-arithmetic", "where metrics, plots and checkpoints go")
     logging_steps: int = _f(1, "refresh the progress bar (and log_completions) every this many steps (TRL: "
                                "10; metrics.jsonl and the trackers get every step)")
     save_steps: int = _f(10, "checkpoint every this many steps (and at the end; TRL: 500)")

@@ -102,7 +102,7 @@ def test_resume_from_nothing(make_config):
 
 def test_default_config_is_valid():
     cfg = TrainConfig()
-    assert cfg.algorithm == "gfpo" and 2 <= cfg.num_remains_in_group < cfg.num_generations
+    assert cfg.algorithm == "grpo" and 2 <= cfg.num_remains_in_group < cfg.num_generations  # k for --algorithm gfpo
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")

@@ -31,7 +31,7 @@ class VocabTensors(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(),  # the default shape: GFPO, on-policy, prompts shared
+    dict(algorithm="gfpo"),  # on-policy, prompts shared, dropped rows compacted
     dict(algorithm="grpo", beta=0.04, num_iterations=2, gradient_accumulation_steps=2, per_device_train_batch_size=4),
     dict(algorithm="gspo", gradient_checkpointing=True),
 ], ids=["gfpo", "grpo-ref-old-ga", "gspo-checkpointing"])
