@@ -10,8 +10,9 @@ Two subcommands, both reusing what exists:
   seed so that the prompt order matches), then the held-out eval of the result (a 1-step run at lr 0 from the
   final checkpoint; its eval before training is the one that counts). If our updates equal TRL's, the result
   evaluates like TRL's policy; if they do not, like ours.
-* ``table --runs NAME=DIR ... [--compare_json FILE ...] --out PREFIX``: the rows of ``gfpo_fast.train.compare.summarize`` for finished run
-  directories (ours or bench_trainer's), grouped by the name before `` seed `` into per-seed rows and means,
+* ``table --runs NAME=DIR ... [--compare_json FILE ...] --out PREFIX``: the rows of
+  ``gfpo_fast.train.compare.summarize`` for finished run directories (ours or bench_trainer's), grouped by the name
+  before `` seed `` into per-seed rows and means,
   with each variant's sampled length as a ratio of the ``--baseline`` variant's mean; writes PREFIX.md/.json/.png.
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ def run_replay(completions: Path, seed: int, out: Path) -> int:
                          "--save_steps", n, "--output_dir", str(out)])
     if rc:
         return rc
-    return train_main(["--algorithm", "grpo", "--model_name_or_path", str(out / "checkpoints" / f"checkpoint-{n}" / "model"),
+    model = out / "checkpoints" / f"checkpoint-{n}" / "model"
+    return train_main(["--algorithm", "grpo", "--model_name_or_path", str(model),
                        "--max_steps", "1", "--learning_rate", "0", "--eval_num_prompts", "128", "--seed", str(seed),
                        "--save_steps", "1000", "--output_dir", str(out / "eval")]) or 0
 
@@ -94,7 +96,8 @@ def table(rows: dict[str, dict], baseline: str) -> str:
         v = verdict(mv, base) if base else None
         tail = (f"{v['length_ratio']:.2f}x (greedy {v['d_greedy']:+.3f}, sampled {v['d_sampled']:+.3f}; "
                 f"{'meets' if v['meets'] else 'misses'} the targets)") if v and variant != baseline else ""
-        lines.append(f"| **{variant} mean of {mv['n']}** | {mv['s_per_step']:.1f} | {mv['greedy_accuracy_after']:.3f} | "
+        lines.append(f"| **{variant} mean of {mv['n']}** | {mv['s_per_step']:.1f} | "
+                     f"{mv['greedy_accuracy_after']:.3f} | "
                      f"{mv['sampled_accuracy_after']:.3f} | {mv['greedy_mean_length_after']:.1f} | "
                      f"{mv['sampled_mean_length_after']:.1f} | {tail} |")
     return "\n".join(lines)

@@ -13,7 +13,9 @@ cut short still leaves what it finished:
 3. ``fused_linear_bench``: the fused-linear family against the same peers;
 4. ``long_sequence``: one sequence of 65,536 tokens through the log-prob and the fused loss kernels, then one
    of another length: it must run (no grid limit) and compile nothing the second time;
-5. ``train``: 20 steps of the default trainer on the GPU;
+5. ``train``: 10 steps of the default trainer on the GPU, then ``train_liger``: the same 10 steps with
+   ``--use_liger_kernel true`` (Liger's RMSNorm, RoPE and SwiGLU; skipped without liger-kernel and on the CPU, where
+   the flag is refused): their ``time/step`` in ``metrics.jsonl`` side by side;
 6. ``vllm``: 3 steps with ``--generation_backend vllm`` where vLLM is installed (skipped otherwise);
 7. ``train_scale``: one training step of G = 8 completions of 4,096 and of 16,384 tokens on a Qwen2 of vocabulary
    151,936 (hidden 1,024, 4 layers), bf16: this trainer with and without gradient checkpointing, TRL's
@@ -60,7 +62,9 @@ def parts(out: Path, dry: bool) -> list[tuple[str, list[str], float]]:  # GPU li
         ("kernel_bench", [*bench, "--families", "logprobs,fused_policy_loss,advantages"], 120),
         ("fused_linear_bench", [*bench, "--families", "fused_linear"], 120),
         ("long_sequence", [PY, "-m", "bench.gpu_suite", "--long-sequence", "--dry" if dry else "--no-dry"], 45),
-        ("train", [*train, "--max_steps", "1" if dry else "20", "--output_dir", str(out / "train")], 90),
+        ("train", [*train, "--max_steps", "1" if dry else "10", "--output_dir", str(out / "train")], 45),
+        ("train_liger", [*train, "--max_steps", "1" if dry else "10", "--use_liger_kernel", "true",
+                         "--output_dir", str(out / "train_liger")], 45),
         ("vllm", [*train, "--max_steps", "1" if dry else "3", "--generation_backend", "vllm",
                   "--output_dir", str(out / "vllm")], 45),
         ("train_scale", scale, 60),
@@ -133,9 +137,11 @@ def run_suite(out: Path, dry: bool) -> list[dict]:
         env["TRITON_INTERPRET"] = "1"  # the Triton parts run on the CPU interpreter
     rows = []
     for name, command, limit in parts(out, dry):
-        if name == "vllm" and importlib.util.find_spec("vllm") is None:
-            rows.append({"part": name, "status": "skipped", "seconds": 0.0, "limit": limit,
-                         "last_line": "vllm is not installed"})
+        skip = {"vllm": "vllm is not installed" if importlib.util.find_spec("vllm") is None else None,
+                "train_liger": "liger-kernel runs on CUDA only" if dry else
+                "liger-kernel is not installed" if importlib.util.find_spec("liger_kernel") is None else None}
+        if skip.get(name):
+            rows.append({"part": name, "status": "skipped", "seconds": 0.0, "limit": limit, "last_line": skip[name]})
             write_summary(out, rows, header)
             continue
         print(f"[gpu_suite] {name}: {' '.join(command)} (limit {limit} s)", flush=True)

@@ -15,7 +15,7 @@ def test_gpu_suite_dry_run_passes_every_part(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     rows = json.loads((tmp_path / "summary.json").read_text())
     assert [r["part"] for r in rows] == ["gpu_tests", "kernel_bench", "fused_linear_bench", "long_sequence",
-                                         "train", "vllm", "train_scale"]
+                                         "train", "train_liger", "vllm", "train_scale"]
     assert all(r["status"] in ("passed", "skipped", "no tests") for r in rows), rows
     assert (tmp_path / "summary.md").read_text().count("| passed |") >= 6
     assert sum(limit for _, _, limit in gpu_suite.parts(tmp_path, dry=False)) <= 540  # the GPU budget
