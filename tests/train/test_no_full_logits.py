@@ -36,9 +36,31 @@ class VocabTensors(TorchDispatchMode):
     dict(algorithm="gspo", gradient_checkpointing=True),
 ], ids=["gfpo", "grpo-ref-old-ga", "gspo-checkpointing"])
 def test_a_training_step_builds_no_full_logits(make_config, monkeypatch, overrides):
+    check_no_full_logits(make_config(max_steps=2, lm_head_chunk_size=CHUNK, **overrides), monkeypatch,
+                         overrides.get("beta"))
+
+
+def test_a_qwen_vocabulary_step_builds_no_full_logits(make_config, monkeypatch, tmp_path):
+    """The same at Qwen's real vocabulary, 151,936 (a 1-layer Qwen2 with the tiny tokenizer; the rewards see ids)."""
+    from tiny import make_tokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = make_tokenizer()
+    config = Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    cfg = make_config(model_name_or_path=str(tmp_path / "qwen"), max_steps=1, lm_head_chunk_size=CHUNK,
+                      algorithm="gfpo")
+    check_no_full_logits(cfg, monkeypatch)
+
+
+def check_no_full_logits(cfg, monkeypatch, reference: bool = False) -> None:
+    """Trains ``cfg`` with the step's model passes watched and checks every vocab-sized tensor they make."""
     from transformers import AutoConfig
 
-    cfg = make_config(max_steps=2, lm_head_chunk_size=CHUNK, **overrides)
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
     vocab, hidden = model_config.vocab_size, model_config.hidden_size
     modes = []
@@ -54,7 +76,7 @@ def test_a_training_step_builds_no_full_logits(make_config, monkeypatch, overrid
     for name in ("old_and_ref_logprobs", "accumulate_gradients"):  # the step's model passes, forward and backward
         monkeypatch.setattr(loop, name, watched(name, getattr(loop, name)))
     summary = train(cfg)
-    assert summary["step"] == 2
+    assert summary["step"] == cfg.max_steps
     shapes = [s for _, m in modes for s in m.shapes]
     assert shapes, "no vocab-sized tensor seen: the watch is not on the passes"
     # every vocab-sized tensor holds at most a chunk of tokens, or the one kept position of each row of a
@@ -66,5 +88,5 @@ def test_a_training_step_builds_no_full_logits(make_config, monkeypatch, overrid
         if shape[-2:] == (hidden, vocab):  # the lm_head weight transposed (a GEMM operand), not activations
             continue
         assert math.prod(shape[:-1]) <= bound, shape
-    if overrides.get("beta"):  # the reference and old passes were watched too
+    if reference:  # the reference and old passes were watched too
         assert all(m.shapes for name, m in modes if name == "old_and_ref_logprobs")
