@@ -62,8 +62,8 @@ def test_model_dir_without_weights(make_config, tmp_path):
 
 
 def test_cli_reports_errors_without_a_traceback(capsys, tiny_model):
-    assert main(["--model_name_or_path", str(tiny_model), "--num_generations", "4", "--num_remains_in_group", "4",
-                 "--per_device_train_batch_size", "8"]) == 2
+    assert main(["--model_name_or_path", str(tiny_model), "--algorithm", "gfpo", "--num_generations", "4",
+                 "--num_remains_in_group", "4", "--per_device_train_batch_size", "8"]) == 2
     assert "error: num_remains_in_group" in capsys.readouterr().err
 
 
