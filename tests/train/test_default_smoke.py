@@ -14,6 +14,6 @@ from gfpo_fast.train import parse_args, train
 def test_default_runs_one_step(tmp_path):
     run = train(parse_args(["--max_steps", "1", "--do_eval", "false", "--output_dir", str(tmp_path / "run")]))
     row = json.loads(open(run["metrics"]).readline())
-    assert row["step"] == 1 and row["num_tokens"] > 0 and row["completions/kept_fraction"] == 0.75
+    assert row["step"] == 1 and row["num_tokens"] > 0 and row["completions/kept_fraction"] == 1.0  # GRPO: every row
     assert 0 <= row["accuracy"] <= 1 and row["time/generate"] > 0
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-1" / "model" / "model.safetensors").is_file()
