@@ -341,7 +341,10 @@ def run_worker(a, contenders: list[str], configs: list[tuple[int, int]], tree: P
            "--device", a.device]
     if as_limit_gb:
         cmd += ["--as_limit_gb", str(as_limit_gb)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree or ROOT), str(ROOT)]))
+    # one process each: no launcher variables a caller's process may hold (accelerate would otherwise wrap in DDP)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tree or ROOT), str(ROOT)])
     load = os.getloadavg()[0]
     start = time.perf_counter()
     try:
