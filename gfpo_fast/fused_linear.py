@@ -106,14 +106,16 @@ def fused_linear_policy_loss_ref(cfg, hidden, weight, token_ids, old_logp, advan
 
 
 # ----------------------------------------------------------------------------- chunk loop
-def _chunks(n: int, chunk_size: int, active: torch.Tensor | None = None):
-    """Token slices of at most ``chunk_size``; with ``active`` (bool ``[n]``) only those holding an active token."""
+def _chunks(n: int, chunk_size: int, active: torch.Tensor | None = None) -> tuple[list[slice], bool]:
+    """``(chunks, skipping)``: token slices of at most ``chunk_size``, with ``active`` (bool ``[n]``) only those
+    holding an active token, and whether some tokens are in no chunk (their outputs and gradients must start at 0)."""
     chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
     if active is None or not chunks:
-        return chunks
+        return chunks, False
     # One host synchronisation for all chunks: which hold any active token.
     padded = F.pad(active, (0, len(chunks) * chunk_size - n)).view(len(chunks), chunk_size)
-    return [rows for rows, keep in zip(chunks, padded.any(1).tolist()) if keep]
+    kept = [rows for rows, keep in zip(chunks, padded.any(1).tolist()) if keep]
+    return kept, len(kept) < len(chunks)
 
 
 @dataclass(frozen=True)
@@ -202,8 +204,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, token_ids, head, return_entropy, chunk_size, active):
         N = hidden.shape[0]
-        chunks = _chunks(N, chunk_size, active)
-        skipping = sum(rows.stop - rows.start for rows in chunks) < N
+        chunks, skipping = _chunks(N, chunk_size, active)
         # zeros, not empty, when chunks are skipped: their outputs must be finite for the loss's masking
         alloc = torch.zeros if skipping else torch.empty
         logp = alloc(N, dtype=torch.float32, device=hidden.device)
@@ -259,8 +260,7 @@ class FusedLinearLossGradFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, token_ids, head, return_entropy, chunk_size, active, loss):
         N = hidden.shape[0]
-        chunks = _chunks(N, chunk_size, active)
-        skipping = sum(rows.stop - rows.start for rows in chunks) < N
+        chunks, skipping = _chunks(N, chunk_size, active)
         # zeros: the loss reads every log-prob to form a chunk's gradient, and skipped or later chunks' must be finite
         logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros(N, dtype=torch.float32, device=hidden.device) if return_entropy else None

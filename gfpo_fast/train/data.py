@@ -131,14 +131,6 @@ def check_prompts(rows: list[dict], source: str) -> list[dict]:
     return rows
 
 
-def load_local_dataset(path: str) -> list[dict]:
-    """Rows of a local file or save_to_disk directory (its ``train`` split if it holds several)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ValueError(f"dataset_name: {p} does not exist (use 'arithmetic' for the embedded task or a local file)")
-    return load_split(str(p))
-
-
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
 

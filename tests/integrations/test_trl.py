@@ -204,7 +204,7 @@ def scale_logits(trainer):  # a logit transform the config does not name: found 
 @pytest.mark.parametrize("setup,reason", [
     (subclass_head, "SubclassedHead, not a plain torch.nn.Linear"),
     (softcap_config, "final_logit_softcapping=30.0"),
-    (scale_logits, "logits differ from its last hidden states"),
+    (scale_logits, "logits differ from its lm_head's"),
 ])
 def test_logits_path_when_the_lm_head_is_not_a_plain_linear(tiny, loss_paths, caplog, setup, reason):
     def after_init(trainer):

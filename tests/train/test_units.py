@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gfpo_fast.train import parse_args
-from gfpo_fast.train.data import PromptSampler, arithmetic_dataset, check_prompts, load_local_dataset
+from gfpo_fast.train.data import PromptSampler, arithmetic_dataset, check_prompts, load_split
 from gfpo_fast.train.filters import GroupFilter
 from gfpo_fast.train.generation import completion_masks
 from gfpo_fast.train.rewards import accuracy_reward, final_answer, format_reward
@@ -93,8 +93,8 @@ def test_local_formats(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
     (tmp_path / "d.csv").write_text("prompt,answer\n2+2=,4\n")
-    assert load_local_dataset(str(tmp_path / "d.jsonl")) == rows == load_local_dataset(str(tmp_path / "d.json"))
-    assert load_local_dataset(str(tmp_path / "d.csv")) == [{"prompt": "2+2=", "answer": "4"}]
+    assert load_split(str(tmp_path / "d.jsonl")) == rows == load_split(str(tmp_path / "d.json"))
+    assert load_split(str(tmp_path / "d.csv")) == [{"prompt": "2+2=", "answer": "4"}]
     with pytest.raises(ValueError, match="must be a string or a list of"):
         check_prompts([{"prompt": 3}], "x")
 
