@@ -15,8 +15,9 @@ layer as :func:`gfpo_fast.lm_head.lm_head_of` reads it -- the lm_head weight (ti
 adapters merged, with gradients to them), its bias, and the config's logit scale and final-logit soft-cap
 (Gemma 2/3, Granite, Cohere, ...) -- go to :func:`gfpo_fast.fused_linear_policy_loss`, which computes
 log-probs, the loss and its gradient one chunk of tokens at a time: the ``[B, T, V]`` logits never exist
-whole. Under autocast the projection runs in the autocast dtype, as the model's lm_head would. TRL's
-normalisers and metric names are kept (``entropy``, ``kl``, ``clip_ratio/*``, ``cispo_clip_ratio``,
+whole. Under FSDP2 the lm_head weight is a DTensor, which the op gathers (its gradient averaged back to the
+shards, as FSDP2 averages its own). Under autocast the projection runs in the autocast dtype, as the model's
+lm_head would. TRL's normalisers and metric names are kept (``entropy``, ``kl``, ``clip_ratio/*``, ``cispo_clip_ratio``,
 ``vespo/phi_seq_mean``, reduced over processes as TRL does). Generation, rewards, advantages, old /
 reference log-probs and the optimizer are TRL's. GSPO-token, which TRL 1.14 dropped with
 ``trl.experimental.gspo_token``, is ``FastGRPOTrainer`` with ``GRPOConfig(importance_sampling_level=
@@ -25,9 +26,9 @@ reference log-probs and the optimizer are TRL's. GSPO-token, which TRL 1.14 drop
 Logits path (the fallback): where :func:`gfpo_fast.lm_head.lm_head_of` does not understand the output layer
 (a quantized lm_head, a DoRA adapter, ...) or the config's logit transform (a transform field of a model type
 it does not list), or, checked once on the first step, the model's logits at the last position differ from the
-head's logits of its last hidden state -- or where the lm_head weight is sharded outside the forward (FSDP,
-DeepSpeed ZeRO-3), the trainer logs the reason once and uses the model's
-own forward with ``logits_to_keep = T + 1`` and :func:`gfpo_fast.fused_policy_loss` on the ``[B, T, V]``
+head's logits of its last hidden state -- or where the lm_head weight is sharded outside the forward in a form
+the op cannot gather (FSDP1's flat parameters, DeepSpeed ZeRO-3), the trainer logs the reason once and uses the
+model's own forward with ``logits_to_keep = T + 1`` and :func:`gfpo_fast.fused_policy_loss` on the ``[B, T, V]``
 completion logits: the same objective, with the memory of full logits. In evaluation (no grad) the hidden-state
 path briefly holds every layer's hidden states of the micro-batch (training keeps them for backward anyway).
 
@@ -159,8 +160,12 @@ def _install(trainer: GRPOTrainer, algorithm: str) -> None:
 def _static_logits_reason(trainer) -> str | None:
     """Why, from the setup alone, the lm_head weight cannot stand for the model's output layer (None: it can)."""
     deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if trainer.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
-        return "FSDP / DeepSpeed ZeRO-3 shard the lm_head weight outside the model's forward"
+    # FSDP2's DTensor weights are gathered by the fused-linear ops (gather_full); FSDP1's flat parameters and
+    # ZeRO-3's partitions are not tensors the op can gather.
+    if trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2:
+        return "FSDP1 flattens the lm_head weight into its FlatParameter outside the model's forward (use FSDP2)"
+    if deepspeed is not None and deepspeed.zero_stage == 3:
+        return "DeepSpeed ZeRO-3 partitions the lm_head weight outside the model's forward"
     try:
         with torch.no_grad():  # only whether it can be read (a LoRA head is merged again on every step)
             lm_head_of(trainer.model)

@@ -8,10 +8,14 @@ the fast path must equal TRL's own path (fp32, 1e-5). :class:`LossPaths` checks 
 from the hidden states (the lm_head never projects more than one position) or from the full logits.
 """
 import importlib
+import json
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,6 +223,46 @@ def test_logits_path_when_the_lm_head_is_not_a_plain_linear(tiny, loss_paths, ca
     if setup is subclass_head:  # the same objective as TRL's: the logits path keeps parity
         assert_same_training(train(tiny, GRPOTrainer, loss_type="dapo"), fast)
     assert all(math.isfinite(step["loss"]) for step in fast[0])
+
+
+def test_fsdp2_policy_takes_the_hidden_path_with_trl_gradients(tiny, tmp_path):
+    """On an FSDP2-sharded policy (2 processes over gloo, DTensor parameters) the drop-in computes the loss from the
+    hidden states (the lm_head weight gathered by the op) and gets TRL's own loss and full gradients, on the
+    grad-in-forward path (on-policy dapo) and the recompute path (off-policy GSPO); trl_fsdp2_run.py."""
+    path, tokenizer = tiny
+    model_dir = tmp_path / "model"
+    shutil.copytree(path, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    here = Path(__file__).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(here / "trl_fsdp2_run.py"), str(model_dir), str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
+               TRL_EXPERIMENTAL_SILENCE="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=here.parent.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert set(results) == {"dapo-on-policy", "gspo-off-policy"}
+        for r in results.values():
+            assert r["types"] == ["DTensor"] and r["logits_reason"] is None
+            assert r["calls"] == {"hidden": 1, "logits": 0}
+            assert r["fast_loss"] == pytest.approx(r["trl_loss"], rel=1e-5)
+            assert r["grad_max"] > 0 and r["grad_max_diff"] <= 1e-5 * r["grad_max"], r
+
+
+@pytest.mark.parametrize("fsdp2", [True, False])
+def test_only_fsdp1_and_zero3_take_the_logits_path(tiny, monkeypatch, fsdp2):
+    """accelerate's FSDP2 keeps the hidden-state path (the DTensor weight is gathered, previous test); FSDP1 does not.
+    The accelerator's state is set by hand: on the CPU accelerate runs MULTI_CPU whatever its FSDP plugin says."""
+    path, tokenizer = tiny
+    args = GRPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+                      per_device_train_batch_size=4, bf16=False)
+    trainer = GRPOTrainer(model=path, reward_funcs=length_reward, args=args, train_dataset=dataset(),
+                          processing_class=tokenizer)
+    trainer.is_fsdp_enabled = True
+    monkeypatch.setattr(type(trainer.accelerator), "is_fsdp2", property(lambda self: fsdp2))
+    reason = gf_trl._static_logits_reason(trainer)
+    assert reason is None if fsdp2 else "FSDP1" in reason
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
