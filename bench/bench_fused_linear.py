@@ -116,10 +116,6 @@ def make_logprob_inputs(N, H, V, dtype, device) -> dict:
             "dlogp": torch.randn(N, generator=g, device=device)}
 
 
-def _args(x, on_policy=False):
-    return x["hidden"], x["weight"], x["ids"], None if on_policy else x["old"], x["adv"], x["mask"]
-
-
 def _with_grads(loss_fn):
     """``loss_fn(x) -> (loss, metrics)`` as an implementation returning ``(loss, dhidden, dweight)``."""
     return lambda x: grads(loss_fn(x)[0], [x["hidden"], x["weight"]])
@@ -166,36 +162,37 @@ def path_label(cfg, on_policy: bool) -> str:
     return "grad in forward" if token_separable(cfg, on_policy=on_policy) else "recompute"
 
 
-def loss_implementations(variant: str, T: int, device: torch.device, compile: bool) -> list[Impl]:
+def loss_implementations(variant: str, T: int, device: torch.device, compile: bool,
+                         peers: bool = True) -> list[Impl]:
+    """The loss rows of ``variant``. ``peers=False``: only gfpo-fast's ``fused_linear_policy_loss`` (its auto
+    path) and the recompute composition, the two that :func:`interleaved_paths` times."""
     kw, on_policy = VARIANTS[variant]
     cfg = make_loss_config(**kw)
 
     def args(x):
-        return _args(x, on_policy)
-
-    impls = [oracle("torch reference", _with_grads(lambda x: linear_policy_loss_ref(cfg, *args(x))))]
-    for name, op in gf_ops().items():
-        call = op(**kw) if isinstance(op, type) else functools.partial(op, **kw)
-        impls.append(Impl(f"gfpo-fast {name} (auto: {path_label(cfg, on_policy)})",
-                          _with_grads(lambda x, call=call: call(*args(x))), role="ours"))
-
-    def recompute(x):
-        hidden, weight, ids, old, adv, mask = args(x)
-        return policy_loss_ref(cfg, gf.fused_linear_logprobs(hidden, weight, ids), old, adv, mask)
-
-    impls.append(Impl("gfpo-fast fused_linear_logprobs + loss (recompute)", _with_grads(recompute), role="ours"))
-    impls.append(Impl(EAGER + " + loss", _with_grads(lambda x: idiomatic_linear_loss(cfg, *args(x)))))
-    impls.append(compiled_impl(COMPILED + " + loss", idiomatic_linear_loss,
-                               lambda f: _with_grads(lambda x: f(cfg, *args(x))), compile))
+        return x["hidden"], x["weight"], x["ids"], None if on_policy else x["old"], x["adv"], x["mask"]
 
     def on_logprobs(logprobs):
-        """Peer log-probs ``logprobs(hidden [N, H], weight, ids [N]) -> [N]``, then TRL's loss math."""
+        """Log-probs ``logprobs(hidden [N, H], weight, ids [N]) -> [N]``, then TRL's loss math."""
         def loss(x):
             hidden, weight, ids, old, adv, mask = args(x)
             logp = logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, ids.reshape(-1)).view(ids.shape)
             return policy_loss_ref(cfg, logp, old, adv, mask)
         return _with_grads(loss)
 
+    impls = [oracle("torch reference", _with_grads(lambda x: linear_policy_loss_ref(cfg, *args(x))))] if peers else []
+    ops = gf_ops() if peers else {"fused_linear_policy_loss": gf.fused_linear_policy_loss}
+    for name, op in ops.items():
+        call = op(**kw) if isinstance(op, type) else functools.partial(op, **kw)
+        impls.append(Impl(f"gfpo-fast {name} (auto: {path_label(cfg, on_policy)})",
+                          _with_grads(lambda x, call=call: call(*args(x))), role="ours"))
+    impls.append(Impl("gfpo-fast fused_linear_logprobs + loss (recompute)", on_logprobs(gf.fused_linear_logprobs),
+                      role="ours"))
+    if not peers:
+        return impls
+    impls.append(Impl(EAGER + " + loss", _with_grads(lambda x: idiomatic_linear_loss(cfg, *args(x)))))
+    impls.append(compiled_impl(COMPILED + " + loss", idiomatic_linear_loss,
+                               lambda f: _with_grads(lambda x: f(cfg, *args(x))), compile))
     impls.append(_trl_head_impl(TRL_HEAD + " + loss", on_logprobs))
     impls.append(peer_impl(trl_logits_label(device) + " + loss", "trl.trainer.utils", "selective_log_softmax",
                            lambda f: on_logprobs(lambda h, w, ids: f(F.linear(h, w), ids))))
@@ -205,7 +202,7 @@ def loss_implementations(variant: str, T: int, device: torch.device, compile: bo
                      importance_sampling_level=cfg.importance_sampling_level, epsilon_low=cfg.epsilon,
                      epsilon_high=cfg.epsilon_high, temperature=1.0, max_completion_length=T)
         return _with_grads(lambda x: module(x["hidden"], x["weight"], x["ids"], x["mask"], x["adv"],
-                                            old_per_token_logps=args(x)[3]))
+                                            old_per_token_logps=None if on_policy else x["old"]))
 
     impls.append(peer_impl(LIGER_LOSS, "liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss", liger))
     return impls
@@ -250,12 +247,11 @@ def interleaved_paths(size: str = "cpu", rounds: int = 10) -> str:
              f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.1f}", "",
              "| variant | path | op ms | recompute ms | GEMM ms | op / 6NHV floor | op / 8NHV floor | recompute / 8NHV "
              "floor | speed-up vs recompute |", "|---|---|---|---|---|---|---|---|---|"]
-    for variant in VARIANTS:
-        impls = {i.name.split(" (")[0]: i for i in loss_implementations(variant, T, device, compile=False)}
-        auto = impls["gfpo-fast fused_linear_policy_loss"]
-        calls = [auto.fn, impls["gfpo-fast fused_linear_logprobs + loss"].fn,
-                 lambda x: F.linear(x["hidden"].detach().reshape(-1, H), x["weight"].detach())]
+    for variant, (kw, on_policy) in VARIANTS.items():
+        auto, recompute = loss_implementations(variant, T, device, compile=False, peers=False)
         x = make_inputs(B, T, H, V, c["dtype"], device)
+        gemm_args = x["hidden"].detach().reshape(-1, H), x["weight"].detach()  # outside the timed call
+        calls = [auto.fn, recompute.fn, lambda x, gemm_args=gemm_args: F.linear(*gemm_args)]
         times = [[], [], []]
         for round_ in range(rounds + 1):  # round 0 warms up
             for k in (range(3) if round_ % 2 else reversed(range(3))):
@@ -267,7 +263,8 @@ def interleaved_paths(size: str = "cpu", rounds: int = 10) -> str:
         ratio = [statistics.median(a / (k * g) for a, g in zip(times[i], times[2])) for i, k in ((0, 3), (0, 4),
                                                                                                  (1, 4))]
         speedup = statistics.median(r / o for r, o in zip(times[1], times[0]))
-        lines.append(f"| {variant} | {auto.name.split('auto: ')[1].rstrip(')')} | {op:.0f} | {rec:.0f} | {gemm:.0f} | "
+        path = path_label(make_loss_config(**kw), on_policy)
+        lines.append(f"| {variant} | {path} | {op:.0f} | {rec:.0f} | {gemm:.0f} | "
                      f"{ratio[0]:.2f} | {ratio[1]:.2f} | {ratio[2]:.2f} | {speedup:.2f}x |")
     lines.append(f"\nload average at end {os.getloadavg()[0]:.1f}")
     return "\n".join(lines)

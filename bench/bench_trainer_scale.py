@@ -249,8 +249,9 @@ def run_one(a, contender: str) -> dict:
            "torch_threads": torch.get_num_threads(), "rlimit_as_gb": a.as_limit_gb,
            **{k: v() if callable(v) else v for k, v in info.items()}}
     if cuda:
-        row["cuda_step_gb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 1e9
-        row["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        cuda_peak = torch.cuda.max_memory_allocated()
+        row["cuda_step_gb"] = (cuda_peak - cuda_base) / 1e9
+        row["cuda_peak_gb"] = cuda_peak / 1e9
     return row
 
 
@@ -313,10 +314,10 @@ def mem_available_gb() -> float:
     return float("nan")
 
 
-def make_logits_tree(spec: str | None) -> Path | None:
+def make_logits_tree(spec: str) -> Path | None:
     """The 72a2052 source tree: ``spec`` as given, or with ``auto`` a fresh ``git worktree`` of that commit (its C++
     extension copied from this checkout, the sources being the same); None where that is impossible."""
-    if spec is None or spec == "none":
+    if spec == "none":
         return None
     if spec != "auto":
         return Path(spec)
@@ -355,11 +356,10 @@ def run_worker(a, contenders: list[str], configs: list[tuple[int, int]], tree: P
     rows = [json.loads(line[len(RESULT):]) for line in stdout.splitlines() if line.startswith(RESULT)]
     done = {(r["contender"], r["G"], r["T"]) for r in rows}
     rows += [{"contender": c, "G": G, "T": T, "model": a.model, "device": a.device,
-              "error": f"exit {code}: {(tail or [''])[0][:300]}"}
+              "error": f"exit {code}: {(tail or [''])[0][:300]}", "rlimit_as_gb": as_limit_gb}
              for G, T in configs for c in contenders if (c, G, T) not in done]
     for r in rows:
-        r.update(load_before=load, load_after=os.getloadavg()[0], wall_s=time.perf_counter() - start,
-                 as_limit_gb=as_limit_gb)
+        r.update(load_before=load, load_after=os.getloadavg()[0], wall_s=time.perf_counter() - start)
         print("[scale] " + summary_line(r), flush=True)
     return rows
 
@@ -416,8 +416,9 @@ def main(argv=None) -> int:
         else:
             a.max_gb = mem_available_gb() - 2
     logits = [c for c in contenders if c.startswith("logits")]
-    tree = make_logits_tree(a.logits_tree or "auto") if logits else None
-    made_tree = tree is not None and (a.logits_tree or "auto") == "auto"
+    tree_spec = a.logits_tree or "auto"
+    tree = make_logits_tree(tree_spec) if logits else None
+    made_tree = tree is not None and tree_spec == "auto"
     vocab = a.vocab if a.model == "tiny-qwen2" else None
     started, rows = datetime.datetime.now(), []
     loads = [os.getloadavg()[0]]
@@ -518,7 +519,7 @@ LABELS = {"head": "gfpo-fast trainer (HEAD)", "head_ckpt": "gfpo-fast trainer (H
 
 
 def report(meta: dict, rows: list[dict]) -> str:
-    cuda = meta["machine"] and "cuda" in {r.get("device") for r in rows}
+    cuda = "cuda" in {r.get("device") for r in rows}
     mem = "step peak (CUDA allocated) GB" if cuda else "step peak RSS GB (ru_maxrss - RSS after loading)"
     lines = [f"# One training step at long completions: {meta['model']} ({meta['date']})", "",
              f"- Command: `{meta['command']}`", f"- Commit: `{meta['commit']}`; {LOGITS_COMMIT} tree: "
@@ -533,7 +534,7 @@ def report(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         label = LABELS.get(r["contender"], r["contender"])
         if "not_run" in r or "error" in r:
-            limit = r.get("rlimit_as_gb") or r.get("as_limit_gb")
+            limit = r.get("rlimit_as_gb")
             why = r.get("not_run") or r["error"] + (f" (RLIMIT_AS {limit:.1f} GB)" if limit else "")
             lines.append(f"| {r['G']} x {r['T']} | {label} | - | - | {why} | - | - |")
             continue

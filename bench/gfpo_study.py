@@ -26,9 +26,6 @@ from pathlib import Path
 
 from gfpo_fast.train import compare
 
-KEYS = ("greedy_accuracy_after", "sampled_accuracy_after", "greedy_mean_length_after", "sampled_mean_length_after",
-        "s_per_step")
-
 
 def run_trl(seed: int, rest: list[str]) -> int:
     from bench import bench_trainer

@@ -135,11 +135,11 @@ def run_suite(out: Path, dry: bool) -> list[dict]:
     env = dict(os.environ)
     if dry:
         env["TRITON_INTERPRET"] = "1"  # the Triton parts run on the CPU interpreter
+    skip = {"vllm": "vllm is not installed" if importlib.util.find_spec("vllm") is None else None,
+            "train_liger": "liger-kernel runs on CUDA only" if dry else
+            "liger-kernel is not installed" if importlib.util.find_spec("liger_kernel") is None else None}
     rows = []
     for name, command, limit in parts(out, dry):
-        skip = {"vllm": "vllm is not installed" if importlib.util.find_spec("vllm") is None else None,
-                "train_liger": "liger-kernel runs on CUDA only" if dry else
-                "liger-kernel is not installed" if importlib.util.find_spec("liger_kernel") is None else None}
         if skip.get(name):
             rows.append({"part": name, "status": "skipped", "seconds": 0.0, "limit": limit, "last_line": skip[name]})
             write_summary(out, rows, header)

@@ -4,8 +4,8 @@ import pytest
 from bench import gfpo_study
 
 
-def row(greedy, sampled, length, s=10.0):
-    return {"s_per_step": s, "greedy_accuracy_after": greedy, "sampled_accuracy_after": sampled,
+def row(greedy, sampled, length):
+    return {"s_per_step": 10.0, "greedy_accuracy_after": greedy, "sampled_accuracy_after": sampled,
             "greedy_mean_length_after": length, "sampled_mean_length_after": length, "length_per_step": [length]}
 
 

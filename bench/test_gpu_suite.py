@@ -18,4 +18,7 @@ def test_gpu_suite_dry_run_passes_every_part(tmp_path):
                                          "train", "train_liger", "vllm", "train_scale"]
     assert all(r["status"] in ("passed", "skipped", "no tests") for r in rows), rows
     assert (tmp_path / "summary.md").read_text().count("| passed |") >= 6
+
+
+def test_gpu_time_limits_fit_the_budget(tmp_path):
     assert sum(limit for _, _, limit in gpu_suite.parts(tmp_path, dry=False)) <= 540  # the GPU budget

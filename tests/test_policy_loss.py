@@ -1,5 +1,6 @@
 """gf.policy_loss against TRL's reference numbers (spec section 14), the parity list (section 15),
-property tests on random inputs, float64 gradchecks and bad-input errors."""
+property tests on random inputs, float64 gradchecks and bad-input errors; ``token_separable`` (which path the
+fused-linear loss takes) against the reference loss's gradients."""
 import math
 
 import pytest
@@ -8,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gfpo_fast as gf
-from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES
+from gfpo_fast.fused_linear import PolicyLoss
+from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES, make_loss_config, token_separable
 
+import fused_linear_cases as cases
 from spec_fixtures import ADVANTAGES, COMMON, LOGP, LOSS_TABLE, MASK, OLD_LOGP, REF_LOGP
 
 
@@ -266,3 +269,34 @@ def test_masked_tokens_with_non_finite_logprobs_do_not_leak(kwargs):
     clean.backward()
     torch.testing.assert_close(loss, clean)
     torch.testing.assert_close(x.grad, y.grad)
+
+
+@cases.CONFIG_WARNINGS
+@pytest.mark.parametrize(("kwargs", "on_policy"), [c[1:] for c in cases.CONFIGS], ids=[c[0] for c in cases.CONFIGS])
+def test_token_separable_agrees_with_the_reference_gradient(kwargs, on_policy):
+    """Perturbing the log-probs of every token outside ``S`` leaves the reference's gradient on ``S`` unchanged
+    exactly when ``token_separable`` says so (on these inputs, where no clip or cap holds every ratio)."""
+    B, T = cases.B, cases.T
+    (hidden, weight, bias, ids, mask), tensors = cases.make_inputs()
+    cfg, (old, adv), _, tensor_kw = cases.split(kwargs, tensors, on_policy)
+    loss = PolicyLoss(cfg, old, adv, mask, tensor_kw)
+    lp = tensors["ref_logp"] - 0.1
+    inside = (torch.arange(B * T) % 3 == 0).view(B, T)
+    moved = torch.where(inside, lp, lp + 0.5 * torch.randn(B, T, generator=torch.Generator().manual_seed(1)))
+    same = torch.allclose(loss.dlogp(lp.reshape(-1))[inside.reshape(-1)],
+                          loss.dlogp(moved.reshape(-1))[inside.reshape(-1)], atol=1e-7, rtol=1e-6)
+    assert same == token_separable(cfg, on_policy=on_policy)
+
+
+def test_documented_paths():
+    """gfpo_fast/fused_linear.py's docstring examples: off-policy token-level losses and on-policy GSPO / GMPO form
+    the gradient in forward; off-policy GSPO, GMPO and VESPO, and GSPO's bias-corrected KL, recompute."""
+    def separable(on_policy, **kw):
+        return token_separable(make_loss_config(**kw), on_policy=on_policy)
+
+    assert separable(False, loss_type="dapo") and separable(False, loss_type="cispo", beta=0.1)
+    assert separable(True, importance_sampling_level="sequence") and separable(True, algorithm="gmpo", beta=0.1)
+    assert separable(True, loss_type="vespo")
+    assert not separable(False, importance_sampling_level="sequence")
+    assert not separable(False, algorithm="gmpo") and not separable(False, loss_type="vespo")
+    assert not separable(True, importance_sampling_level="sequence", beta=0.1, use_bias_correction_kl=True)

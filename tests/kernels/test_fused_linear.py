@@ -5,13 +5,13 @@ pass, and the logits recomputed in backward; counted projections tell them apart
 (interpreter on CPU) and the torch one."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gfpo_fast as gf
 from gfpo_fast.fused_linear import fused_linear_logprobs_ref, fused_linear_policy_loss_ref
 from gfpo_fast.policy_loss import make_loss_config
 
 from ._helpers import INTERPRETER_NUMPY_WARNINGS, assert_close, assert_close_3way
+from fused_linear_cases import counted_projections
 
 pytestmark = INTERPRETER_NUMPY_WARNINGS
 
@@ -127,13 +127,11 @@ def test_policy_loss_matches_reference(device, backend, spec, on_policy):
 @pytest.mark.parametrize(("spec", "passes"), [(dict(loss_type="dapo"), 1),
                                               (dict(importance_sampling_level="sequence"), 2)],
                          ids=["dapo-grad-in-forward", "gspo-recompute"])
-def test_policy_loss_skips_fully_masked_chunks(device, backend, spec, passes, monkeypatch):
+def test_policy_loss_skips_fully_masked_chunks(device, backend, spec, passes):
     """Chunks with no unmasked token are neither projected nor differentiated: NaN hidden states there
     change nothing, their hidden gradient is exactly 0, and only the other chunks reach F.linear: once for
     a token-level loss (its gradient formed in the forward pass), twice for off-policy GSPO (the backward
     recomputes the logits)."""
-    from gfpo_fast import fused_linear
-
     hidden, weight, bias, ids = make_inputs(device)
     mask = torch.ones(B, T, device=device)
     mask[1, 3:] = 0
@@ -142,21 +140,14 @@ def test_policy_loss_skips_fully_masked_chunks(device, backend, spec, passes, mo
                    mask=mask)
     garbage = hidden.clone()
     garbage.view(-1, H)[8:] = float("nan")
-    projected = []
-    linear = F.linear
-
-    def counting_linear(x, *args):
-        projected.append(x.shape[0])
-        return linear(x, *args)
-
-    monkeypatch.setattr(fused_linear.F, "linear", counting_linear)
     leaves = [x.clone().requires_grad_() for x in (garbage, weight, bias)]
-    loss, metrics = gf.fused_linear_policy_loss(*leaves[:2], ids, *tensors.values(), bias=leaves[2], chunk_size=CHUNK,
-                                                backend=backend, temperature=0.8, return_entropy=True, **spec)
-    assert projected == [4, 4]  # forward: chunks [0, 4) and [4, 8) only
-    grads = torch.autograd.grad(loss, leaves)
-    assert projected == [4, 4] * passes  # the recompute path projects them again in backward
-    monkeypatch.setattr(fused_linear.F, "linear", linear)
+    with counted_projections() as projected:
+        loss, metrics = gf.fused_linear_policy_loss(*leaves[:2], ids, *tensors.values(), bias=leaves[2],
+                                                    chunk_size=CHUNK, backend=backend, temperature=0.8,
+                                                    return_entropy=True, **spec)
+        assert projected == [4, 4]  # forward: chunks [0, 4) and [4, 8) only
+        grads = torch.autograd.grad(loss, leaves)
+        assert projected == [4, 4] * passes  # the recompute path projects them again in backward
     ref_leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     ref_loss, ref_metrics = fused_linear_policy_loss_ref(make_loss_config(**spec), *ref_leaves[:2], ids,
                                                          *tensors.values(), bias=ref_leaves[2], temperature=0.8,

@@ -5,31 +5,20 @@ trainer's ``fully_shard``), not only that the run finishes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent.parent
-ARGS = ["--num_generations", "4", "--num_remains_in_group", "2", "--per_device_train_batch_size", "4",
-        "--max_completion_length", "6", "--temperature", "1.0", "--arithmetic_num_train", "40",
-        "--reward_funcs", "reward_fns:id_parity", "--reward_weights", "1.0", "--learning_rate", "1e-3"]
-
-
-def env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+from trainer_runs import HERE, LAUNCH_ARGS, ROOT, launch_env, read_jsonl, train_rows
 
 
 def launch_fsdp(*args: str, port: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "examples" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--main_process_port",
            str(port), str(HERE / "dist_run.py"), *args]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -40,7 +29,7 @@ def test_fsdp2_trains_checkpoints_and_resumes_to_identical_parameters(tiny_model
     and a second run resumed from that checkpoint for the third step: the same parameters, bit for bit, on
     both ranks of both runs, and the same step-3 metrics."""
     common = ["--model_name_or_path", str(tiny_model), "--max_steps", "3", "--save_steps", "2", "--do_eval", "true",
-              "--eval_num_prompts", "4", "--eval_batch_size", "4", *ARGS]
+              "--eval_num_prompts", "4", "--eval_batch_size", "4", *LAUNCH_ARGS]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     proc = launch_fsdp(*common, "--output_dir", str(full), port=29527)
     assert "sharded with torch's fully_shard over 2 processes" in proc.stdout + proc.stderr
@@ -55,8 +44,7 @@ def test_fsdp2_trains_checkpoints_and_resumes_to_identical_parameters(tiny_model
             assert sharding["local_numel"] < sharding["numel"], sharding
     params = [torch.load(run / f"params_rank{rank}.pt") for run in (full, resumed) for rank in (0, 1)]
     assert all(torch.equal(params[0], p) for p in params[1:])
-    rows = {run: [r for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in (r := json.loads(line))]
-            for run in (full, resumed)}  # the train rows (each eval is a row of its own)
+    rows = {run: train_rows(read_jsonl(run / "metrics.jsonl")) for run in (full, resumed)}
     assert [r["step"] for r in rows[full]] == [1, 2, 3] and [r["step"] for r in rows[resumed]] == [3]
     assert all(rows[resumed][0][k] == rows[full][2][k] for k in ("loss", "grad_norm", "lr", "reward", "num_tokens"))
     assert rows[full][0]["num_tokens"] > 0 and rows[full][0]["grad_norm"] > 0
@@ -73,7 +61,7 @@ def test_fsdp2_gradient_equals_one_process(tiny_model, tmp_path):
     dapo and grpo normalisation; one clipped AdamW step later the parameters agree too."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29529",
            str(HERE / "fsdp_grad_run.py"), str(tiny_model), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         results = json.loads((tmp_path / f"grad_rank{rank}.json").read_text())

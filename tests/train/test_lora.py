@@ -4,6 +4,7 @@ loads without peft."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ pytest.importorskip("peft")
 from gfpo_fast.train import TrainConfig, train  # noqa: E402
 from gfpo_fast.train.generation import checkpoint_weights  # noqa: E402
 from gfpo_fast.train.lora import add_adapter  # noqa: E402
+
+from trainer_runs import read_jsonl  # noqa: E402
 
 LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2)
 
@@ -28,9 +31,9 @@ def test_only_the_adapter_trains(make_config, tiny_model, targets):
     summary = train(make_config(**LORA, lora_target_modules=targets))
     policy = summary["policy"]
     names = dict(checkpoint_weights(policy))  # the base model's names, adapters merged
-    assert names.keys() == base_weights(tiny_model).keys()
-    base = policy.get_base_model()
     original = base_weights(tiny_model)
+    assert names.keys() == original.keys()
+    base = policy.get_base_model()
     for name, param in base.named_parameters():
         if "lora_" in name:
             continue
@@ -41,14 +44,12 @@ def test_only_the_adapter_trains(make_config, tiny_model, targets):
         assert any("lm_head.lora_B" in n for n in lora_B)  # the loss's gradient reached the head's adapter
 
 
-def test_checkpoint_holds_the_adapter_and_resumes_exactly(make_config):
-    full = train(make_config(**LORA, max_steps=3, output_dir=make_config().output_dir + "-full"))
+def test_checkpoint_holds_the_adapter_and_resumes_exactly(make_config, tmp_path):
+    full = train(make_config(**LORA, max_steps=3, output_dir=str(tmp_path / "full")))
     cfg = make_config(**LORA, max_steps=2, save_steps=2)
     first = train(cfg)
-    model_dir = first["checkpoint"] + "/model"
-    import os
-
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(model_dir))
+    model_dir = Path(first["checkpoint"]) / "model"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in model_dir.iterdir()}
     resumed = train(TrainConfig(**{**cfg.to_dict(), "max_steps": 3, "resume_from_checkpoint": "latest"}))
     for (name, a), (_, b) in zip(full["policy"].named_parameters(), resumed["policy"].named_parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
@@ -57,10 +58,8 @@ def test_checkpoint_holds_the_adapter_and_resumes_exactly(make_config):
 def test_reference_is_the_base_model(make_config):
     """With beta != 0 the reference is the policy with its adapters off: the KL is 0 at the first step (the adapter
     starts as a no-op) and positive once the adapter moved."""
-    import json
-
     summary = train(make_config(**LORA, beta=0.5, max_steps=3))
-    kl = [json.loads(line)["kl"] for line in open(summary["metrics"])]
+    kl = [r["kl"] for r in read_jsonl(summary["metrics"])]
     assert kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 1e-6
 
 

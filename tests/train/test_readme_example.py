@@ -32,7 +32,7 @@ def test_the_readme_lora_example_runs(tiny_model, tmp_path, monkeypatch):
     # the tiny model, 2 steps with an eval at step 1, small batches: everything else as the README says
     overrides = ["--model_name_or_path", str(tiny_model), "--output_dir", str(out), "--max_steps", "2",
                  "--eval_steps", "1", "--eval_num_prompts", "4", "--num_generations", "4",
-                 "--num_remains_in_group", "2", "--per_device_train_batch_size", "8", "--max_completion_length", "6"]
+                 "--per_device_train_batch_size", "8", "--max_completion_length", "6"]
     assert main(flags + overrides) == 0
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert (out / "completions.jsonl").read_text().strip()

@@ -1,21 +1,18 @@
 """End to end on the CPU with the tiny model: every algorithm trains, resume is exact, signals checkpoint."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from gfpo_fast.train import train
 
+from trainer_runs import read_jsonl, train_rows
+
 
 def params(path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(path).named_parameters()}
 
-
-def read_metrics(run) -> list[dict]:
-    return [json.loads(line) for line in open(run["metrics"])]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -35,7 +32,7 @@ def test_two_steps_change_every_parameter(make_config, tiny_model, overrides):
     before, after = params(tiny_model), params(run["model"])
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, f"parameters not updated: {unchanged}"
-    rows = read_metrics(run)
+    rows = read_jsonl(run["metrics"])
     steps = [r["step"] for r in rows]  # one row per generation batch (num_iterations optimizer steps each)
     assert steps == sorted(steps) and steps[-1] == run["step"] == 2
     for key in ("loss", "reward", "frac_reward_zero_std", "completions/clipped_ratio", "tokens_per_s", "grad_norm",
@@ -57,15 +54,15 @@ def test_resume_equals_straight_run(make_config, tmp_path):
     def machine_dependent(key):  # timings and memory differ between any two runs
         return key.startswith(("time/", "memory/")) or key == "tokens_per_s"
 
-    assert read_metrics(straight)[2:] == [
+    assert read_jsonl(straight["metrics"])[2:] == [
         {k: v for k, v in r.items() if not machine_dependent(k)} | {k: s[k] for k in s if machine_dependent(k)}
-        for r, s in zip(read_metrics(resumed), read_metrics(straight)[2:])]
+        for r, s in zip(read_jsonl(resumed["metrics"]), read_jsonl(straight["metrics"])[2:])]
 
 
 def test_resume_latest_continues_the_output_dir(make_config):
     train(make_config(max_steps=2, save_steps=1))
     run = train(make_config(max_steps=3, resume_from_checkpoint="latest"))
-    assert run["step"] == 3 and [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert run["step"] == 3 and [r["step"] for r in read_jsonl(run["metrics"])] == [1, 2, 3]
 
 
 def test_sigterm_writes_a_checkpoint_and_stops(make_config, tmp_path):
@@ -81,7 +78,7 @@ def test_embedded_task_with_evals_before_and_after(make_config):
     for ev in run["evals"].values():
         assert 0 <= ev["eval/greedy_accuracy"] <= 1 and 1 <= ev["eval/sampled_mean_length"] <= 6
     assert run["plot"].endswith(".png")
-    rows = read_metrics(run)  # the evals are rows of their own, at steps 0 and 1
+    rows = read_jsonl(run["metrics"])  # the evals are rows of their own, at steps 0 and 1
     assert [r["step"] for r in rows if "eval/greedy_accuracy" in r] == [0, 1]
-    train_rows = [r for r in rows if "loss" in r]
-    assert "accuracy" in train_rows[0] and "rewards/format/mean" in train_rows[0]
+    first = train_rows(rows)[0]
+    assert "accuracy" in first and "rewards/format/mean" in first
