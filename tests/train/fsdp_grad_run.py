@@ -6,7 +6,7 @@ SmolLM2), each rank builds the model twice, shards one copy with the trainer's `
 ``fused_linear_policy_loss``, the backward) on its half of a fixed batch; the other copy runs the whole batch
 unsharded with the one-process loss normalisation. Then one clipped AdamW step each (``optimizer_step``).
 Writes ``argv[2]/grad_rank<r>.json``: per variant, the largest gradient and parameter differences, the gradient
-norms and the parameter classes of the sharded copy.
+norms, the parameter classes of the sharded copy and whether its lm_head is still tied to the embeddings.
 """
 import json
 import sys
@@ -47,7 +47,7 @@ def compare(model_dir: str, tied: bool, accelerator) -> dict:
     sharded, single = fully_shard_model(load(model_dir, tied)), load(model_dir, tied)
     batch = fixed_batch(single.config.vocab_size)
     mine = slice(rank * len(batch) // world, (rank + 1) * len(batch) // world)
-    result = {"tied": single.lm_head.weight is single.model.embed_tokens.weight,
+    result = {"tied": sharded.lm_head.weight is sharded.model.embed_tokens.weight,  # the tie survived fully_shard
               "types": sorted({type(p).__name__ for p in sharded.parameters()})}
     for loss_type in ("dapo", "grpo"):
         cfg = TrainConfig(model_name_or_path=model_dir, loss_type=loss_type, temperature=0.7)

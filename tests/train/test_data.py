@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,8 @@ from gfpo_fast.train.rewards import (
     math_accuracy_reward,
     reference_text,
 )
+
+from trainer_runs import read_jsonl
 
 datasets = pytest.importorskip("datasets")
 
@@ -193,13 +196,18 @@ def test_bad_chat_template_kwargs(value, message):
 
 def test_train_on_a_saved_chat_dataset_with_system_prompt(make_config, saved_dict):
     """End to end: conversational rows from a saved DatasetDict, a system prompt, template variables, evals on
-    the test split, GSM8K-style answers scored by the accuracy reward."""
+    the test split, GSM8K-style answers scored by the accuracy reward; the prompts trained on open with the system
+    message (completions.jsonl)."""
     cfg = make_config(dataset_name=str(saved_dict), dataset_test_split="test", system_prompt="Answer briefly.",
                       chat_template_kwargs='{"enable_thinking": false}', do_eval=True, eval_num_prompts=2,
-                      reward_funcs=["accuracy", "reward_fns:id_parity"], reward_weights=[1.0, 1.0], max_steps=1)
+                      reward_funcs=["accuracy", "reward_fns:id_parity"], reward_weights=[1.0, 1.0], max_steps=1,
+                      log_completions=True)
     summary = train(cfg)
     assert summary["step"] == 1
     assert summary["evals"]["after"]["eval/num_prompts"] == 2
+    rows = read_jsonl(Path(summary["metrics"]).with_name("completions.jsonl"))
+    assert len(rows) == 8  # 2 prompts x G=4
+    assert all(r["prompt"][0] == {"role": "system", "content": "Answer briefly."} for r in rows), rows[0]["prompt"]
 
 
 # ----------------------------------------------------------------------------- models: Hub ids, offline and online

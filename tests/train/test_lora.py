@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("peft")
 
+import gfpo_fast.train.__main__ as loop  # noqa: E402
 from gfpo_fast.train import TrainConfig, train  # noqa: E402
 from gfpo_fast.train.generation import checkpoint_weights  # noqa: E402
 from gfpo_fast.train.lora import add_adapter  # noqa: E402
@@ -44,15 +45,26 @@ def test_only_the_adapter_trains(make_config, tiny_model, targets):
         assert any("lm_head.lora_B" in n for n in lora_B)  # the loss's gradient reached the head's adapter
 
 
-def test_checkpoint_holds_the_adapter_and_resumes_exactly(make_config, tmp_path):
+def test_checkpoint_holds_the_adapter_and_resumes_exactly(make_config, tmp_path, monkeypatch):
     full = train(make_config(**LORA, max_steps=3, output_dir=str(tmp_path / "full")))
     cfg = make_config(**LORA, max_steps=2, save_steps=2)
     first = train(cfg)
     model_dir = Path(first["checkpoint"]) / "model"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in model_dir.iterdir()}
+    start_steps = []
+    restore = loop.restore
+
+    def recorded_restore(*args, **kwargs):
+        start_steps.append(restore(*args, **kwargs))
+        return start_steps[-1]
+
+    monkeypatch.setattr(loop, "restore", recorded_restore)
     resumed = train(TrainConfig(**{**cfg.to_dict(), "max_steps": 3, "resume_from_checkpoint": "latest"}))
-    for (name, a), (_, b) in zip(full["policy"].named_parameters(), resumed["policy"].named_parameters()):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    assert start_steps == [2]  # the run resumed at step 2 (the same seed would give the same result from step 0)
+    a, b = dict(full["policy"].named_parameters()), dict(resumed["policy"].named_parameters())
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
 
 
 def test_reference_is_the_base_model(make_config):

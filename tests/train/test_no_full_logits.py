@@ -36,8 +36,7 @@ class VocabTensors(TorchDispatchMode):
     dict(algorithm="gspo", gradient_checkpointing=True),
 ], ids=["gfpo", "grpo-ref-old-ga", "gspo-checkpointing"])
 def test_a_training_step_builds_no_full_logits(make_config, monkeypatch, overrides):
-    check_no_full_logits(make_config(max_steps=2, lm_head_chunk_size=CHUNK, **overrides), monkeypatch,
-                         overrides.get("beta"))
+    check_no_full_logits(make_config(max_steps=2, lm_head_chunk_size=CHUNK, **overrides), monkeypatch)
 
 
 def test_a_qwen_vocabulary_step_builds_no_full_logits(make_config, monkeypatch, tmp_path):
@@ -57,8 +56,9 @@ def test_a_qwen_vocabulary_step_builds_no_full_logits(make_config, monkeypatch, 
     check_no_full_logits(cfg, monkeypatch)
 
 
-def check_no_full_logits(cfg, monkeypatch, reference: bool = False) -> None:
-    """Trains ``cfg`` with the step's model passes watched and checks every vocab-sized tensor they make."""
+def check_no_full_logits(cfg, monkeypatch) -> None:
+    """Trains ``cfg`` with the step's model passes watched and checks every vocab-sized tensor they make; with a
+    reference model (beta != 0) or old log-probs (num_iterations > 1), every no-grad pass was watched too."""
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
@@ -88,5 +88,6 @@ def check_no_full_logits(cfg, monkeypatch, reference: bool = False) -> None:
         if shape[-2:] == (hidden, vocab):  # the lm_head weight transposed (a GEMM operand), not activations
             continue
         assert math.prod(shape[:-1]) <= bound, shape
-    if reference:  # the reference and old passes were watched too
-        assert all(m.shapes for name, m in modes if name == "old_and_ref_logprobs")
+    if cfg.beta != 0 or cfg.num_iterations > 1:  # the reference and old passes were watched too
+        no_grad_passes = [m for name, m in modes if name == "old_and_ref_logprobs"]
+        assert no_grad_passes and all(m.shapes for m in no_grad_passes)

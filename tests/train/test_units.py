@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from gfpo_fast.train import parse_args
 from gfpo_fast.train.data import PromptSampler, arithmetic_dataset, check_prompts, load_split
 from gfpo_fast.train.filters import GroupFilter
 from gfpo_fast.train.generation import completion_masks
 from gfpo_fast.train.rewards import accuracy_reward, final_answer, format_reward
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cli_overrides_yaml(tmp_path):
@@ -23,6 +27,14 @@ def test_cli_overrides_yaml(tmp_path):
     cfg_file.write_text("learning_rat: 1\n")
     with pytest.raises(ValueError, match="unknown fields \\['learning_rat'\\]"):
         parse_args(["--config", str(cfg_file)])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_parse(path):
+    """Every examples/*.yaml is a valid config (known fields, values the checks accept), taken as written."""
+    cfg = parse_args(["--config", str(path)])
+    written = yaml.safe_load(path.read_text())
+    assert {k: getattr(cfg, k) for k in written} == written
 
 
 @pytest.mark.parametrize("flags, split", [
