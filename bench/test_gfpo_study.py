@@ -1,4 +1,7 @@
-"""Fast tests of bench/gfpo_study.py's grouping, means and the issue-20 verdict (no model, no runs)."""
+"""Fast tests of bench/gfpo_study.py's grouping, means and the issue-20 verdict (no runs), and its prompt-style probe
+on a tiny local model."""
+from pathlib import Path
+
 import pytest
 
 from bench import gfpo_study
@@ -34,3 +37,22 @@ def test_verdict_needs_both_targets():
 def test_table_marks_means_and_ratio():
     text = gfpo_study.table(ROWS, "grpo")
     assert "| **gfpo mean of 2** |" in text and "0.71x" in text and "meets the targets" in text
+
+
+def test_shortest_vs_rest_splits_each_group_by_length():
+    lengths = [5, 1, 3, 3, 9, 2, 7, 4]  # two groups of 4; in the first, rows 2 and 3 tie (the lower row wins)
+    correct = [0, 1, 1, 0, 0, 1, 0, 0]
+    short, rest = gfpo_study.shortest_vs_rest(lengths, correct, G=4, keep=2)
+    assert short == pytest.approx((1 + 1 + 1 + 0) / 4)  # rows 1, 2 | 5, 7
+    assert rest == pytest.approx((0 + 0 + 0 + 0) / 4)  # rows 3, 0 | 6, 4
+
+
+def test_styles_probe_runs_every_style(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "tests" / "train"))
+    from tiny import make_model_dir
+
+    rows = gfpo_study.run_styles(str(make_model_dir(tmp_path / "model")), num_prompts=2, G=2, keep=1,
+                                 max_completion_length=4)
+    assert [r["style"] for r in rows] == list(gfpo_study.PROMPT_STYLES)
+    for r in rows:
+        assert 0 < r["mean_length"] <= 4 and 0 <= r["accuracy"] <= 1 and isinstance(r["example"], str)
