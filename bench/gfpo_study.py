@@ -18,7 +18,8 @@ Two subcommands, both reusing what exists:
 * ``table --runs NAME=DIR ... [--compare_json FILE ...] --out PREFIX``: the rows of
   ``gfpo_fast.train.compare.summarize`` for finished run directories (ours or bench_trainer's), grouped by the name
   before `` seed `` into per-seed rows and means,
-  with each variant's sampled length as a ratio of the ``--baseline`` variant's mean; writes PREFIX.md/.json/.png.
+  with each variant's sampled length as a ratio of the ``--baseline`` variant's mean; writes PREFIX.md/.json, the
+  per-step curves PREFIX.png and the held-out outcomes against the targets PREFIX-outcomes.png.
 """
 from __future__ import annotations
 
@@ -163,6 +164,37 @@ def table(rows: dict[str, dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def plot_outcomes(rows: dict[str, dict], baseline: str, path: Path) -> None:
+    """Held-out accuracy (greedy, sampled) against sampled length after training: every seed a small marker,
+    each variant's mean a large one, and the region that meets issue 20's targets against the baseline's mean
+    (length <= 0.75x, accuracy >= baseline - 0.03) shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = means(rows)
+    base = m[baseline]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in zip(axes, ("greedy_accuracy_after", "sampled_accuracy_after"),
+                              ("greedy accuracy", "sampled accuracy (T = 0.7)")):
+        ax.fill_between([0, 0.75 * base["sampled_mean_length_after"]], base[key] - 0.03, 1, color="0.9",
+                        label="issue 20's targets")
+        for i, (variant, runs) in enumerate(group(rows).items()):
+            xs = [r["sampled_mean_length_after"] for _, r in runs]
+            ax.scatter(xs, [r[key] for _, r in runs], color=f"C{i}", s=14, alpha=0.7)
+            ax.scatter([m[variant]["sampled_mean_length_after"]], [m[variant][key]], color=f"C{i}", s=90,
+                       marker="D", edgecolor="k", label=f"{variant} ({m[variant]['n']})")
+        ax.set_xlim(0, 1.15 * max(r["sampled_mean_length_after"] for r in rows.values()))
+        ax.set_ylim(0, 1)
+        ax.set_title(f"held-out {title} after training")
+        ax.set_xlabel("sampled completion length after training (tokens)")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["trl"]:
@@ -193,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare_json", nargs="*", default=[],
                    help="compare.json files of earlier comparisons: their per-seed rows join the table")
     p.add_argument("--baseline", default="grpo")
-    p.add_argument("--out", required=True, help="output prefix: writes .md, .json, .png")
+    p.add_argument("--out", required=True, help="output prefix: writes .md, .json, .png, -outcomes.png")
     args = p.parse_args(argv)
     rows = {}
     for path in args.compare_json:
@@ -206,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps({"runs": rows, "means": means(rows)}, indent=2))
     compare.plot(rows, out.with_suffix(".png"))
+    plot_outcomes(rows, args.baseline, out.with_name(out.name + "-outcomes.png"))
     print(text)
     return 0
 

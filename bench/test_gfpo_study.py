@@ -1,5 +1,6 @@
 """Fast tests of bench/gfpo_study.py's grouping, means and the issue-20 verdict (no runs), and its prompt-style probe
 on a tiny local model."""
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from bench import gfpo_study
 
 def row(greedy, sampled, length):
     return {"s_per_step": 10.0, "greedy_accuracy_after": greedy, "sampled_accuracy_after": sampled,
-            "greedy_mean_length_after": length, "sampled_mean_length_after": length, "length_per_step": [length]}
+            "greedy_mean_length_after": length, "sampled_mean_length_after": length, "length_per_step": [length],
+            "accuracy_per_step": [sampled]}
 
 
 ROWS = {"grpo seed 1": row(0.80, 0.50, 40.0), "grpo seed 2": row(0.70, 0.40, 44.0),
@@ -56,3 +58,12 @@ def test_styles_probe_runs_every_style(tmp_path, monkeypatch):
     assert [r["style"] for r in rows] == list(gfpo_study.PROMPT_STYLES)
     for r in rows:
         assert 0 < r["mean_length"] <= 4 and 0 <= r["accuracy"] <= 1 and isinstance(r["example"], str)
+
+
+def test_table_command_writes_every_file(tmp_path):
+    compare_json = tmp_path / "compare.json"
+    compare_json.write_text(json.dumps(ROWS | {"grpo mean of 2": row(0.75, 0.45, 42.0)}))
+    assert gfpo_study.main(["table", "--compare_json", str(compare_json), "--out", str(tmp_path / "t")]) == 0
+    for name in ("t.md", "t.json", "t.png", "t-outcomes.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "grpo mean of 2" not in json.loads((tmp_path / "t.json").read_text())["runs"]
