@@ -175,22 +175,24 @@ def plot_outcomes(rows: dict[str, dict], baseline: str, path: Path) -> None:
 
     m = means(rows)
     base = m[baseline]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 variants
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     for ax, key, title in zip(axes, ("greedy_accuracy_after", "sampled_accuracy_after"),
                               ("greedy accuracy", "sampled accuracy (T = 0.7)")):
         ax.fill_between([0, 0.75 * base["sampled_mean_length_after"]], base[key] - 0.03, 1, color="0.9",
                         label="issue 20's targets")
         for i, (variant, runs) in enumerate(group(rows).items()):
             xs = [r["sampled_mean_length_after"] for _, r in runs]
-            ax.scatter(xs, [r[key] for _, r in runs], color=f"C{i}", s=14, alpha=0.7)
-            ax.scatter([m[variant]["sampled_mean_length_after"]], [m[variant][key]], color=f"C{i}", s=90,
+            ax.scatter(xs, [r[key] for _, r in runs], color=colors[i % 20], s=14, alpha=0.7)
+            ax.scatter([m[variant]["sampled_mean_length_after"]], [m[variant][key]], color=colors[i % 20], s=90,
                        marker="D", edgecolor="k", label=f"{variant} ({m[variant]['n']})")
         ax.set_xlim(0, 1.15 * max(r["sampled_mean_length_after"] for r in rows.values()))
         ax.set_ylim(0, 1)
         ax.set_title(f"held-out {title} after training")
         ax.set_xlabel("sampled completion length after training (tokens)")
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right", title="run (seeds)", title_fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
