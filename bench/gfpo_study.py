@@ -1,6 +1,6 @@
 """``python -m bench.gfpo_study``: the runs and tables of the GFPO study (issue 20).
 
-Two subcommands, both reusing what exists:
+Four subcommands, all reusing what exists:
 
 * ``trl --seed N [bench_trainer flags]``: ``python -m bench.bench_trainer`` (TRL's GRPOTrainer on our default
   task) with another seed. bench_trainer has no ``--seed``; this sets ``TrainConfig``'s seed for that one run
