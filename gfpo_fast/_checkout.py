@@ -1,15 +1,19 @@
 """Make ``import gfpo_fast`` whole when it is imported from a source checkout.
 
 An installed package holds ``gfpo_fast/kernels/`` (setuptools maps the top-level ``kernels/`` folder
-there) and the compiled extension ``gfpo_fast/_C*.so``. A checkout has neither inside ``gfpo_fast/``:
+there) and the compiled extension ``gfpo_fast/_C*.so``. ``kernels/`` has no ``__init__.py`` on purpose: from
+the repository root (first on ``sys.path`` under ``python -m`` and pytest) a regular package named ``kernels``
+would shadow the Hugging Face ``kernels`` distribution that transformers imports, whereas a folder without
+one is at most a namespace portion, which never shadows an installed package. ``gfpo_fast.kernels`` is
+therefore a namespace package, installed or wired in here. A checkout has neither inside ``gfpo_fast/``:
 ``kernels/`` lies beside it, and ``_C`` exists there only after an editable install. Python imports the
 checkout's ``gfpo_fast/`` whenever the repository root is first on ``sys.path`` (``python -m ...`` or
 ``python -c`` run from the root), so without this module a non-editable install would give half a package.
 
 Imported first by ``gfpo_fast/__init__.py``, :func:`complete` does, in a checkout only:
 
-1. registers the checkout's ``kernels/`` as ``gfpo_fast.kernels`` (never as a top-level ``kernels``
-   module, which would shadow the ``kernels`` package of the Hugging Face hub);
+1. registers the checkout's ``kernels/`` folder as the package ``gfpo_fast.kernels`` (never as a top-level
+   ``kernels``);
 2. when ``gfpo_fast/`` holds no built ``_C``, loads the one that a non-editable install put on
    ``sys.path``;
 3. warns when the extension was built from other ``csrc/`` sources than the checkout's (compared by
@@ -42,8 +46,8 @@ def _extension_in(folder: Path) -> Path | None:
     return None
 
 
-def _load(name: str, path: Path, search: list[str] | None = None):
-    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=search)
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -58,10 +62,12 @@ def complete(package: object) -> None:
     """Wire ``gfpo_fast.kernels`` and ``gfpo_fast._C`` into ``package`` if it was imported from a checkout."""
     here = Path(package.__path__[0]).resolve()
     repo = here.parent
-    if (here / "kernels").is_dir() or not (repo / "kernels" / "__init__.py").is_file() or not (repo / "csrc").is_dir():
+    if (here / "kernels").is_dir() or not (repo / "kernels").is_dir() or not (repo / "csrc").is_dir():
         return  # an installed package, complete as it is
-    if "gfpo_fast.kernels" not in sys.modules:
-        package.kernels = _load("gfpo_fast.kernels", repo / "kernels" / "__init__.py", [str(repo / "kernels")])
+    if "gfpo_fast.kernels" not in sys.modules:  # a namespace package over the checkout's folder
+        spec = importlib.machinery.ModuleSpec("gfpo_fast.kernels", None, is_package=True)
+        spec.submodule_search_locations = [str(repo / "kernels")]
+        package.kernels = sys.modules["gfpo_fast.kernels"] = importlib.util.module_from_spec(spec)
 
     built = _extension_in(here)
     if built is None:  # no editable build: take the extension of a non-editable install, if any

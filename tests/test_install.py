@@ -23,7 +23,7 @@ ok, why = backends.cpp_status()
 assert ok, why
 assert gf.__file__.startswith(os.getcwd()), gf.__file__      # the checkout's package ...
 assert gf._C.__file__.startswith(sys.prefix), gf._C.__file__  # ... with the installed extension
-assert gf.kernels.__file__.startswith(os.getcwd()), gf.kernels.__file__
+assert list(gf.kernels.__path__)[0].startswith(os.getcwd()), gf.kernels.__path__
 logits = torch.randn(2, 3, 11, requires_grad=True)
 ids = torch.randint(0, 11, (2, 3))
 loss, _ = gf.fused_policy_loss(logits, ids, torch.randn(2, 3), torch.randn(2), torch.ones(2, 3), backend="cpp")

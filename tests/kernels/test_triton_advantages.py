@@ -9,7 +9,7 @@ import torch
 import gfpo_fast as gf
 from gfpo_fast.advantages import gfpo_filter_ref, gfpo_keep_mask, group_advantages_ref
 
-from ._helpers import INTERPRETER_NUMPY_WARNINGS, assert_close
+from triton_helpers import INTERPRETER_NUMPY_WARNINGS, assert_close
 
 pytestmark = INTERPRETER_NUMPY_WARNINGS
 

@@ -15,7 +15,7 @@ from gfpo_fast.kernels.logprobs import token_logprobs_forward
 from gfpo_fast.logprobs import token_logprobs_ref
 from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES, make_loss_config
 
-from ._helpers import INTERPRETER_NUMPY_WARNINGS, KernelRecorder, assert_close, assert_close_3way
+from triton_helpers import INTERPRETER_NUMPY_WARNINGS, KernelRecorder, assert_close, assert_close_3way
 
 pytestmark = [INTERPRETER_NUMPY_WARNINGS, pytest.mark.filterwarnings("ignore:loss_type='(vespo|luspo)' is meant for")]
 

@@ -11,7 +11,13 @@ from gfpo_fast.kernels import logprobs as lp_kernels
 from gfpo_fast.logprobs import apply_token_logprobs, token_logprobs_ref
 
 import bad_token_ids
-from ._helpers import INTERPRETER_NUMPY_WARNINGS, KernelRecorder, assert_close, assert_close_3way, compiled_variants
+from triton_helpers import (
+    INTERPRETER_NUMPY_WARNINGS,
+    KernelRecorder,
+    assert_close,
+    assert_close_3way,
+    compiled_variants,
+)
 
 pytestmark = INTERPRETER_NUMPY_WARNINGS
 

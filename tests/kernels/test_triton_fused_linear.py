@@ -10,8 +10,8 @@ import gfpo_fast as gf
 from gfpo_fast.fused_linear import fused_linear_logprobs_ref, fused_linear_policy_loss_ref
 from gfpo_fast.policy_loss import make_loss_config
 
-from ._helpers import INTERPRETER_NUMPY_WARNINGS, assert_close, assert_close_3way
 from fused_linear_cases import counted_projections
+from triton_helpers import INTERPRETER_NUMPY_WARNINGS, assert_close, assert_close_3way
 
 pytestmark = INTERPRETER_NUMPY_WARNINGS
 
