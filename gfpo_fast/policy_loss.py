@@ -220,19 +220,20 @@ def row_weights(cfg: LossConfig, mask: torch.Tensor, num_items_in_batch=None) ->
     grpo / sapo: 1 / (max(|o_i|, 1) B GA); bnpo: 1 / (max(sum M, 1) GA); dr_grpo: 1 / (B L_max GA);
     dapo / cispo / vespo: P / max(N, 1) with N = ``num_items_in_batch`` (default: sum M), no GA;
     luspo: 1 / (B GA). GMPO's plain mean over sequences has no token weight (see gmpo_loss_ref).
+    An empty batch (B = 0) gets an empty ``w`` (the loss is then 0, never 0 / 0).
     """
     M = mask.float() if mask.dtype != torch.float64 else mask
     B = M.shape[0]
-    GA = cfg.grad_accum_steps
+    rows_ga = max(B, 1) * cfg.grad_accum_steps
     lt = cfg.loss_type
     if lt in ("grpo", "sapo"):
-        return 1.0 / (M.sum(-1, keepdim=True).clamp(min=1.0) * (B * GA))
+        return 1.0 / (M.sum(-1, keepdim=True).clamp(min=1.0) * rows_ga)
     if lt == "bnpo":
-        return (1.0 / (M.sum().clamp(min=1.0) * GA)).expand(B, 1)
+        return (1.0 / (M.sum().clamp(min=1.0) * cfg.grad_accum_steps)).expand(B, 1)
     if lt == "dr_grpo":
-        return torch.full((B, 1), 1.0 / (B * cfg.max_completion_length * GA), device=M.device)
+        return torch.full((B, 1), 1.0 / (rows_ga * cfg.max_completion_length), device=M.device)
     if lt == "luspo":
-        return torch.full((B, 1), 1.0 / (B * GA), device=M.device)
+        return torch.full((B, 1), 1.0 / rows_ga, device=M.device)
     n = M.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=M.dtype, device=M.device)
     return (cfg.num_processes / n.clamp(min=1.0)).expand(B, 1)
 
@@ -255,6 +256,9 @@ def _row_fraction(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
+    """The largest (smallest) non-NaN entry of ``x`` (B,); NaN when there is none, an empty batch included."""
+    if x.numel() == 0:
+        return torch.full((), torch.nan, device=x.device)
     fill = -math.inf if largest else math.inf
     finite = torch.where(torch.isnan(x), fill, x)
     value = finite.max() if largest else finite.min()
@@ -358,7 +362,7 @@ def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None):
         kl = k3_kl(lp, ref_logp)
         per_seq = per_seq + cfg.beta * masked(kl, M).sum(-1, keepdim=True) / count
         metrics["kl"] = masked_mean(kl.detach(), M)
-    loss = per_seq.sum() / (per_seq.shape[0] * cfg.grad_accum_steps)
+    loss = per_seq.sum() / (max(per_seq.shape[0], 1) * cfg.grad_accum_steps)  # 0 for an empty batch
     ld = log_ratio.detach()
     metrics.update(clip_metrics((ld < -cfg.epsilon) & (A < 0), (ld > cfg.epsilon_high) & (A > 0), M))
     return loss, metrics
