@@ -20,9 +20,13 @@ def test_ops_without_fast_path_use_torch_silently():
         assert backends.select("policy_loss", "auto", torch.device("cpu")) == "torch"
 
 
-def test_auto_prefers_cpp_on_cpu_when_built():
-    expected = "cpp" if backends.cpp_status()[0] else "torch"
-    assert backends.select("group_advantages", "auto", torch.device("cpu")) == expected
+@pytest.mark.parametrize("built, expected", [(True, "cpp"), (False, "torch")])
+def test_auto_prefers_cpp_on_cpu_when_built(monkeypatch, built, expected):
+    monkeypatch.setattr(backends, "cpp_status", lambda: (built, "" if built else "not built"))
+    monkeypatch.setattr(backends, "_said", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is announced (tested below)
+        assert backends.select("group_advantages", "auto", torch.device("cpu")) == expected
 
 
 def test_force_backend_overrides_auto():

@@ -1,11 +1,7 @@
-"""C++ CPU backend tests: skipped as a whole when the extension gfpo_fast._C is not built."""
+"""C++ CPU backend tests: without the extension gfpo_fast._C each module skips with the reason
+(``tests/conftest.py``)."""
 import pytest
 import torch
-
-from gfpo_fast import backends
-
-if not backends.cpp_status()[0]:
-    collect_ignore_glob = ["test_*.py"]
 
 
 @pytest.fixture

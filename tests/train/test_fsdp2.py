@@ -11,13 +11,15 @@ import sys
 import pytest
 import torch
 
+from gfpo_fast.train.generation import _free_port
+
 from trainer_runs import HERE, LAUNCH_ARGS, ROOT, launch_env, read_jsonl, train_rows
 
 
-def launch_fsdp(*args: str, port: int) -> subprocess.CompletedProcess:
+def launch_fsdp(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "examples" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--main_process_port",
-           str(port), str(HERE / "dist_run.py"), *args]
+           str(_free_port("127.0.0.1")), str(HERE / "dist_run.py"), *args]
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -31,11 +33,11 @@ def test_fsdp2_trains_checkpoints_and_resumes_to_identical_parameters(tiny_model
     common = ["--model_name_or_path", str(tiny_model), "--max_steps", "3", "--save_steps", "2", "--do_eval", "true",
               "--eval_num_prompts", "4", "--eval_batch_size", "4", *LAUNCH_ARGS]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    proc = launch_fsdp(*common, "--output_dir", str(full), port=29527)
+    proc = launch_fsdp(*common, "--output_dir", str(full))
     assert "sharded with torch's fully_shard over 2 processes" in proc.stdout + proc.stderr
     checkpoint = full / "checkpoints" / "checkpoint-2"
     assert {p.name for p in (checkpoint / "optimizer").iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
-    launch_fsdp(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint), port=29528)
+    launch_fsdp(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint))
 
     for run in (full, resumed):
         for rank in (0, 1):
@@ -59,8 +61,8 @@ def test_fsdp2_gradient_equals_one_process(tiny_model, tmp_path):
     """The trainer's forward, fused-linear loss (DTensor lm_head gathered by gather_full) and backward on an
     FSDP2-sharded model over 2 ranks give one process's gradient on the whole batch, untied and tied lm_head,
     dapo and grpo normalisation; one clipped AdamW step later the parameters agree too."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29529",
-           str(HERE / "fsdp_grad_run.py"), str(tiny_model), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port("127.0.0.1")), str(HERE / "fsdp_grad_run.py"), str(tiny_model), str(tmp_path)]
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
