@@ -24,6 +24,18 @@ The head: verl's fused forwards pass ``lm_head.weight`` only. A model whose conf
 that transform applied inside the op, as the model's own logits have it (verl's own backends leave it out); a
 config field of a model type the lm_head module does not know, or an lm_head with a bias (which verl's forward
 drops), is refused with a ``ValueError`` naming it when the model is patched.
+
+**The GRPO family with TRL's semantics** (``actor_rollout_ref.actor.policy_loss.loss_mode=gfpo_fast_<name>``,
+:data:`POLICY_LOSSES`): each registered loss is :func:`gfpo_fast.policy_loss` (its torch reference) on verl's
+micro-batch, with TRL's normaliser of its loss type over verl's global batch -- ``P`` = ``dp_size``,
+``num_items_in_batch`` = ``batch_num_tokens``, ``B * GA`` = ``global_batch_size / dp_size`` rows, dr_grpo's
+``L_max`` = ``loss_scale_factor`` (else the padded response length) -- so verl's ``loss_agg_mode`` is not read:
+the name says the normaliser. ``epsilon`` / ``epsilon_high`` are ``clip_ratio_low`` / ``clip_ratio_high`` (CISPO's
+absolute cap is ``1 + clip_ratio_high``), SAPO's temperatures ``tau_pos`` / ``tau_neg``, VESPO's ``k`` / ``lambda``
+TRL's defaults; verl's ``rollout_is_weights`` are TRL's vLLM importance-sampling ratio (GMPO ignores them, as TRL's
+does). The KL and entropy terms stay verl's (``use_kl_loss``, ``entropy_coeff``). Metrics: TRL's names under
+``actor/``. Where verl's own loss has the same math the values and gradients are equal (docs/verl.md has the
+table, and where they differ).
 """
 from __future__ import annotations
 
@@ -49,12 +61,14 @@ def check_verl_version(version: str) -> None:
 check_verl_version(verl.__version__)
 
 from verl.models.transformers import monkey_patch  # noqa: E402
+from verl.trainer.ppo.core_algos import register_policy_loss  # noqa: E402
 from verl.utils.experimental import torch_functional  # noqa: E402
 
 from ..fused_linear import fused_linear_logprobs  # noqa: E402
 from ..lm_head import config_transform  # noqa: E402
+from ..policy_loss import GLOBAL_TOKEN_LOSSES, make_loss_config, policy_loss_ref  # noqa: E402
 
-__all__ = ["BACKEND", "SUPPORTED_VERL", "FusedLinearLogprobsForPPO", "check_verl_version"]
+__all__ = ["BACKEND", "POLICY_LOSSES", "SUPPORTED_VERL", "FusedLinearLogprobsForPPO", "check_verl_version"]
 
 BACKEND = "gfpo_fast"  # the value of actor_rollout_ref.model.fused_kernel_options.impl_backend
 
@@ -131,3 +145,67 @@ def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_ke
 
 torch_functional.FusedLinearForPPO = fused_linear_for_ppo
 monkey_patch.patch_forward_with_backends = patch_forward_with_backends
+
+
+# ----------------------------------------------------------------------------- the GRPO family's losses
+_PPO_NORMALISERS = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Registered name -> gfpo-fast loss keywords (TRL's GRPOConfig fields); each name is prefixed "gfpo_fast_".
+POLICY_LOSSES = {
+    **{lt: dict(loss_type=lt) for lt in (*_PPO_NORMALISERS, "cispo", "sapo", "vespo")},
+    **{f"gspo_{lt}": dict(loss_type=lt, importance_sampling_level="sequence") for lt in _PPO_NORMALISERS},
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    **{f"gspo_token_{lt}": dict(loss_type=lt, importance_sampling_level="sequence_token") for lt in _PPO_NORMALISERS},
+    "gmpo": dict(algorithm="gmpo"),
+}
+
+
+def _batch_info(config, mask: torch.Tensor) -> tuple[int, float, float, int]:
+    """``(dp_size, batch_num_tokens, global_batch_size, horizon)`` of one micro-batch from verl's
+    ``config.global_batch_info``, what verl's engine sets before calling a loss (absent: this call is the whole
+    batch); ``horizon``, dr_grpo's ``L_max``, is its ``loss_scale_factor`` (the actor's), else the padded response
+    length, as in verl's ``seq-mean-token-sum-norm``."""
+    info = config.global_batch_info
+    dp = int(info.get("dp_size") or 1)
+    tokens, rows = info.get("batch_num_tokens"), info.get("global_batch_size")
+    if dp > 1 and (tokens is None or rows is None):
+        raise ValueError("with dp_size > 1 verl must pass batch_num_tokens and global_batch_size in "
+                         "config.global_batch_info")
+    tokens = float(mask.sum()) if tokens is None else float(tokens)
+    rows = float(mask.shape[0]) if rows is None else float(rows)
+    horizon = info.get("loss_scale_factor") or mask.shape[-1]
+    return dp, tokens, rows, int(horizon)
+
+
+def _verl_policy_loss(loss_kwargs: dict):
+    """A verl policy loss (``POLICY_LOSS_REGISTRY``'s signature) computing :func:`gfpo_fast.policy_loss_ref` with
+    ``loss_kwargs`` and TRL's normaliser of the loss type, over verl's global batch (the module docstring)."""
+
+    def loss_fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                rollout_is_weights=None):
+        B = log_prob.shape[0]
+        dp, tokens, rows, horizon = _batch_info(config, response_mask)
+        gmpo = loss_kwargs.get("algorithm") == "gmpo"
+        cispo = loss_kwargs.get("loss_type") == "cispo"
+        clip = dict(epsilon=config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio,
+                    epsilon_high=config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio)
+        if cispo:  # TRL's CISPO caps the ratio at epsilon_high; verl's upper bound is 1 + clip_ratio_high
+            clip["epsilon_high"] = 1.0 + clip["epsilon_high"]
+        extra = {} if gmpo else dict(max_completion_length=horizon, sapo_temperature_pos=config.tau_pos,
+                                     sapo_temperature_neg=config.tau_neg)
+        cfg = make_loss_config(**loss_kwargs, **clip, **extra, num_processes=dp)
+        mask = response_mask.float()
+        adv = advantages
+        if gmpo or cfg.loss_type == "vespo":  # one advantage per sequence: verl's are the row's, on its tokens
+            adv = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        loss, metrics = policy_loss_ref(cfg, log_prob, old_log_prob, adv, mask,
+                                        importance_sampling_ratio=None if gmpo else rollout_is_weights,
+                                        num_items_in_batch=tokens)
+        if gmpo or cfg.loss_type not in GLOBAL_TOKEN_LOSSES:  # TRL's B * GA rows are verl's global rows / dp
+            loss = loss * (B * dp / rows)
+        return loss, {f"actor/{name}": value.item() for name, value in metrics.items()}
+
+    return loss_fn
+
+
+for _name, _kwargs in POLICY_LOSSES.items():
+    register_policy_loss(f"gfpo_fast_{_name}")(_verl_policy_loss(_kwargs))
