@@ -54,7 +54,7 @@ import json
 import math
 import signal
 import sys
-import threading
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, nullcontext
@@ -74,7 +74,7 @@ from gfpo_fast.lm_head import lm_head_of
 from . import checkpoint as ckpt
 from . import distributed, lora
 from .config import TrainConfig, parse_args
-from .data import PromptSampler, load_rows, prompt_token_ids
+from .data import PromptSampler, load_rows, screen_prompts
 from .evaluation import evaluate
 from .filters import GroupFilter
 from .generation import (
@@ -87,6 +87,7 @@ from .generation import (
     sync_check,
 )
 from .models import load_model_and_tokenizer, resolve_model_path
+from .ownership import own_output_dir
 from .prefix import (
     allow_checkpointed_prefix,
     cache_name,
@@ -96,7 +97,11 @@ from .prefix import (
     read_only,
 )
 from .reporting import Reporter, StepTimer, peak_memory_gb, trackers
-from .rewards import RewardFunctionError, accuracy_name, as_completions, build_reward_funcs, score
+from .rewards import RewardFunctionError, accuracy_name, as_completions, build_reward_funcs, check_columns, score
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped after ``max_nonfinite_steps`` steps in a row with a non-finite loss or gradient norm."""
 
 
 # ----------------------------------------------------------------------------- what flows through a step
@@ -215,6 +220,16 @@ def make_scheduler(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRSc
     return scheduler
 
 
+def check_scheduler(cfg: TrainConfig) -> None:
+    """Builds ``cfg``'s schedule on a throwaway parameter, so that ``lr_scheduler_kwargs`` it does not take are a
+    ``ValueError`` naming them before any model loads."""
+    try:
+        make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lr_scheduler_kwargs={cfg.lr_scheduler_kwargs!r} do not fit lr_scheduler_type="
+                         f"{cfg.lr_scheduler_type!r}: {err}") from err
+
+
 def checkpoint_state(step: int, scheduler, sampler: PromptSampler, group_filter: GroupFilter | None) -> dict:
     """What a checkpoint holds besides the model, the optimizer and the RNG states (``restore`` reads it back)."""
     return {"scheduler": scheduler.state_dict(), "step": step,
@@ -247,14 +262,22 @@ def restore(checkpoint: Path | None, accelerator, seed: int, model, optimizer, s
     return step
 
 
+@dataclass
+class StopRequest:
+    """What ``stop_on_signal`` yields: ``signum`` is the first SIGINT / SIGTERM received, None until then."""
+
+    signum: int | None = None
+
+
 @contextmanager
-def stop_on_signal(reporter: Reporter) -> Iterator[threading.Event]:
-    """While open, SIGINT / SIGTERM set the yielded flag (the loop checkpoints after the step and stops);
-    a second signal stops at once (the last checkpoint stays intact). The old handlers come back on exit."""
-    requested = threading.Event()
+def stop_on_signal(reporter: Reporter) -> Iterator[StopRequest]:
+    """While open, SIGINT / SIGTERM set the yielded request (the loop checkpoints after the step and stops; the
+    command exits with 128 + the signal's number); a second signal stops at once (the last checkpoint stays
+    intact). The old handlers come back on exit."""
+    requested = StopRequest()
 
     def on_signal(signum, frame):
-        requested.set()
+        requested.signum = signum
         signal.signal(signum, signal.SIG_DFL)
         reporter.print(f"{signal.Signals(signum).name}: writing a checkpoint after this step (again to abort)")
 
@@ -451,29 +474,74 @@ def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dic
     return loss_sum, metrics
 
 
-def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, accelerator) -> torch.Tensor:
-    """Clips the gradient norm (``max_grad_norm`` 0: off), steps the optimizer and the schedule, clears the
-    gradients. Returns the norm before clipping (0-dim; 0 when clipping is off; a plain tensor under FSDP2 too)."""
-    grad_norm = gather_full(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)) if max_grad_norm > 0 \
-        else torch.zeros((), device=accelerator.device)
-    optimizer.step()
+def finite_everywhere(accelerator, *values: torch.Tensor) -> bool:
+    """Whether every 0-dim ``value`` is finite on every process (one reduce, one host read)."""
+    finite = torch.stack([torch.isfinite(v.float()) for v in values]).all().float()
+    return bool(accelerator.reduce(finite, reduction="sum") == accelerator.num_processes)
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, accelerator,
+                   loss: torch.Tensor | None = None) -> torch.Tensor:
+    """Clips the gradient norm (``max_grad_norm`` 0: measured, not clipped), steps the optimizer unless the norm or
+    ``loss`` (0-dim) is NaN or inf on some process (``finite_everywhere``: the update is skipped, nothing non-finite
+    reaches the weights), steps the schedule, clears the gradients. Returns the norm before clipping (0-dim; a plain
+    tensor under FSDP2 too)."""
+    grad_norm = gather_full(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf))
+    if finite_everywhere(accelerator, grad_norm, *([] if loss is None else [loss])):
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 
+class NonFiniteGuard:
+    """Consecutive skipped updates (``optimizer_step``'s non-finite steps), and ``keep``: the last checkpoint
+    written before the first of them in this run, which pruning must leave alone (it is the last known good)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak, self.keep, self.seen = limit, 0, None, False
+
+    def update(self, applied: bool, step: int, last_saved: Path | None) -> str | None:
+        """Records ``step``; returns a warning to print when its update was skipped."""
+        if applied:
+            self.streak = 0
+            return None
+        if not self.seen:
+            self.seen, self.keep = True, last_saved
+        self.streak += 1
+        return (f"warning (step {step}): the loss or the gradient norm is NaN or inf; the update was skipped "
+                f"({self.streak} in a row; max_nonfinite_steps={self.limit} stops the run)")
+
+    @property
+    def exhausted(self) -> bool:
+        return self.streak >= self.limit
+
+    def error(self, step: int) -> NonFiniteError:
+        kept = f"the last checkpoint before the first one is {self.keep}" if self.keep else "no checkpoint was " \
+            "written before the first one"
+        return NonFiniteError(f"stopped at step {step}: the loss or the gradient norm was NaN or inf for "
+                              f"{self.streak} steps in a row (max_nonfinite_steps={self.limit}), no update applied; "
+                              f"{kept}. Lower learning_rate, set max_grad_norm, or check the rewards and the data")
+
+
 def step_metrics(scores: Scores, keep: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor,
-                 loss_metrics: dict[str, torch.Tensor], stop_requested: bool, *, step: int, lr: float,
+                 loss_metrics: dict[str, torch.Tensor], stop_requested: bool, applied: bool, *, step: int, lr: float,
                  reward_names: list[str], cfg: TrainConfig, accelerator, timer: StepTimer) -> tuple[dict, bool]:
     """The step's metrics row (plain numbers, the JSONL schema), and whether any process asked to stop.
 
     The per-process values (loss, gradient norm, loss metrics, the stop request) are averaged over processes
     in one reduce; the reward and length statistics come from the gathered ``scores``, the same everywhere.
-    Then one host read for all of them.
+    Then one host read for all of them. ``frac_reward_missing``: rows that no reward function scored (all None or
+    NaN); a group with no reward at all counts in ``frac_reward_zero_std`` (it has no signal). ``update_skipped``:
+    1 when ``optimizer_step`` skipped a non-finite update.
     """
     lengths = scores.lengths.float()  # (N,)
     rewards = gf.reward_metrics(scores.rewards, cfg.num_generations, reward_weights=cfg.reward_weights,
                                 scale_rewards=cfg.scale_rewards, reward_names=reward_names)
+    missing = torch.isnan(weighted_rewards(scores.rewards, cfg.reward_weights))  # (N,)
+    rewards["frac_reward_zero_std"] = rewards["frac_reward_zero_std"] + \
+        missing.view(-1, cfg.num_generations).all(1).float().mean()
+    rewards["frac_reward_missing"] = missing.float().mean()
     completions = {"completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
                    "completions/clipped_ratio": scores.truncated.float().mean(),
                    "completions/kept_fraction": keep.float().mean(),
@@ -490,7 +558,7 @@ def step_metrics(scores: Scores, keep: torch.Tensor, loss: torch.Tensor, grad_no
     accuracy = accuracy_name(reward_names)
     if accuracy is not None:
         metrics["accuracy"] = metrics[f"rewards/{accuracy}/mean"]
-    metrics.update({"step": step, "lr": lr, **per_process, **completions})
+    metrics.update({"step": step, "lr": lr, **per_process, **completions, "update_skipped": int(not applied)})
     metrics["completions/max_length"] = int(metrics["completions/max_length"])
     metrics["num_tokens"] = int(metrics["num_tokens"])
     metrics.update(timer.metrics())
@@ -501,20 +569,43 @@ def step_metrics(scores: Scores, keep: torch.Tensor, loss: torch.Tensor, grad_no
 
 # ----------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
-    """Runs training as configured; returns a summary: file paths, eval results and the trained ``policy``."""
+    """Runs training as configured, holding ``cfg.output_dir`` for the run (``ownership``); returns a summary: file
+    paths, eval results, the trained ``policy``, and ``signal``, the number of a signal that stopped it (or None).
+
+    Raises ``ValueError`` for a configuration, dataset, output_dir or checkpoint that cannot work (before any model
+    loads, where knowing it needs no model), ``RewardFunctionError``, and ``NonFiniteError``."""
+    accelerator = make_accelerator(cfg)
+    with own_output_dir(cfg.output_dir, accelerator, resuming=cfg.resume_from_checkpoint is not None,
+                        overwrite=cfg.overwrite_output_dir):
+        return run(cfg, accelerator)
+
+
+def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
+    """The run of :func:`train` in its output_dir: setup, the loop, the files."""
     from transformers import TrainerState
 
-    # ---- setup: accelerator, data, rewards, models, optimizer, resume state, generation engine, reporting
-    accelerator = make_accelerator(cfg)
+    # ---- checks that need no model: data, rewards and the columns they read, the schedule, the resume checkpoint
     fsdp_cpu = distributed.fsdp2_on_cpu(accelerator)  # FSDP asked for, accelerate MULTI_CPU: shard by hand
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     G = cfg.num_generations
     set_seed(cfg.seed)
     train_rows, eval_rows = load_rows(cfg)
     reward_names, reward_funcs = build_reward_funcs(cfg.reward_funcs, cfg.max_completion_length)
+    check_columns(reward_names, reward_funcs, train_rows, "the train rows")
+    check_columns(reward_names, reward_funcs, eval_rows, "the eval rows")
+    check_scheduler(cfg)
     group_filter = GroupFilter(cfg.group_filter, G, cfg.num_remains_in_group, adaptive=cfg.adaptive_difficulty,
                                scale_rewards=cfg.scale_rewards) if cfg.algorithm == "gfpo" else None
-    resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir) if cfg.resume_from_checkpoint else None
+    identity = {k: getattr(cfg, k) for k in ckpt.IDENTITY}
+    resume = None
+    identity["run_id"] = uuid.uuid4().hex
+    if cfg.resume_from_checkpoint:
+        resume, manifest, notes = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, identity)
+        identity["run_id"] = manifest["run_id"]  # the resumed run goes on owning (and pruning) its checkpoints
+        for note in notes:
+            accelerator.print(note)
+
+    # ---- setup: models, prompts screened against the model's context, optimizer, resume state, engine, reporting
     model, tokenizer = load_policy(cfg, resume)
     ref_model = None
     if cfg.beta != 0.0 and not cfg.use_peft:  # a LoRA policy's reference is its base: adapters disabled
@@ -538,6 +629,12 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.beta != 0.0 and cfg.use_peft:
         ref_model = model
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
+    train_rows, train_prompts, notes = screen_prompts(train_rows, tokenizer, accelerator.unwrap_model(model).config,
+                                                      cfg, "train")
+    eval_rows, eval_prompts, eval_notes = screen_prompts(eval_rows, tokenizer, accelerator.unwrap_model(model).config,
+                                                         cfg, "eval")
+    for note in notes + eval_notes:
+        accelerator.print(note)
     sampler = PromptSampler(len(train_rows), cfg.seed)
     step = restore(resume, accelerator, cfg.seed, model, optimizer, scheduler, sampler, group_filter)
 
@@ -546,8 +643,6 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(config_yaml)
-    train_prompts = [prompt_token_ids(tokenizer, r["prompt"], cfg.chat_template_kwargs) for r in train_rows]
-    eval_prompts = [prompt_token_ids(tokenizer, r["prompt"], cfg.chat_template_kwargs) for r in eval_rows]
     verify_lm_head(accelerator.unwrap_model(model), train_prompts[0])
     vllm = None
     if cfg.generation_backend == "vllm":
@@ -566,7 +661,7 @@ def train(cfg: TrainConfig) -> dict:
     evaluate_policy = functools.partial(evaluate, model, tokenizer, eval_rows, eval_prompts, cfg, accelerator,
                                         reward_names, reward_funcs, eos_ids)
     do_eval = cfg.do_eval and bool(eval_rows)
-    evals, last_saved = {}, None
+    evals, last_saved, guard = {}, None, NonFiniteGuard(cfg.max_nonfinite_steps)
     prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // G
 
     # ---- the loop: one generation batch per iteration (num_iterations optimizer steps on it)
@@ -592,24 +687,30 @@ def train(cfg: TrainConfig) -> dict:
             with timer("old_ref_logprobs"):
                 batch, sync_metrics = old_and_ref_logprobs(model, ref_model, batch, cfg, share_prompts, accelerator)
             for _ in range(cfg.num_iterations):  # the metrics are those of the last iteration
-                if step >= cfg.max_steps:
+                if step >= cfg.max_steps or guard.exhausted:
                     break
                 loss, loss_metrics = accumulate_gradients(model, batch, cfg, loss_kwargs, accelerator, share_prompts,
                                                           timer)
                 with timer("optimizer"):
-                    grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, accelerator)
+                    grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, accelerator, loss)
+                    applied = finite_everywhere(accelerator, grad_norm, loss)  # optimizer_step's own test
                 step += 1
-            metrics, stop_now = step_metrics(scores, keep, loss, grad_norm, loss_metrics, stop.is_set(), step=step,
-                                             lr=scheduler.get_last_lr()[0], reward_names=reward_names, cfg=cfg,
-                                             accelerator=accelerator, timer=timer)
+                warning = guard.update(applied, step, last_saved)
+                if warning:
+                    reporter.print(warning)
+            metrics, stop_now = step_metrics(scores, keep, loss, grad_norm, loss_metrics, stop.signum is not None,
+                                             applied, step=step, lr=scheduler.get_last_lr()[0],
+                                             reward_names=reward_names, cfg=cfg, accelerator=accelerator, timer=timer)
             reporter.log({**metrics, **sync_metrics})
             reporter.log_completions(step, rows, scores, keep, batch.advantages, reward_names)
+            if guard.exhausted:  # no checkpoint of this state: the last good one stays the newest kept
+                raise guard.error(step)
             if do_eval and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
                 evals[f"step_{step}"] = reporter.log_eval(f"step {step}", step, evaluate_policy())
             if step % cfg.save_steps == 0 or step >= cfg.max_steps or stop_now:
                 last_saved = ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, optimizer, tokenizer,
                                                   checkpoint_state(step, scheduler, sampler, group_filter),
-                                                  config_yaml, cfg.save_total_limit)
+                                                  config_yaml, cfg.save_total_limit, identity, keep=guard.keep)
             if stop_now:
                 reporter.print(f"stopped by signal at step {step}; resume with --resume_from_checkpoint {last_saved}")
                 break
@@ -622,7 +723,7 @@ def train(cfg: TrainConfig) -> dict:
     plot = reporter.finish()
     summary = {"step": step, "metrics": str(reporter.metrics_path), "plot": str(plot), "checkpoint": str(last_saved),
                "model": str(last_saved / "model") if last_saved else None, "evals": evals,
-               "policy": accelerator.unwrap_model(model)}
+               "policy": accelerator.unwrap_model(model), "signal": stop.signum}
     if accelerator.is_main_process:
         (out_dir / "eval.json").write_text(json.dumps(evals, indent=2))
         summary["eval"] = str(out_dir / "eval.json")
@@ -637,13 +738,15 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: 0 for a finished run, 128 + the signal's number for one stopped by a signal (checkpointed),
+    2 with an ``error:`` line for a run that could not start or had to stop."""
     try:
         cfg = parse_args(argv)
-        train(cfg)
-    except (ValueError, RewardFunctionError) as err:
+        summary = train(cfg)
+    except (ValueError, RewardFunctionError, NonFiniteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if summary["signal"] is None else 128 + summary["signal"]
 
 
 if __name__ == "__main__":

@@ -11,15 +11,23 @@ Layout of ``<output_dir>/checkpoints/checkpoint-<step>/``:
   directory (the engine's own ZeRO checkpoint; untested here, no GPU);
 * ``trainer_state.pt``: scheduler, step, prompt-sampler position, GFPO filter history (the same on every rank);
 * ``rng_state_<rank>.pt``: Python, NumPy and torch (CPU and CUDA) generator states of each process;
-* ``config.yaml``: the run's configuration, for reference.
+* ``config.yaml``: the run's configuration, for reference;
+* ``checkpoint.json`` (``MANIFEST``, written last): the run id, the step, the algorithm and whether it is a LoRA
+  adapter, and the size of every other file. ``verify`` checks it before a resume, so a truncated or missing
+  file is named before anything loads, and ``resolve_resume('latest')`` skips a damaged checkpoint for the
+  newest intact one, saying which and why.
 
 A checkpoint is written into ``checkpoint-<step>.tmp`` and renamed into place only when complete, so a
 crash or a second signal never leaves a half-written checkpoint under a final name, and an existing
-checkpoint is replaced only by a complete one. Resuming with the same configuration on the same
+checkpoint is replaced only by a complete one; a ``.tmp`` left by a crash is removed by the next start
+(``clean_partial``). Pruning (``save_total_limit``) removes only checkpoints whose manifest carries the
+current run's id, never a ``keep`` checkpoint. Resuming with the same configuration on the same
 device and process count reproduces the uninterrupted run (bit-exact on the CPU, FSDP2 included).
+The promises of a run about its output_dir: ``docs/checkpoints.md``.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -33,7 +41,10 @@ import numpy as np
 import torch
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL = re.compile(r"^checkpoint-(\d+)\.(tmp|old)$")
 OPTIMIZER = "optimizer"  # the optimizer state's directory in a checkpoint
+MANIFEST = "checkpoint.json"
+IDENTITY = ("algorithm", "use_peft")  # what a resume must keep: another value is another model or state layout
 
 
 def checkpoints_dir(output_dir: str) -> Path:
@@ -49,23 +60,90 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(spec: str, output_dir: str) -> Path:
-    """``resume_from_checkpoint`` -> a checkpoint directory ('latest' = newest in output_dir)."""
+def read_manifest(path: Path) -> dict | None:
+    """The ``MANIFEST`` of checkpoint ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed (naming the file), or None when it is intact: every file of its
+    manifest is there with the size it was written with."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        return (f"{path / MANIFEST} is missing or unreadable (a checkpoint of an older gfpo-fast, or a damaged one); "
+                f"start a new run from its weights with --model_name_or_path {path / 'model'}")
+    for name, size in manifest["files"].items():
+        file = path / name
+        found = file.stat().st_size if file.is_file() else None
+        if found != size:
+            return f"{file}: " + ("missing" if found is None else f"{found} bytes, written with {size}") + \
+                " (truncated or damaged)"
+    return None
+
+
+def resolve_resume(spec: str, output_dir: str, identity: dict) -> tuple[Path, dict, list[str]]:
+    """``resume_from_checkpoint`` -> ``(checkpoint directory, its manifest, notes)``; 'latest' is the newest intact
+    checkpoint of output_dir, and ``notes`` say which newer ones were skipped and why. A damaged checkpoint named
+    by path, or one written with another ``IDENTITY`` value than ``identity`` has, is a ``ValueError``."""
+    notes = []
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise ValueError(f"resume_from_checkpoint='latest' but {checkpoints_dir(output_dir)} holds no checkpoint; "
                              "drop the flag to start a new run")
-        return found[-1]
-    path = Path(spec).expanduser()
-    if not (path / "trainer_state.pt").is_file() or not (path / "model").is_dir():
-        raise ValueError(f"resume_from_checkpoint: {path} is not a checkpoint directory (expected model/ and "
-                         "trainer_state.pt inside)")
-    if not (path / OPTIMIZER).is_dir():
-        raise ValueError(f"resume_from_checkpoint: {path} has no {OPTIMIZER}/ directory: it was written by an older "
-                         "gfpo-fast (optimizer state of rank 0 only, inside trainer_state.pt); start a new run from "
-                         f"its weights with --model_name_or_path {path / 'model'}")
-    return path
+        path = None
+        for candidate in reversed(found):
+            problem = verify(candidate)
+            if problem is None:
+                path = candidate
+                break
+            notes.append(f"resume_from_checkpoint='latest': skipped {candidate.name}: {problem}")
+        if path is None:
+            raise ValueError(f"resume_from_checkpoint='latest': no intact checkpoint in {checkpoints_dir(output_dir)}:"
+                             " " + "; ".join(notes))
+    else:
+        path = Path(spec).expanduser()
+        if not (path / "trainer_state.pt").is_file() or not (path / "model").is_dir():
+            raise ValueError(f"resume_from_checkpoint: {path} is not a checkpoint directory (expected model/ and "
+                             "trainer_state.pt inside)")
+        if not (path / OPTIMIZER).is_dir():
+            raise ValueError(f"resume_from_checkpoint: {path} has no {OPTIMIZER}/ directory: it was written by an "
+                             "older gfpo-fast (optimizer state of rank 0 only, inside trainer_state.pt); start a new "
+                             f"run from its weights with --model_name_or_path {path / 'model'}")
+        problem = verify(path)
+        if problem is not None:
+            raise ValueError(f"resume_from_checkpoint: {problem}")
+    manifest = read_manifest(path)
+    changed = {k: (manifest[k], identity[k]) for k in IDENTITY if manifest[k] != identity[k]}
+    if changed:
+        diff = ", ".join(f"{k}={old!r} (this run: {new!r})" for k, (old, new) in changed.items())
+        raise ValueError(f"resume_from_checkpoint: {path} was written with {diff}; resume with the checkpoint's "
+                         f"values, or start a new run from its weights with --model_name_or_path {path / 'model'}")
+    return path, manifest, notes
+
+
+def clean_partial(output_dir: str) -> list[str]:
+    """Tidies what an interrupted save left in output_dir's checkpoints (main process, before a run starts):
+    a ``checkpoint-<step>.old`` whose replacement never landed goes back in place, every other ``.tmp`` / ``.old``
+    is deleted. Returns a note per item."""
+    root, notes = checkpoints_dir(output_dir), []
+    if not root.is_dir():
+        return notes
+    for p in sorted(root.iterdir()):
+        m = PARTIAL.match(p.name)
+        if m is None:
+            continue
+        final = root / f"checkpoint-{m.group(1)}"
+        if m.group(2) == "old" and not final.exists():
+            os.replace(p, final)
+            notes.append(f"restored {final.name} from {p.name}, left by an interrupted save")
+        else:
+            shutil.rmtree(p)
+            notes.append(f"removed {p}, a partial checkpoint left by an interrupted save")
+    return notes
 
 
 def rng_state() -> dict:
@@ -131,13 +209,19 @@ def load_optimizer(accelerator, path: Path, model, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = {"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}
     with _single_process_ok():
-        dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+        try:
+            dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+        except Exception as err:  # noqa: BLE001 - DCP wraps the reader's error; name the directory
+            raise ValueError(f"resume_from_checkpoint: the optimizer state in {path} could not be read "
+                             f"({type(err).__name__}: {str(err)[:300]})") from err
     set_optimizer_state_dict(model, _inner(optimizer), state["optimizer"])
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, model, optimizer, tokenizer, trainer_state: dict,
-                    config_yaml: str, total_limit: int) -> Path:
-    """Writes ``checkpoint-<step>`` on every process's behalf (collective: call it on all ranks)."""
+                    config_yaml: str, total_limit: int, identity: dict, keep: Path | None = None) -> Path:
+    """Writes ``checkpoint-<step>`` on every process's behalf (collective: call it on all ranks), then prunes the
+    run's checkpoints to the newest ``total_limit``. ``identity``: ``run_id`` and the ``IDENTITY`` fields, into the
+    manifest; ``keep``: a checkpoint pruning leaves alone (the last one before a non-finite step)."""
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f"checkpoint-{step}.tmp"
@@ -145,15 +229,23 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model, optimizer, t
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    save_optimizer(accelerator, tmp / OPTIMIZER, model, optimizer)
-    state_dict = full_model_state_dict(accelerator, model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "model", state_dict=state_dict)
-        tokenizer.save_pretrained(tmp / "model")
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-    accelerator.wait_for_everyone()
+    try:
+        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        save_optimizer(accelerator, tmp / OPTIMIZER, model, optimizer)
+        state_dict = full_model_state_dict(accelerator, model)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(tmp / "model", state_dict=state_dict)
+            tokenizer.save_pretrained(tmp / "model")
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+            (tmp / "config.yaml").write_text(config_yaml)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps({**identity, "step": step, "files": files}, indent=1))
+    except BaseException:  # a full disk, a second signal: no partial checkpoint stays behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
         if final.exists():  # same step written twice (e.g. a signal right after a save): swap, then delete
             old = root / f"checkpoint-{step}.old"
@@ -163,17 +255,27 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model, optimizer, t
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        for stale in list_checkpoints(output_dir)[:-total_limit]:
+        mine = [c for c in list_checkpoints(output_dir)
+                if c != keep and (read_manifest(c) or {}).get("run_id") == identity["run_id"]]
+        for stale in mine[:-total_limit]:
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
 
 
+def _torch_load(file: Path):
+    """``torch.load`` of a checkpoint file; a failure is a ``ValueError`` naming the file."""
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - unpickling fails in many ways; each names the file
+        raise ValueError(f"resume_from_checkpoint: {file} could not be read ({type(err).__name__}: {err})") from err
+
+
 def load_checkpoint(path: Path, process_index: int) -> tuple[dict, dict | None]:
     """``(trainer_state, rng_state of this rank or None if the run had fewer ranks)``."""
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    trainer_state = _torch_load(path / "trainer_state.pt")
     rng_file = path / f"rng_state_{process_index}.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+    rng = _torch_load(rng_file) if rng_file.is_file() else None
     return trainer_state, rng
 
 

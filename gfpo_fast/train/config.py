@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,8 +157,19 @@ class TrainConfig:
     logging_steps: int = _f(1, "refresh the progress bar (and log_completions) every this many steps (TRL: "
                                "10; metrics.jsonl and the trackers get every step)")
     save_steps: int = _f(10, "checkpoint every this many steps (and at the end; TRL: 500)")
-    save_total_limit: int = _f(2, "checkpoints to keep (older ones are deleted)")
-    resume_from_checkpoint: str | None = _f(None, "a checkpoint directory, or 'latest' for the newest in output_dir")
+    save_total_limit: int = _f(2, "checkpoints of this run to keep (its older ones are deleted; never another run's, "
+                               "nor the last one written before a non-finite step: docs/checkpoints.md)")
+    resume_from_checkpoint: str | None = _f(None, "a checkpoint directory, or 'latest' for the newest intact one in "
+                                            "output_dir (a damaged one is skipped, and said so)")
+    overwrite_output_dir: bool = _f(False, "start a new run in an output_dir that holds an earlier run's files "
+                                    "(checkpoints, metrics, config), deleting them first; without it such a folder is "
+                                    "refused unless resume_from_checkpoint is given")
+    max_nonfinite_steps: int = _f(3, "a step whose loss or gradient norm is NaN or inf is skipped (no update) and "
+                                  "logged; this many in a row stop the run, its last good checkpoint kept")
+    invalid_prompts: str = _f("error", "prompts that are empty, or too long for the model's context with "
+                              "max_completion_length after them: 'error' (refuse them before the model trains), "
+                              "'drop' (leave them out, with a count) or 'truncate' (keep the end of a long prompt, "
+                              "drop the empty ones, with a count)")
     push_to_hub: bool = _f(False, "upload the final checkpoint's model (weights, config, tokenizer) to the Hugging "
                            "Face Hub at the end (needs a network and a token: `hf auth login`; refused up front with "
                            "HF_HUB_OFFLINE=1)")
@@ -187,7 +199,25 @@ class TrainConfig:
                                               "(None: all of them); the file and the trackers get every row")
 
     def __post_init__(self):
+        self._check_types()
         self.validate()
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its annotated type (an int where a float goes becomes a float): a YAML
+        string such as "false" or "1e-4" reaches here only through the command-line parser (``parse_args``)."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            kinds = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+            if value is None and type(None) in typing.get_args(hint):
+                continue
+            if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            if not any(_is_instance(value, k) for k in kinds):
+                expected = " or ".join(_type_name(k) for k in kinds) + (" or None" if _is_union(hint) and
+                                                                       type(None) in typing.get_args(hint) else "")
+                raise ValueError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__})")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -207,6 +237,13 @@ class TrainConfig:
                              "TRANSFORMERS_OFFLINE): nothing could be uploaded at the end of the run; unset it, or "
                              "drop push_to_hub and upload the checkpoint's model/ later with `hf upload`")
         choice("dtype", ("float32", "bfloat16", "float16"))
+        choice("invalid_prompts", ("error", "drop", "truncate"))
+        if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
+            raise ValueError("overwrite_output_dir=True deletes the earlier run that resume_from_checkpoint="
+                             f"{self.resume_from_checkpoint!r} continues; choose one")
+        if not self.output_dir.strip():
+            raise ValueError(f"output_dir must be a non-empty path (an empty one would write into the current "
+                             f"directory), got {self.output_dir!r}")
         for name in ("num_generations", "max_completion_length", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "max_steps", "logging_steps", "save_steps", "num_iterations",
                      "eval_batch_size", "save_total_limit", "arithmetic_num_train", "lm_head_chunk_size"):
@@ -255,6 +292,25 @@ class TrainConfig:
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        self._validate_ranges()
+
+    def _validate_ranges(self) -> None:
+        """The numeric fields of the optimisation, sampling and loss, and the loss keywords as the loss op checks
+        them (``gfpo_fast.policy_loss.make_loss_config``): all before any model loads."""
+        for name, low in (("warmup_steps", 0), ("top_k", 0), ("max_nonfinite_steps", 1), ("seed", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        for name, low, inclusive in (("learning_rate", 0.0, False), ("max_grad_norm", 0.0, True),
+                                     ("weight_decay", 0.0, True), ("vllm_importance_sampling_cap", 0.0, False)):
+            value = getattr(self, name)
+            if not (value >= low if inclusive else value > low) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
+        for name in ("top_p", "vllm_gpu_memory_utilization"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+        from gfpo_fast.policy_loss import make_loss_config
+
+        make_loss_config(**self.loss_kwargs(1))
 
     def _validate_logging(self) -> None:
         """The tracker and completion-logging fields; ``report_to`` given as one string becomes a list, and
@@ -346,6 +402,27 @@ def _json_mapping(name: str, value, what: str):
     return value
 
 
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _is_instance(value, kind) -> bool:
+    """``isinstance`` for a field's annotation: ``list[str]`` checks the items, a bool is no int or float."""
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {_type_name(typing.get_args(kind)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(kind, kind.__name__)
+
+
 # ---------------------------------------------------------------------- command line
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
@@ -364,8 +441,7 @@ def _none_or(kind):
 
 
 def _argument(parser: argparse.ArgumentParser, f: dataclasses.Field, hint) -> None:
-    optional = typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and \
-        type(None) in typing.get_args(hint)
+    optional = _is_union(hint) and type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     # SUPPRESS: a flag that is not given leaves the YAML's value (or the field's default) alone
@@ -399,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """``TrainConfig`` from ``--config file.yaml`` (optional) and command-line flags (which win)."""
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     values = {}
     path = args.pop("config")
     if path is not None:
@@ -408,12 +485,34 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"--config {p}: no such file")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            with p.open() as stream:  # a stream, so that PyYAML's error marks name the file
+                loaded = yaml.safe_load(stream) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config {p}: not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {p}: expected a mapping of field: value, got {type(loaded).__name__}")
         unknown = set(loaded) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
             raise ValueError(f"--config {p}: unknown fields {sorted(unknown)}; see `python -m gfpo_fast.train --help`")
-        values.update(loaded)
+        actions = {a.dest: a for a in parser._actions}
+        values.update({k: _yaml_value(actions[k], v, p) for k, v in loaded.items()})
     values.update(args)
     return TrainConfig(**values)
+
+
+def _yaml_value(action: argparse.Action, value, path: Path):
+    """A YAML value as the command line would have it: text (PyYAML reads ``1e-4`` and a quoted ``"false"`` as
+    text) goes through the flag's own parser, so ``"false"`` is False and ``1e-4`` a float; a list item likewise.
+    Other values (numbers, booleans, mappings) are left to ``TrainConfig``'s type check."""
+    def parse(v):
+        if not isinstance(v, str) or action.type is None:
+            return v
+        try:
+            return action.type(v)
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise ValueError(f"--config {path}: {action.dest}: cannot read {v!r} as {action.metavar} ({err})") from err
+
+    if action.nargs == "+":
+        return [parse(v) for v in value] if isinstance(value, list) else value
+    return parse(value)

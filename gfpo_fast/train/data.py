@@ -91,8 +91,16 @@ def _read_rows(path: Path, what: str = "dataset_name") -> list[dict]:
     """Rows of one local file, read without ``datasets`` (see the module docstring)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
+        rows = []
         with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{number}: not a JSON object ({err.msg} at column {err.colno})") \
+                            from err
+        return rows
     if suffix == ".json":
         data = json.loads(path.read_text())
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -297,6 +305,54 @@ class PromptSampler:
                              f"{self.num_rows}; resume with the same dataset")
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._permutation()
+
+
+def is_empty(prompt) -> bool:
+    """A prompt with no text: an empty (or blank) string, or messages whose contents are all blank."""
+    if is_conversational(prompt):
+        return all(not str(m["content"]).strip() for m in prompt)
+    return not prompt.strip()
+
+
+def screen_prompts(rows: list[dict], tokenizer, model_config, cfg, split: str) -> tuple[list[dict], list[list[int]],
+                                                                                        list[str]]:
+    """Tokenizes the prompts of ``rows`` (``prompt_token_ids``) and applies ``cfg.invalid_prompts`` to the empty ones
+    and to those longer than the model's context (``max_position_embeddings``) less ``max_completion_length``:
+    'error' raises a ``ValueError`` with their count and first row, 'drop' leaves them out, 'truncate' keeps the last
+    tokens of a long prompt (drops the empty ones). Returns ``(rows, token ids, notes)``, a note per change; done
+    before step 1, so that no prompt fails mid-run. ``split``: 'train' or 'eval', for the messages."""
+    ids = [prompt_token_ids(tokenizer, r["prompt"], cfg.chat_template_kwargs) for r in rows]
+    context = getattr(model_config, "max_position_embeddings", None)
+    room = None if context is None else context - cfg.max_completion_length
+    if room is not None and room < 1:
+        raise ValueError(f"max_completion_length={cfg.max_completion_length} leaves no room for a prompt in the "
+                         f"model's context of {context} tokens; lower it")
+    blank = [not p or is_empty(r["prompt"]) for r, p in zip(rows, ids)]
+    empty = [i for i, b in enumerate(blank) if b]
+    long = [i for i, p in enumerate(ids) if room is not None and len(p) > room and not blank[i]]
+    if not empty and not long:
+        return rows, ids, []
+    found = []
+    if empty:
+        found.append(f"{len(empty)} empty (first: row {empty[0]})")
+    if long:
+        found.append(f"{len(long)} longer than {room} tokens, the model's context of {context} less "
+                     f"max_completion_length={cfg.max_completion_length} (first: row {long[0]}, {len(ids[long[0]])} "
+                     "tokens)")
+    what = f"{split} prompts: {' and '.join(found)}"
+    if cfg.invalid_prompts == "error":
+        raise ValueError(f"{what}; fix the data, or pass --invalid_prompts drop (leave them out) or truncate (keep "
+                         "the end of a long prompt)")
+    if cfg.invalid_prompts == "truncate":
+        ids = [p[-room:] if len(p) > room else p for p in ids]
+        drop = set(empty)
+    else:
+        drop = set(empty) | set(long)
+    kept = [i for i in range(len(rows)) if i not in drop]
+    if split == "train" and not kept:
+        raise ValueError(f"{what}: invalid_prompts={cfg.invalid_prompts!r} leaves no train prompt")
+    action = "truncated the long ones, dropped the empty ones" if cfg.invalid_prompts == "truncate" else "dropped them"
+    return [rows[i] for i in kept], [ids[i] for i in kept], [f"{what}: {action} ({len(kept)} of {len(rows)} kept)"]
 
 
 def load_rows(cfg) -> tuple[list[dict], list[dict]]:

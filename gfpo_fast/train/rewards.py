@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import re
 import sys
@@ -124,6 +125,8 @@ def math_accuracy_reward(completions, answer=None, solution=None, **kwargs) -> l
     return out
 
 
+math_accuracy_reward.columns_one_of = ("answer", "solution")  # read by check_columns
+
 ACCURACY_REWARDS = ("accuracy", "math_accuracy")  # built-ins that measure correctness (the evals report them)
 
 
@@ -180,6 +183,30 @@ def build_reward_funcs(specs: list[str], max_completion_length: int) -> tuple[li
     funcs = [builtins[s] if s in builtins else load_function(s, "reward_funcs") for s in specs]
     names = [s if s in builtins else s.rsplit(":", 1)[1] for s in specs]
     return names, funcs
+
+
+CALL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric")  # not dataset columns
+
+
+def check_columns(names: list[str], funcs: list, rows: list[dict], source: str) -> None:
+    """Every row of ``rows`` has the dataset columns each reward function needs: its keyword parameters without a
+    default (other than ``CALL_ARGUMENTS``), and one of ``func.columns_one_of`` when it sets that. A ``ValueError``
+    names the function, the column and the columns there are, before any model loads."""
+    columns = set.intersection(*(set(r) for r in rows)) if rows else set()
+    for name, func in zip(names, funcs):
+        try:
+            params = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+            continue
+        needed = [p.name for p in params if p.default is p.empty and p.name not in CALL_ARGUMENTS
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        missing = [repr(c) for c in needed if c not in columns]
+        one_of = getattr(func, "columns_one_of", ())
+        if one_of and not columns & set(one_of):
+            missing.append(" or ".join(repr(c) for c in one_of))
+        if missing:
+            raise ValueError(f"reward function {name!r} needs the column {', '.join(missing)} in every row of "
+                             f"{source}, which has {sorted(columns)}; add it, or choose other reward_funcs")
 
 
 def score(funcs, names, rows: list[dict], completions: list, completion_ids: list[list[int]], trainer_state,
