@@ -225,12 +225,14 @@ def test_public_op_dispatches_to_triton(device):
 
 
 def test_inside_torch_compile(device):
+    """Compiled, the fused loss runs its launches eagerly (graph breaks) and gives the reference's loss and gradient."""
     cfg, logits, ids, inputs = make_inputs(device, spec=dict(algorithm="gmpo"))
+    torch._dynamo.reset()
     compiled = torch.compile(fused_policy_loss_triton, backend="eager")
     loss, _, grad = run(compiled, cfg, logits, ids, inputs)
-    ref_loss, _, ref_grad = run(fused_policy_loss_triton, cfg, logits, ids, inputs)
-    assert_close(loss, ref_loss, atol=0, name="loss")
-    assert_close(grad, ref_grad, atol=0, name="grad")
+    ref_loss, _, ref_grad = run(fused_policy_loss_ref, cfg, logits, ids, inputs)
+    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5, name="loss")
+    assert_close(grad, ref_grad, atol=1e-7, rtol=1e-5, name="grad")
 
 
 @pytest.mark.gpu
