@@ -36,6 +36,16 @@ TRL's defaults; verl's ``rollout_is_weights`` are TRL's vLLM importance-sampling
 does). The KL and entropy terms stay verl's (``use_kl_loss``, ``entropy_coeff``). Metrics: TRL's names under
 ``actor/``. Where verl's own loss has the same math the values and gradients are equal (docs/verl.md has the
 table, and where they differ).
+
+**GFPO** (``algorithm.adv_estimator=gfpo_fast_gfpo`` with ``+algorithm.gfpo.num_remains_in_group=K`` and
+optionally ``+algorithm.gfpo.group_filter=length|token_efficiency|module:function`` and
+``+algorithm.gfpo.adaptive_difficulty=true``): each ``uid`` group keeps its top k of G by the filter score, the
+advantages come from the kept rows' statistics exactly as :func:`gfpo_fast.gfpo_filter` (the filters and adaptive
+k are the trainer's :class:`gfpo_fast.train.filters.GroupFilter`). ``compute_gfpo_advantage`` is registered as the
+estimator and zeroes the dropped rows' ``response_mask``; in verl's PPO trainer, where this module also wraps
+``ray_trainer.compute_advantage`` (when the trainer imports), :func:`gfpo_filter_batch` removes the dropped rows
+from the batch, so they add nothing to the loss or to any normaliser (``ppo_mini_batch_size * rollout.n`` must
+divide ``train_batch_size * K``).
 """
 from __future__ import annotations
 
@@ -60,15 +70,24 @@ def check_verl_version(version: str) -> None:
 
 check_verl_version(verl.__version__)
 
+from verl import DataProto  # noqa: E402
 from verl.models.transformers import monkey_patch  # noqa: E402
-from verl.trainer.ppo.core_algos import register_policy_loss  # noqa: E402
+from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss  # noqa: E402
 from verl.utils.experimental import torch_functional  # noqa: E402
 
+from .._checks import require_num_remains  # noqa: E402
 from ..fused_linear import fused_linear_logprobs  # noqa: E402
 from ..lm_head import config_transform  # noqa: E402
 from ..policy_loss import GLOBAL_TOKEN_LOSSES, make_loss_config, policy_loss_ref  # noqa: E402
+from ..train.filters import GroupFilter  # noqa: E402
 
-__all__ = ["BACKEND", "POLICY_LOSSES", "SUPPORTED_VERL", "FusedLinearLogprobsForPPO", "check_verl_version"]
+try:  # verl's PPO trainer needs more than verl's light install (torchdata, fastapi, ...): no trainer, no hook
+    from verl.trainer.ppo import ray_trainer
+except ImportError:  # pragma: no cover - exercised only by installs without the trainer's dependencies
+    ray_trainer = None
+
+__all__ = ["BACKEND", "GFPO_ESTIMATOR", "POLICY_LOSSES", "SUPPORTED_VERL", "FusedLinearLogprobsForPPO",
+           "check_verl_version", "compute_gfpo_advantage", "gfpo_advantages", "gfpo_filter_batch"]
 
 BACKEND = "gfpo_fast"  # the value of actor_rollout_ref.model.fused_kernel_options.impl_backend
 
@@ -209,3 +228,105 @@ def _verl_policy_loss(loss_kwargs: dict):
 
 for _name, _kwargs in POLICY_LOSSES.items():
     register_policy_loss(f"gfpo_fast_{_name}")(_verl_policy_loss(_kwargs))
+
+
+# ----------------------------------------------------------------------------- GFPO
+GFPO_ESTIMATOR = "gfpo_fast_gfpo"  # the value of algorithm.adv_estimator
+_group_filters: dict[tuple, GroupFilter] = {}  # one per setting, so that adaptive k keeps its reward history
+
+
+def _group_filter(config, G: int) -> GroupFilter:
+    """The :class:`gfpo_fast.train.filters.GroupFilter` of verl's ``algorithm`` config (``config.gfpo``)."""
+    gfpo = config.get("gfpo") if config is not None else None
+    if not gfpo or gfpo.get("num_remains_in_group") is None:
+        raise ValueError(f"adv_estimator={GFPO_ESTIMATOR} needs algorithm.gfpo.num_remains_in_group, k with "
+                         f"2 <= k < rollout.n (={G}): add +algorithm.gfpo.num_remains_in_group=K")
+    k = int(gfpo.get("num_remains_in_group"))
+    require_num_remains(k, G)
+    scale = "group" if config.get("norm_adv_by_std_in_grpo", True) else "none"
+    key = (str(gfpo.get("group_filter", "length")), G, k, bool(gfpo.get("adaptive_difficulty", False)), scale)
+    if key not in _group_filters:
+        _group_filters[key] = GroupFilter(key[0], G, k, adaptive=key[3], scale_rewards=scale)
+    return _group_filters[key]
+
+
+def _group_order(index) -> tuple[torch.Tensor, int]:
+    """``(order [N], G)``: a stable permutation that puts the rows of each ``uid`` of ``index`` (``N`` ids) next
+    to each other, groups in order of first appearance, and the group size, which must be the same for all."""
+    first: dict = {}
+    group = torch.tensor([first.setdefault(uid, len(first)) for uid in index])
+    counts = torch.bincount(group)
+    if counts.min() != counts.max():
+        raise ValueError(f"GFPO needs the same number of responses for every uid, got group sizes from "
+                         f"{int(counts.min())} to {int(counts.max())}")
+    return torch.sort(group, stable=True).indices, int(counts[0])
+
+
+def gfpo_advantages(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index, config,
+                    responses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GFPO over verl's groups: ``(advantages [N, T] fp32, keep [N] bool)``.
+
+    ``token_level_rewards`` ``[N, T]`` (a row's reward is its sum, as in verl's GRPO), ``response_mask`` ``[N, T]``,
+    ``index`` the ``N`` uids (rows of a uid form a group of ``G``, anywhere in the batch), ``config`` verl's
+    ``algorithm`` config: ``gfpo.num_remains_in_group`` (k), ``gfpo.group_filter`` (``length``, the default:
+    the shortest kept; ``token_efficiency``: reward / length; ``module:function``: TRL's ``group_filter_func``
+    contract, given each response's token ids as its completion, which needs ``responses`` ``[N, T]``),
+    ``gfpo.adaptive_difficulty`` (k per group from its difficulty, as the trainer's
+    :class:`gfpo_fast.train.filters.GroupFilter`) and ``norm_adv_by_std_in_grpo`` (False: no std scaling). Each
+    group keeps its top k by score; advantages are :func:`gfpo_fast.gfpo_filter`'s (the kept rows' mean and std,
+    0 for dropped rows), on each row's response tokens."""
+    order, G = _group_order(index)
+    gfilter = _group_filter(config, G)
+    rewards = token_level_rewards.sum(-1).float()
+    lengths = response_mask.sum(-1)
+    completions = None
+    if gfilter.user_func is not None:
+        if responses is None:
+            raise ValueError("a module:function GFPO group filter scores the responses: call gfpo_filter_batch "
+                             "(verl's trainer does) so that it gets their token ids")
+        completions = [responses[i][response_mask[i].bool()].tolist() for i in order.tolist()]
+    adv_grouped, keep_grouped = gfilter(rewards[order], lengths[order], completions)
+    adv, keep = torch.empty_like(adv_grouped), torch.empty_like(keep_grouped)
+    adv[order], keep[order] = adv_grouped, keep_grouped
+    return adv[:, None] * response_mask.float(), keep
+
+
+@register_adv_est(GFPO_ESTIMATOR)
+def compute_gfpo_advantage(token_level_rewards, response_mask, index=None, config=None, **kwargs):
+    """verl's estimator signature: ``(advantages, returns)``, both ``[N, T]`` (:func:`gfpo_advantages`). The
+    dropped rows' ``response_mask`` is zeroed in place (it is the batch's own tensor), so that they add nothing to
+    the loss or to the token counts verl normalises by. Within verl's trainer :func:`gfpo_filter_batch` runs
+    instead and removes those rows."""
+    if index is None:
+        raise ValueError(f"adv_estimator={GFPO_ESTIMATOR} groups the responses by uid; verl passes it as index")
+    advantages, keep = gfpo_advantages(token_level_rewards, response_mask, index, config)
+    response_mask.mul_(keep[:, None].to(response_mask.dtype))
+    return advantages, advantages
+
+
+def gfpo_filter_batch(data: DataProto, config) -> DataProto:
+    """GFPO on a verl batch: writes ``advantages`` and ``returns`` (:func:`gfpo_advantages`) and returns the kept
+    rows only (``DataProto.select_idxs``), in their order, so that the dropped rows enter no forward, backward,
+    loss or normaliser under any ``loss_agg_mode`` (verl recounts the tokens of each mini-batch, and its
+    ``global_batch_size`` is the rows of a mini-batch, ``ppo_mini_batch_size * rollout.n``, which must then divide
+    the kept rows). The trainer's step for ``adv_estimator=gfpo_fast_gfpo``."""
+    if "response_mask" not in data.batch.keys():
+        data.batch["response_mask"] = ray_trainer.compute_response_mask(data)
+    advantages, keep = gfpo_advantages(data.batch["token_level_rewards"], data.batch["response_mask"],
+                                       data.non_tensor_batch["uid"], config, responses=data.batch["responses"])
+    data.batch["advantages"] = advantages
+    data.batch["returns"] = advantages
+    return data.select_idxs(keep)
+
+
+if ray_trainer is not None:
+    _verl_compute_advantage = ray_trainer.compute_advantage
+
+    def compute_advantage(data: DataProto, adv_estimator, *args, **kwargs) -> DataProto:
+        """Stands for ``ray_trainer.compute_advantage``: :func:`gfpo_filter_batch` for :data:`GFPO_ESTIMATOR`,
+        verl's function for every other estimator."""
+        if adv_estimator == GFPO_ESTIMATOR:
+            return gfpo_filter_batch(data, kwargs.get("config"))
+        return _verl_compute_advantage(data, adv_estimator, *args, **kwargs)
+
+    ray_trainer.compute_advantage = compute_advantage

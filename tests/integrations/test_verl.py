@@ -5,20 +5,26 @@ Tiny transformers models built from configs (nothing from the Hub), patched thro
 ``DataProto``. ``bash .ci/verl.sh`` builds the environment these tests run in.
 """
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 
 verl = pytest.importorskip("verl")
 
+from omegaconf import OmegaConf  # noqa: E402
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from verl import DataProto  # noqa: E402
 from verl.models.transformers.monkey_patch import apply_monkey_patch  # noqa: E402
+from verl.trainer.ppo import ray_trainer  # noqa: E402
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, get_policy_loss_fn  # noqa: E402
 from verl.utils.experimental import torch_functional  # noqa: E402
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 
 import gfpo_fast as gf  # noqa: E402
 import gfpo_fast.integrations.verl as gf_verl  # noqa: E402
+from gfpo_fast.integrations.verl import compute_gfpo_advantage  # noqa: E402
 
 TEMPERATURE = 0.7
 
@@ -233,3 +239,117 @@ def test_registered_names_do_not_collide():
     verl_own = set(POLICY_LOSS_REGISTRY) - set(names)
     assert {"vanilla", "gspo", "geo_mean", "cispo", "sapo"} <= verl_own
     assert not any(name.startswith("gfpo_fast") for name in verl_own)
+
+
+# ----------------------------------------------------------------------------- GFPO
+# Two prompts of G = 4 responses, their rows interleaved (verl groups by uid, not by position): a0 b0 a1 b1 ...
+UIDS = np.array(["a", "b"] * 4, dtype=object)
+REWARDS = [1.0, 2.0, 0.0, 2.0, 1.0, 0.0, 0.0, 1.0]
+LENGTHS = [5, 1, 2, 6, 3, 1, 4, 3]
+T = 6
+
+
+def gfpo_batch() -> DataProto:
+    mask = (torch.arange(T) < torch.tensor(LENGTHS)[:, None]).long()
+    token_rewards = torch.zeros(8, T)
+    token_rewards[torch.arange(8), torch.tensor(LENGTHS) - 1] = torch.tensor(REWARDS)  # on the last token, as verl
+    responses = torch.randint(3, 50, (8, T), generator=torch.Generator().manual_seed(0)) * mask
+    return DataProto.from_dict(tensors={"responses": responses, "response_mask": mask,
+                                        "token_level_rewards": token_rewards},
+                               non_tensors={"uid": UIDS})
+
+
+def algorithm(**gfpo):
+    return OmegaConf.create({"adv_estimator": gf_verl.GFPO_ESTIMATOR, "norm_adv_by_std_in_grpo": True,
+                             "gfpo": {"num_remains_in_group": 2, **gfpo}})
+
+
+def test_gfpo_hand_computed():
+    """k = 2 of 4 by length: uid a keeps its rows of length 2 and 3 (rewards 0, 1), uid b those of length 1 (rewards
+    2, 0); advantages are (r - mean) / (unbiased std + 1e-4) over the kept rows. Through verl's own
+    ray_trainer.compute_advantage, which the module routes to gfpo_filter_batch: only the kept rows remain."""
+    out = ray_trainer.compute_advantage(gfpo_batch(), adv_estimator=gf_verl.GFPO_ESTIMATOR, config=algorithm())
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    b = 1.0 / (math.sqrt(2.0) + 1e-4)
+    assert list(out.non_tensor_batch["uid"]) == ["b", "a", "a", "b"]  # rows 1, 2, 4, 5 in their order
+    expected = torch.tensor([b, -a, a, -b])
+    mask = out.batch["response_mask"].float()
+    torch.testing.assert_close(out.batch["advantages"], expected[:, None] * mask)
+    torch.testing.assert_close(out.batch["returns"], out.batch["advantages"])
+    assert mask.sum(-1).tolist() == [1, 2, 3, 1]
+
+
+def test_gfpo_equals_the_reference_filter():
+    """Against gf.gfpo_filter on the rows grouped by uid, for the token-efficiency filter."""
+    data = gfpo_batch()
+    advantages, keep = gf_verl.gfpo_advantages(data.batch["token_level_rewards"], data.batch["response_mask"],
+                                               data.non_tensor_batch["uid"], algorithm(group_filter="token_efficiency"))
+    order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # a's rows, then b's
+    rewards, lengths = torch.tensor(REWARDS)[order], torch.tensor(LENGTHS, dtype=torch.float32)[order]
+    ref_adv, ref_keep = gf.gfpo_filter(rewards, rewards / lengths, 4, 2)
+    assert keep[order].tolist() == ref_keep.tolist()
+    torch.testing.assert_close(advantages[order], ref_adv[:, None] * data.batch["response_mask"][order].float())
+
+
+def gfpo_on_responses(group_completions, group_rewards):
+    """A user filter (TRL's contract): keeps the responses with the smallest first token id."""
+    return [[-ids[0] for ids in group] for group in group_completions]
+
+
+def test_gfpo_user_filter_gets_the_response_ids():
+    data = gfpo_batch()
+    first = data.batch["responses"][:, 0]
+    out = gf_verl.gfpo_filter_batch(data, algorithm(group_filter=f"{__name__}:gfpo_on_responses"))
+    for uid in "ab":
+        rows = [i for i in range(8) if UIDS[i] == uid]
+        kept = sorted(rows, key=lambda i: (first[i].item(), i))[:2]
+        assert sorted(out.batch["responses"][:, 0][out.non_tensor_batch["uid"] == uid].tolist()) == \
+            sorted(first[kept].tolist())
+
+
+def test_gfpo_adaptive_difficulty():
+    """Adaptive k (k0 = 2, G = 4): uid a (mean reward 0.5, the hardest quartile) keeps min(k0 + 2, G - 1) = 3 rows,
+    uid b (1.25, the easiest) max(k0 - 1, 2) = 2."""
+    out = gf_verl.gfpo_filter_batch(gfpo_batch(), algorithm(adaptive_difficulty=True, group_filter="length"))
+    uids = list(out.non_tensor_batch["uid"])
+    assert uids.count("a") == 3 and uids.count("b") == 2
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                           "seq-mean-token-sum-norm"])
+def test_gfpo_dropped_rows_add_nothing(loss_agg_mode):
+    """The registered estimator zeroes the dropped rows' response_mask in place: verl's loss on the whole batch then
+    equals its loss on the kept rows only, in value and in gradient (none to a dropped row), for every
+    loss_agg_mode, with the token count verl's engine recounts from the mask and the kept rows as the sequence
+    count (verl's trainer counts the rows it is given: gfpo_filter_batch removes the dropped ones first)."""
+    data = gfpo_batch()
+    mask = data.batch["response_mask"]
+    advantages, _ = compute_gfpo_advantage(data.batch["token_level_rewards"], mask, index=UIDS, config=algorithm())
+    kept = mask.any(-1)
+    assert kept.sum() == 4
+    g = torch.Generator().manual_seed(4)
+    old = -torch.rand(8, T, generator=g)
+    logp = (old + 0.2 * torch.randn(8, T, generator=g)).requires_grad_()
+
+    def loss(rows):
+        m = mask[rows].float()
+        config = actor_config(loss_agg_mode=loss_agg_mode, batch_info={
+            "dp_size": 1, "batch_num_tokens": m.sum().item(), "global_batch_size": int(kept.sum())})
+        return get_policy_loss_fn("vanilla")(old[rows], logp[rows], advantages[rows], m, loss_agg_mode, config)[0]
+
+    whole, only_kept = loss(slice(None)), loss(kept)
+    (grad_whole,) = torch.autograd.grad(whole, logp)
+    (grad_kept,) = torch.autograd.grad(only_kept, logp)
+    assert whole.abs() > 1e-4
+    torch.testing.assert_close(whole, only_kept)
+    torch.testing.assert_close(grad_whole, grad_kept)
+    assert grad_whole[~kept].abs().max() == 0
+
+
+def test_gfpo_refuses_a_missing_or_bad_k():
+    data = gfpo_batch()
+    args = data.batch["token_level_rewards"], data.batch["response_mask"], UIDS
+    with pytest.raises(ValueError, match="num_remains_in_group"):
+        gf_verl.gfpo_advantages(*args, OmegaConf.create({"adv_estimator": gf_verl.GFPO_ESTIMATOR}))
+    with pytest.raises(ValueError):
+        gf_verl.gfpo_advantages(*args, algorithm(num_remains_in_group=4))
