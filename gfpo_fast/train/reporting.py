@@ -158,6 +158,9 @@ class Reporter:
                               "tok/s": f"{metrics['tokens_per_s']:.0f}"}, refresh=False)
         if step % self.logging_steps == 0:
             self.bar.refresh()
+        if metrics["frac_reward_missing"] == 1.0:
+            self.print(f"warning (step {step}): no reward function scored any completion (every reward None or NaN): "
+                       "the step has nothing to learn from")
         self.zero_std.append(metrics["frac_reward_zero_std"])
         if len(self.zero_std) == ZERO_STD_PATIENCE and min(self.zero_std) > ZERO_STD_FRACTION:
             self.print(

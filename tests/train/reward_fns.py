@@ -35,3 +35,19 @@ def shortest_text(group_completions, group_rewards):
 def count_a(completions, **kwargs):
     """Fraction of 'a' characters: a reward a random char-level model can learn in a few steps."""
     return [c[-1]["content"].count("a") / 8 for c in completions]
+
+
+def sigint_at_step_1(completion_ids, trainer_state, **kwargs):
+    if trainer_state.global_step == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return id_parity(completion_ids)
+
+
+def all_none(completions, **kwargs):
+    """No reward for any completion (a reward server that answers nothing)."""
+    return [None] * len(completions)
+
+
+def needs_difficulty(completions, difficulty, **kwargs):
+    """Reads a dataset column the tests leave out."""
+    return [0.0] * len(completions)

@@ -135,7 +135,7 @@ def test_no_signal_warning(tmp_path, capsys):
 
     rep = Reporter(TrainConfig(output_dir=str(tmp_path), max_steps=20), Accelerator(cpu=True), 0)
     base = {"reward": 0.0, "loss": 0.0, "completions/mean_length": 5.0, "completions/kept_fraction": 1.0,
-            "tokens_per_s": 1.0, "completions/clipped_ratio": 0.5}
+            "tokens_per_s": 1.0, "completions/clipped_ratio": 0.5, "frac_reward_missing": 0.0}
     for step in range(1, ZERO_STD_PATIENCE + 1):
         rep.log({**base, "step": step, "frac_reward_zero_std": 0.9})
     rep.close()
