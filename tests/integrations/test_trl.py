@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ from gfpo_fast.integrations.trl import (  # noqa: E402
     GFPOTrainer,
     patch,
 )
+from gfpo_fast.train.generation import _free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 WORDS = "abcdefghijklmnop"
@@ -62,6 +64,14 @@ def save_tiny(tmp_path_factory, model_cls, config):
     path = tmp_path_factory.mktemp(model_cls.__name__)
     model_cls(config).save_pretrained(path)
     return str(path), tokenizer
+
+
+OUTPUT_DIR = ""  # set for each test: every TRL config of a test writes under that test's own tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _output_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "OUTPUT_DIR", str(tmp_path / "trl"))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +100,7 @@ def length_reward(completions, **kwargs):
 def train(tiny, trainer_cls, config_cls=GRPOConfig, *, after_init=None, trainer_kwargs=None, **overrides):
     """Trains 2 steps; returns (logged step dicts, parameters, trainer)."""
     path, tokenizer = tiny
-    cfg = dict(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", max_steps=2,
+    cfg = dict(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", max_steps=2,
                per_device_train_batch_size=4, num_generations=4, max_completion_length=8, learning_rate=1e-2,
                logging_steps=1, save_strategy="no", bf16=False, seed=0, disable_dropout=True, num_iterations=2)
     cfg.update(overrides)
@@ -234,8 +244,8 @@ def test_fsdp2_policy_takes_the_hidden_path_with_trl_gradients(tiny, tmp_path):
     shutil.copytree(path, model_dir)
     tokenizer.save_pretrained(model_dir)
     here = Path(__file__).parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(here / "trl_fsdp2_run.py"), str(model_dir), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port("127.0.0.1")), str(here / "trl_fsdp2_run.py"), str(model_dir), str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
                TRL_EXPERIMENTAL_SILENCE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=here.parent.parent)
@@ -250,19 +260,25 @@ def test_fsdp2_policy_takes_the_hidden_path_with_trl_gradients(tiny, tmp_path):
             assert r["grad_max"] > 0 and r["grad_max_diff"] <= 1e-5 * r["grad_max"], r
 
 
-@pytest.mark.parametrize("fsdp2", [True, False])
-def test_only_fsdp1_and_zero3_take_the_logits_path(tiny, monkeypatch, fsdp2):
-    """accelerate's FSDP2 keeps the hidden-state path (the DTensor weight is gathered, previous test); FSDP1 does not.
-    The accelerator's state is set by hand: on the CPU accelerate runs MULTI_CPU whatever its FSDP plugin says."""
+@pytest.mark.parametrize("setup,expected", [("fsdp2", None), ("fsdp1", "FSDP1"), ("zero3", "ZeRO-3"),
+                                            ("zero2", None)])
+def test_only_fsdp1_and_zero3_take_the_logits_path(tiny, monkeypatch, setup, expected):
+    """accelerate's FSDP2 keeps the hidden-state path (the DTensor weight is gathered, previous test), and so does
+    ZeRO-2 (the weight is whole in the forward); FSDP1 and ZeRO-3 do not. The accelerator's state is set by hand:
+    on the CPU accelerate runs MULTI_CPU whatever its FSDP or DeepSpeed plugin says."""
     path, tokenizer = tiny
-    args = GRPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+    args = GRPOConfig(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", num_generations=4,
                       per_device_train_batch_size=4, bf16=False)
     trainer = GRPOTrainer(model=path, reward_funcs=length_reward, args=args, train_dataset=dataset(),
                           processing_class=tokenizer)
-    trainer.is_fsdp_enabled = True
-    monkeypatch.setattr(type(trainer.accelerator), "is_fsdp2", property(lambda self: fsdp2))
+    if setup.startswith("fsdp"):
+        trainer.is_fsdp_enabled = True
+        monkeypatch.setattr(type(trainer.accelerator), "is_fsdp2", property(lambda self: setup == "fsdp2"))
+    else:
+        plugin = types.SimpleNamespace(zero_stage=int(setup[-1]))
+        monkeypatch.setattr(type(trainer.accelerator.state), "deepspeed_plugin", property(lambda self: plugin))
     reason = gf_trl._static_logits_reason(trainer)
-    assert reason is None if fsdp2 else "FSDP1" in reason
+    assert reason is None if expected is None else expected in reason
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -292,21 +308,21 @@ def test_gspo_token_equals_trl_gspo_token(tiny):
     (FastGMPOTrainer, GMPOConfig, "importance_sampling_level", "sequence"),
 ])
 def test_unsupported_fields_are_refused_at_construction(cls, config_cls, field, value):
-    args = config_cls(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+    args = config_cls(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", num_generations=4,
                       per_device_train_batch_size=4, **{field: value})
     with pytest.raises(ValueError, match=field):
         cls("never-loaded", length_reward, args=args)
 
 
 def test_gmpo_refuses_the_bias_corrected_kl_trl_gmpo_ignores():
-    args = GMPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+    args = GMPOConfig(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", num_generations=4,
                       per_device_train_batch_size=4, beta=0.04, use_bias_correction_kl=True)
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
         FastGMPOTrainer("never-loaded", length_reward, args=args)
 
 
 def test_gspo_token_refuses_loss_types_trl_did_not_support():
-    args = GRPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+    args = GRPOConfig(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", num_generations=4,
                       per_device_train_batch_size=4, importance_sampling_level="sequence_token", loss_type="cispo")
     with pytest.raises(ValueError, match="sequence_token"):
         FastGRPOTrainer("never-loaded", length_reward, args=args)
@@ -318,7 +334,7 @@ def test_patch_refuses_a_trainer_with_its_own_loss(tiny):
             return super()._compute_loss(model, inputs)
 
     path, tokenizer = tiny
-    args = GRPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+    args = GRPOConfig(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", num_generations=4,
                       per_device_train_batch_size=4, bf16=False)
     trainer = Custom(model=path, reward_funcs=length_reward, args=args, train_dataset=dataset(),
                      processing_class=tokenizer)
@@ -357,7 +373,7 @@ def test_gfpo_filters_the_right_groups_and_trains(tiny):
         return [[-len(ids) for ids in group] for group in group_completion_ids]
 
     path, tokenizer = tiny
-    args = GFPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", max_steps=2,
+    args = GFPOConfig(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", max_steps=2,
                       per_device_train_batch_size=8, num_generations=4, num_remains_in_group=2,
                       max_completion_length=8, learning_rate=1e-2, logging_steps=1, save_strategy="no", bf16=False,
                       seed=0, disable_dropout=True)
@@ -405,13 +421,13 @@ def test_gfpo_on_the_fast_loss_matches_trl_loss(tiny, loss_paths):
 @pytest.mark.parametrize("k", [1, 4, 0])
 def test_gfpo_config_enforces_k_range(k):
     with pytest.raises(ValueError, match="2 <= k < num_generations=4"):
-        GFPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+        GFPOConfig(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", num_generations=4,
                    per_device_train_batch_size=4, num_remains_in_group=k)
 
 
 def test_gfpo_trainer_refuses_bad_setups():
     def args(k=2, **kw):
-        return GFPOConfig(output_dir="/tmp/gfpo-fast-trl-test", use_cpu=True, report_to="none", num_generations=4,
+        return GFPOConfig(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", num_generations=4,
                           num_remains_in_group=k, **kw)
 
     with pytest.raises(ValueError, match="needs a group_filter_func"):

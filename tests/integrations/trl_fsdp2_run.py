@@ -50,9 +50,9 @@ def loss_and_grads(trainer, compute_loss, inputs):
     return loss.item(), grads
 
 
-def compare(model_dir: str, overrides: dict) -> dict:
+def compare(model_dir: str, out: str, overrides: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = GRPOConfig(output_dir="/tmp/gfpo-fast-trl-fsdp2", use_cpu=True, report_to="none",
+    args = GRPOConfig(output_dir=str(Path(out) / "trl"), use_cpu=True, report_to="none",
                       per_device_train_batch_size=4, num_generations=4, max_completion_length=6, bf16=False, seed=0,
                       disable_dropout=True, steps_per_generation=1, **overrides)
     trainer = GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
@@ -87,6 +87,6 @@ def compare(model_dir: str, overrides: dict) -> dict:
 
 
 if __name__ == "__main__":
-    results = {name: compare(sys.argv[1], overrides) for name, overrides in CASES.items()}
+    results = {name: compare(sys.argv[1], sys.argv[2], overrides) for name, overrides in CASES.items()}
     rank = torch.distributed.get_rank()
     (Path(sys.argv[2]) / f"rank{rank}.json").write_text(json.dumps(results))
