@@ -48,7 +48,8 @@ def run_one(out: Path, flags: list[str]) -> None:
     if done.exists() and "after" in json.loads(done.read_text()):  # finished, with its final eval
         print(f"reusing {out}", flush=True)
         return
-    cmd = [sys.executable, "-m", "gfpo_fast.train", "--output_dir", str(out), *flags]
+    # an unfinished run there (no final eval) is started over, as a whole
+    cmd = [sys.executable, "-m", "gfpo_fast.train", "--output_dir", str(out), "--overwrite_output_dir", "true", *flags]
     print("running:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
