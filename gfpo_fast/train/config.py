@@ -203,8 +203,9 @@ class TrainConfig:
         self.validate()
 
     def _check_types(self) -> None:
-        """Every field holds a value of its annotated type (an int where a float goes becomes a float): a YAML
-        string such as "false" or "1e-4" reaches here only through the command-line parser (``parse_args``)."""
+        """Every field holds a value of its annotated type (an int where a float goes becomes a float, a single
+        value where a list goes a one-item list): a YAML string such as "false" or "1e-4" reaches here only through
+        the command-line parser (``parse_args``)."""
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value, hint = getattr(self, f.name), hints[f.name]
@@ -214,6 +215,10 @@ class TrainConfig:
             if float in kinds and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
                 continue
+            listed = next((k for k in kinds if typing.get_origin(k) is list), None)
+            if listed is not None and _is_instance(value, typing.get_args(listed)[0]):  # one value: as one flag
+                value = [value]
+                setattr(self, f.name, value)
             if not any(_is_instance(value, k) for k in kinds):
                 expected = " or ".join(_type_name(k) for k in kinds) + (" or None" if _is_union(hint) and
                                                                        type(None) in typing.get_args(hint) else "")
