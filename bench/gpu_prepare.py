@@ -10,6 +10,7 @@ together with the working tree, and is installed there by ``--install`` (``gpu_s
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -52,6 +53,10 @@ MACHINE = {
                      "pyyaml", "tqdm", "pandas", "pyarrow", "xxhash", "fsspec", "requests", "jinja2", "psutil",
                      "tensorboard", "packaging", "filelock", "regex"]),
 }
+
+# Where the machine's version has no build here: what the rehearsal takes instead of the lock's, and why.
+INSTEAD = {"numpy": ("numpy<2.4", "Triton 3.6's interpreter, which runs the dry suite, calls int() on one-element "
+                                  "arrays, an error since NumPy 2.4; the lent machine never interprets")}
 
 
 def norm(name: str) -> str:
@@ -193,8 +198,8 @@ def prepare() -> int:
 # ----------------------------------------------------------------------------- the rehearsal
 def machine_specs(lock: dict[str, str], wheelhouse: Path) -> tuple[list[str], list[str]]:
     """``(specs, unmatched)``: ``MACHINE``'s packages pinned to its versions where this Python and CPU can have
-    that version from the configured indexes (probed by downloading into ``wheelhouse``), else to the lock's;
-    ``unmatched`` says which could not be had."""
+    that version from the configured indexes (probed by downloading into ``wheelhouse``), else to ``INSTEAD``'s
+    range or the lock's version; ``unmatched`` says which could not be had and what was taken."""
     specs, unmatched = [], []
     for name, version in MACHINE.items():
         locked = lock.get(norm(name))
@@ -207,8 +212,11 @@ def machine_specs(lock: dict[str, str], wheelhouse: Path) -> tuple[list[str], li
             if probe.returncode == 0:
                 specs.append(want)
                 continue
-            unmatched.append(f"{name} {version} (no build for Python {sys.version_info[0]}.{sys.version_info[1]} on "
-                             f"this CPU: {locked or 'newest'} instead)")
+            spec, why = INSTEAD.get(name, (f"{name}=={locked}" if locked else name, "the lock's"))
+            unmatched.append(f"{name} {version}: no build for Python {sys.version_info[0]}.{sys.version_info[1]} on "
+                             f"this CPU; {spec} instead ({why})")
+            specs.append(spec)
+            continue
         specs.append(f"{name}=={locked}" if locked else name)
     return specs, unmatched
 
@@ -246,7 +254,7 @@ def rehearse(where: Path | None = None) -> int:
     wheelhouse.mkdir(parents=True, exist_ok=True)
     py_version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     specs, unmatched = machine_specs(lock, wheelhouse)
-    pinned = {norm(s.split("==")[0]) for s in specs}
+    pinned = {norm(re.split(r"[<>=!~]", s)[0]) for s in specs}
     constraints = where / "constraints.txt"  # the lock, less what the machine pins: its other packages' versions
     constraints.write_text("".join(f"{n}=={v}\n" for n, v in lock.items() if n not in pinned))
     print(f"[rehearse] the lent machine's packages for Python {py_version}: {' '.join(specs)}", flush=True)

@@ -60,6 +60,8 @@ MIN_PART_S = 10  # a part is started only with at least this much of the budget 
 RECORDED = ("torch", "triton", "transformers", "accelerate", "huggingface-hub", "tokenizers", "safetensors", "numpy",
             "pyarrow", "pandas", "fsspec", "peft", "pytest", "hypothesis", "setuptools", "pybind11", "trl",
             "liger-kernel", "verl", "datasets", "dill", "multiprocess", "vllm", "ray", "gfpo-fast")
+# Carried for some files only, whose needs are fewer than the distribution's: their requirements are not checked.
+FILES_ONLY = {"verl": "its kernel files only (verl/utils/kernel/, loaded without verl's __init__)"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -211,7 +213,7 @@ def make_model(path: Path, dry: bool) -> None:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{path}: Qwen2 of {params / 1e6:.0f}M parameters, vocabulary {vocab}, "
+    print(f"{path}: Qwen2 of {params / 1e6:.1f}M parameters, vocabulary {vocab}, "
           f"{str(next(model.parameters()).dtype).removeprefix('torch.')}, in {time.perf_counter() - start:.1f} s")
 
 
@@ -267,8 +269,8 @@ def install(wheels: Path, site: Path, log: Path) -> tuple[bool, str]:
 
 def versions() -> dict:
     """The versions found on this path: Python, every ``RECORDED`` distribution (None: absent), CUDA and the
-    GPU, and ``unmet``: each requirement of an installed distribution among ``RECORDED`` that the installed set
-    does not satisfy (``--no-deps`` installs check none)."""
+    GPU, and ``unmet``: each requirement of an installed distribution among ``RECORDED`` (less ``FILES_ONLY``) that
+    the installed set does not satisfy (``--no-deps`` installs check none)."""
     from packaging.requirements import Requirement
 
     found = {}
@@ -279,7 +281,7 @@ def versions() -> dict:
             found[name] = None
     unmet = []
     for name, version in found.items():
-        for spec in (importlib.metadata.requires(name) or []) if version else []:
+        for spec in (importlib.metadata.requires(name) or []) if version and name not in FILES_ONLY else []:
             req = Requirement(spec)
             if req.marker is not None and not req.marker.evaluate({"extra": ""}):
                 continue
@@ -320,6 +322,8 @@ def write_summary(out: Path, rows: list[dict], header: str, info: dict | None = 
                   f"Found: {packages}.", "", f"Absent: {absent or 'none'}."]
         lines += ["", "Unmet requirements (installed with --no-deps):", *[f"- {u}" for u in info["unmet"]]] \
             if info.get("unmet") else []
+        partly = [f"{name}: {why}." for name, why in FILES_ONLY.items() if info["packages"].get(name)]
+        lines += ["", *partly] if partly else []
     (out / SUMMARY[0]).write_text("\n".join(lines) + "\n")
     (out / SUMMARY[1]).write_text(json.dumps({"header": header, "parts": rows, "environment": info}, indent=1))
 
@@ -344,6 +348,22 @@ def pack(work: Path, dest: Path) -> list[Path]:
         os.replace(tmp, dest / name)
         written.append(dest / name)
     return written
+
+
+def bench_verdict(folder: Path) -> tuple[bool, str] | None:
+    """``(ours failed, counts)`` from the table ``python -m bench`` wrote in ``folder``: an ``error`` or ``wrong``
+    row of gfpo-fast fails the part (a peer's is only counted); None when no table was written."""
+    tables = sorted(folder.glob("*.json"))
+    if not tables:
+        return None
+    rows = json.loads(tables[-1].read_text())["results"]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    bad = sorted({f"{r['impl']} {r['status']}" for r in rows if r["status"] in ("error", "wrong")})
+    ours = any(r["role"] == "ours" and r["status"] in ("error", "wrong") for r in rows)
+    text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + (f" ({'; '.join(bad)})" if bad else "")
+    return ours, text
 
 
 # ----------------------------------------------------------------------------- the run
@@ -415,8 +435,13 @@ def run_suite(out: Path, dry: bool, *, wheels: Path | None = None, pack_to: Path
                                                      f"failed (exit {code})")
             except subprocess.TimeoutExpired:
                 status = f"timed out after {limit:.0f} s" + (" (the budget)" if limit < part.limit else "")
+        last = last_line(log)
+        verdict = bench_verdict(out / part.name) if part.name.startswith("bench_") else None
+        if verdict:
+            ours_failed, last = verdict[0], "rows: " + verdict[1]
+            status = "failed (gfpo-fast rows error or wrong)" if ours_failed and status == "passed" else status
         record({"part": part.name, "status": status, "seconds": time.perf_counter() - begun, "limit": part.limit,
-                "last_line": last_line(log)})
+                "last_line": last})
         print(f"[gpu_suite] {part.name}: {status} in {rows[-1]['seconds']:.1f} s", flush=True)
     return rows
 

@@ -214,3 +214,14 @@ def test_the_random_model_loads_through_the_trainer(tmp_path):
     model, tok = load_model_and_tokenizer(str(tmp_path / "m"))
     assert model.config.vocab_size == len(tok) == 1000 and model.config.model_type == "qwen2"
     assert model.config.eos_token_id == tok.eos_token_id
+
+
+def test_a_bench_part_fails_on_an_error_row_of_ours_only(tmp_path):
+    assert gpu_suite.bench_verdict(tmp_path) is None  # no table written (a part cut short)
+    rows = [{"impl": "torch eager", "role": "peer", "status": "ok"},
+            {"impl": "Liger x", "role": "peer", "status": "error"}]
+    (tmp_path / "cpu-2026.json").write_text(json.dumps({"results": rows}))
+    assert gpu_suite.bench_verdict(tmp_path) == (False, "1 error, 1 ok (Liger x error)")
+    rows.append({"impl": "gfpo-fast triton", "role": "ours", "status": "wrong"})
+    (tmp_path / "cpu-2026.json").write_text(json.dumps({"results": rows}))
+    assert gpu_suite.bench_verdict(tmp_path)[0] is True
