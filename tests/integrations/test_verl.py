@@ -167,6 +167,8 @@ SAME_MATH = [
     ("gspo", "seq-mean-token-mean", "gfpo_fast_gspo_token_grpo", {}),
     ("gspo", "seq-mean-token-mean", "gfpo_fast_gspo_grpo", {}),
     ("gspo", "seq-mean-token-sum-norm", "gfpo_fast_gspo_token_dr_grpo", {}),
+    ("gspo", "token-mean", "gfpo_fast_gspo_dapo", {}),  # GSPO and GSPO-token: the same gradient (one A per row)
+    ("gspo", "seq-mean-token-sum", "gfpo_fast_luspo", {}),
     ("cispo", "token-mean", "gfpo_fast_cispo", {"clip_ratio_low": 1.0, "clip_ratio_high": 0.1}),
     ("sapo", "seq-mean-token-mean", "gfpo_fast_sapo", {"tau_pos": 1.3, "tau_neg": 2.0}),
     ("geo_mean", "token-mean", "gfpo_fast_gmpo", {"clip_ratio_low": 0.1, "clip_ratio_high": 0.15}),
