@@ -192,7 +192,9 @@ def check_columns(names: list[str], funcs: list, rows: list[dict], source: str) 
     """Every row of ``rows`` has the dataset columns each reward function needs: its keyword parameters without a
     default (other than ``CALL_ARGUMENTS``), and one of ``func.columns_one_of`` when it sets that. A ``ValueError``
     names the function, the column and the columns there are, before any model loads."""
-    columns = set.intersection(*(set(r) for r in rows)) if rows else set()
+    if not rows:
+        return
+    columns = set.intersection(*(set(r) for r in rows))
     for name, func in zip(names, funcs):
         try:
             params = inspect.signature(func).parameters.values()

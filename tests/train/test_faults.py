@@ -181,7 +181,8 @@ def test_out_of_range_values_are_refused_when_parsed(flags, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(reward_funcs=["accuracy"]), "reward function 'accuracy' needs the column 'answer'"),
+    (dict(reward_funcs=["accuracy"]), "reward function 'accuracy' needs the column 'answer' in every row of the "
+                                      "train rows"),
     (dict(reward_funcs=["reward_fns:needs_difficulty"]), "'needs_difficulty' needs the column 'difficulty'"),
     (dict(lr_scheduler_kwargs={"nope": 1}), "lr_scheduler_kwargs=\\{'nope': 1\\} do not fit"),
 ])
