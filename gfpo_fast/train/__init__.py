@@ -2,7 +2,8 @@
 
 Modules: ``config`` (the dataclass that is also the CLI), ``models`` (local / GGUF / cached hub
 models), ``data`` (arithmetic task, local datasets, prompt sampler), ``rewards``, ``generation``,
-``filters`` (GFPO), ``checkpoint``, ``distributed`` (DDP / FSDP2 wrapping), ``reporting`` (metrics, progress bar, plot).
+``filters`` (GFPO), ``checkpoint``, ``ownership`` (a run's hold on its output_dir), ``distributed`` (DDP / FSDP2
+wrapping), ``reporting`` (metrics, progress bar, plot).
 """
 from .config import TrainConfig, parse_args
 

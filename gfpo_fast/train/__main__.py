@@ -1,6 +1,7 @@
 """``python -m gfpo_fast.train``: a lean GRPO-family RL loop on accelerate and gfpo-fast's fused ops.
 
-``train()`` sets up once, then loops over one generation batch per step, in phases that are plain
+``train()`` takes the output_dir (``ownership``: a lock, no earlier run overwritten), checks what it can
+before any model loads, sets up once, then loops over one generation batch per step, in phases that are plain
 functions of this module, each timed under its name (``time/<name>`` in the metrics):
 
     weight_sync       vLLM only: the policy's weights into the engine
@@ -11,7 +12,9 @@ functions of this module, each timed under its name (``time/<name>`` in the metr
     old_ref_logprobs  no-grad old / reference log-probs and vLLM's IS ratio, when needed (old_and_ref_logprobs)
     policy_forward    the model and the loss forward, per micro-batch          (accumulate_gradients)
     backward          their backward
-    optimizer         clip, step, schedule                                     (optimizer_step)
+    optimizer         clip, step (skipped when the loss or the gradient norm is
+                      not finite: NonFiniteGuard stops the run after
+                      max_nonfinite_steps in a row), schedule                  (optimizer_step)
 
 then ``step_metrics`` (one host read) to ``reporting.Reporter`` (metrics.jsonl, the ``report_to`` trackers, the
 ``log_completions`` samples), a held-out eval every ``eval_steps`` and a checkpoint every ``save_steps``. No
@@ -596,17 +599,19 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
     check_scheduler(cfg)
     group_filter = GroupFilter(cfg.group_filter, G, cfg.num_remains_in_group, adaptive=cfg.adaptive_difficulty,
                                scale_rewards=cfg.scale_rewards) if cfg.algorithm == "gfpo" else None
-    identity = {k: getattr(cfg, k) for k in ckpt.IDENTITY}
-    resume = None
-    identity["run_id"] = uuid.uuid4().hex
+    identity, resume = {"run_id": uuid.uuid4().hex, **{k: getattr(cfg, k) for k in ckpt.IDENTITY}}, None
     if cfg.resume_from_checkpoint:
         resume, manifest, notes = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, identity)
         identity["run_id"] = manifest["run_id"]  # the resumed run goes on owning (and pruning) its checkpoints
         for note in notes:
             accelerator.print(note)
 
-    # ---- setup: models, prompts screened against the model's context, optimizer, resume state, engine, reporting
+    # ---- setup: the policy, prompts screened against its context, reference, optimizer, resume, engine, reporting
     model, tokenizer = load_policy(cfg, resume)
+    train_rows, train_prompts, notes = screen_prompts(train_rows, tokenizer, model.config, cfg, "train")
+    eval_rows, eval_prompts, eval_notes = screen_prompts(eval_rows, tokenizer, model.config, cfg, "eval")
+    for note in notes + eval_notes:
+        accelerator.print(note)
     ref_model = None
     if cfg.beta != 0.0 and not cfg.use_peft:  # a LoRA policy's reference is its base: adapters disabled
         ref_model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype)
@@ -629,12 +634,6 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
     if cfg.beta != 0.0 and cfg.use_peft:
         ref_model = model
     scheduler = make_scheduler(optimizer, cfg)  # not prepared: accelerate would step it once per process
-    train_rows, train_prompts, notes = screen_prompts(train_rows, tokenizer, accelerator.unwrap_model(model).config,
-                                                      cfg, "train")
-    eval_rows, eval_prompts, eval_notes = screen_prompts(eval_rows, tokenizer, accelerator.unwrap_model(model).config,
-                                                         cfg, "eval")
-    for note in notes + eval_notes:
-        accelerator.print(note)
     sampler = PromptSampler(len(train_rows), cfg.seed)
     step = restore(resume, accelerator, cfg.seed, model, optimizer, scheduler, sampler, group_filter)
 
