@@ -138,8 +138,9 @@ def load_model_and_tokenizer(name: str, dtype: str = "float32", gradient_checkpo
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path, hub_id = resolve_model_path(name)
     if not hub_id and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
-        raise ValueError(f"model_name_or_path: {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
-                         "save the tokenizer beside the model (tokenizer.save_pretrained on that folder)")
+        raise ValueError(f"model_name_or_path: could not load a tokenizer from {path}: it has no tokenizer files "
+                         f"(none of {', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model "
+                         "(tokenizer.save_pretrained on that folder)")
     local_only = not hub_id or hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
