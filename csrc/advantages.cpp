@@ -1,5 +1,5 @@
 // Group-relative advantages and the GFPO top-k filter on the CPU (TRL semantics,
-// trl_semantics.md section 4 and 11): NaN-aware means, Bessel std, A = (r - mean) / (std + 1e-4),
+// docs/semantics.md sections 3 and 12): NaN-aware means, Bessel std, A = (r - mean) / (std + 1e-4),
 // NaN advantages -> 0. Reductions run in float64 over float32 inputs.
 #include "advantages.h"
 

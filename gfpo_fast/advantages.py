@@ -1,14 +1,14 @@
 """Group-relative advantages (GRPO) and the GFPO group filter.
 
 Rows ``[g*G, (g+1)*G)`` form group ``g`` (``G = num_generations``). All statistics follow TRL
-(``trl_semantics.md`` section 4): NaN marks a missing reward, means are NaN-aware, the standard
+(docs/semantics.md section 3): NaN marks a missing reward, means are NaN-aware, the standard
 deviation is the unbiased (Bessel) one and is used as ``std + 1e-4`` (additive, not a clamp),
 and any NaN left at the end becomes an advantage of 0.
 
-GFPO (arXiv 2508.09726, section 11 of the spec): in each group keep the ``k`` rows with the
+GFPO (arXiv 2508.09726, docs/semantics.md section 12): in each group keep the ``k`` rows with the
 highest filter score (ties go to the lower row index), compute the mean and std over the kept
 rows only, give the dropped rows advantage 0 and ``keep=False``. Unlike TRL v1.7.1 the groups
-are the right rows (its filter saw a shifted window, spec section 14b.1) and the kept rows stay
+are the right rows (its filter saw a shifted window, docs/semantics.md section 15) and the kept rows stay
 in their original order (TRL reorders them by score; nothing in the loss depends on order).
 
 The ``*_ref`` functions are the float32 torch oracle; ``group_advantages`` and ``gfpo_filter``

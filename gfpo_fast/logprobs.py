@@ -2,7 +2,7 @@
 
 ``logp[n] = z[n, y_n] - logsumexp(z[n, :])`` and ``H[n] = logsumexp(z[n]) - sum_v softmax(z[n])_v z[n, v]``
 with ``z = logits / temperature`` (TRL divides the logits by the sampling temperature before
-both, section 2.3). Results are float32 whatever the logits dtype: unlike TRL's
+both, docs/semantics.md section 2). Results are float32 whatever the logits dtype: unlike TRL's
 ``selective_log_softmax``, bf16 logits do not give bf16 log-probs (TRL's ``cast_lm_head_to_fp32``
 behaviour, without the fp32 logits copy in the fast paths).
 

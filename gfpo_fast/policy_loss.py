@@ -3,15 +3,15 @@
 Notation: ``B`` rows (completions), ``T`` padded completion length, ``M`` the [B, T] loss mask,
 ``lp`` / ``lp_old`` / ``lp_ref`` per-token log-probs of the policy, the sampling policy and the
 reference model, ``A`` advantages, ``l = lp - lp_old`` the log-ratio. Section numbers refer to
-``trl_semantics.md`` (TRL 1.16).
+docs/semantics.md (TRL 1.16).
 
-* ``algorithm="grpo"`` (TRL ``GRPOTrainer._compute_loss``, section 7): importance weight per token
+* ``algorithm="grpo"`` (TRL ``GRPOTrainer._compute_loss``, sections 5-9): importance weight per token
   (``"token"``), per sequence as the masked mean log-ratio (``"sequence"``, GSPO, arXiv 2507.18071)
-  or the sequence weight carried by every token (``"sequence_token"``, GSPO-token, section 9);
+  or the sequence weight carried by every token (``"sequence_token"``, GSPO-token, section 10);
   per-token loss by ``loss_type`` (PPO clip for grpo/bnpo/dr_grpo/dapo/luspo, cispo, sapo, vespo);
   times the vLLM importance-sampling ratio when given; plus ``beta`` times the k3 KL; normalised
-  by ``loss_type`` (section 7.6).
-* ``algorithm="gmpo"`` (TRL ``GMPOTrainer``, section 10, arXiv 2507.20673): the geometric mean of
+  by ``loss_type`` (section 9).
+* ``algorithm="gmpo"`` (TRL ``GMPOTrainer``, section 11, arXiv 2507.20673): the geometric mean of
   sign-aware log-space-clipped token ratios per sequence, ``L_i = -exp(mean_t clip(l)) * A_i``,
   averaged over sequences. ``loss_type`` is ignored, as in TRL.
 
@@ -215,7 +215,7 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
 
 # ----------------------------------------------------------------------------- shared pieces
 def row_weights(cfg: LossConfig, mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """[B, 1] float32 ``w`` such that the loss is ``sum_{i,t} M_{i,t} l_{i,t} w_i`` (section 7.6).
+    """[B, 1] float32 ``w`` such that the loss is ``sum_{i,t} M_{i,t} l_{i,t} w_i`` (docs/semantics.md section 9).
 
     grpo / sapo: 1 / (max(|o_i|, 1) B GA); bnpo: 1 / (max(sum M, 1) GA); dr_grpo: 1 / (B L_max GA);
     dapo / cispo / vespo: P / max(N, 1) with N = ``num_items_in_batch`` (default: sum M), no GA;
@@ -412,7 +412,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, importance_s
         num_items_in_batch: token count of the whole generation batch over all processes (dapo, cispo,
             vespo); default: ``mask.sum()``, allowed only with one process and no accumulation.
         max_completion_length: ``L_max`` of dr_grpo.
-        grad_accum_steps, num_processes: TRL's GA and P (section 7.6).
+        grad_accum_steps, num_processes: TRL's GA and P (docs/semantics.md section 9).
         entropy: optional ``[B, T]`` token entropies, only for the ``entropy`` metric.
         sapo_* / vespo_*: TRL's loss-specific hyperparameters, same defaults.
 

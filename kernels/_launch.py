@@ -11,7 +11,7 @@ import triton
 # only lengthen each iteration of a loop that is memory-bound anyway.
 MAX_BLOCK_V = 4096
 # Under the CPU interpreter every tl op costs ~0.3 ms per program and tile, whatever its width
-# (cpu_machine_notes.md section 2), so wide tiles make the tests fast; tests lower this to force
+# (docs/design.md, "The Triton interpreter on a CPU"), so wide tiles make the tests fast; tests lower this to force
 # several ragged tiles.
 MAX_BLOCK_V_INTERPRETER = 16384
 

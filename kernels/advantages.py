@@ -1,7 +1,7 @@
 """Group-relative advantages and the GFPO top-k filter: one Triton program per group.
 
 Rows ``[g*G, (g+1)*G)`` are group ``g`` (``G = num_generations``). Each program loads its group's
-``[G, F]`` rewards once and, in registers (trl_semantics.md sections 4 and 11):
+``[G, F]`` rewards once and, in registers (docs/semantics.md sections 3 and 12):
 
 * ``sum_then_normalize`` (TRL default): ``r = nansum_f(w_f R_f)`` (NaN when a row has no reward),
   ``A = (r - nanmean_g r) / (nanstd_g r + 1e-4)`` (Bessel std; ``scale_rewards="none"``: no division);

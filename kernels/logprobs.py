@@ -1,7 +1,7 @@
 """Per-token log-probs (and entropies) of chosen tokens, straight from the logits, in Triton.
 
 For each of the ``N = B*T`` rows, with ``z = logits * scale / temperature`` (TRL divides by the sampling
-temperature, trl_semantics.md section 2.3; ``scale`` is a model's logit scale, 1 for most), or, with
+temperature, docs/semantics.md section 2; ``scale`` is a model's logit scale, 1 for most), or, with
 final-logit soft-capping (Gemma 2/3), ``z = softcap * tanh(scale * logits / softcap) / temperature``::
 
     lse[n]     = log sum_v exp(z[n, v])                      (online max / sum over vocab tiles, fp32)

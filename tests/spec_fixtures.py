@@ -1,4 +1,7 @@
-"""Inputs and TRL-computed reference values from trl_semantics.md section 14 (float32, P = 1)."""
+"""Inputs and TRL-computed reference values (float32, one process; docs/semantics.md section 14).
+
+Regenerate or check the numbers from an installed TRL with ``python tests/make_spec_fixtures.py [--check]``
+(the GSPO-token rows need TRL <= 1.13 and are kept as committed)."""
 import torch
 
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float32)
