@@ -71,9 +71,9 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
   # settled above, and less triton unless torch is a CPU build: a CUDA torch requires the triton it was built with.
   constraints="$("$py" -c 'import sys; print(sys.prefix)')/gfpo-fast-constraints.txt"
   if "$py" -c 'import sys, torch; sys.exit("+cpu" not in torch.__version__)'; then
-    grep -v '^torch==' "$lock" >"$constraints"
+    grep -v '^torch==' "$lock" >"$constraints" || true  # no match: nothing else is pinned
   else
-    grep -Ev '^(torch|triton)==' "$lock" >"$constraints"
+    grep -Ev '^(torch|triton)==' "$lock" >"$constraints" || true
   fi
   export PIP_CONSTRAINT="$constraints"
   echo "quickstart: installing gfpo-fast (editable, builds the C++ backend), Triton and the default model ($lock)"
