@@ -1,4 +1,4 @@
-"""gf.group_advantages / gf.gfpo_filter / gf.reward_metrics: TRL's fixtures (spec section 14),
+"""gf.group_advantages / gf.gfpo_filter / gf.reward_metrics: TRL's fixtures (docs/semantics.md section 14),
 the parity list (3-7, 21) and bad input. The fast backends are compared with the reference in
 tests/cpu and tests/kernels; here every check runs on every available backend."""
 import math
@@ -93,7 +93,8 @@ def test_reward_metrics_fixture():
 
 # ----------------------------------------------------------------------------- GFPO
 def test_gfpo_fixture_uses_the_right_groups(backend):
-    """Spec section 14: TRL v1.7.1 kept rows 3, 1, 6, 4 (wrong window); the intended rows are 3, 1, 6, 5."""
+    """docs/semantics.md section 12: TRL v1.7.1 kept rows 3, 1, 6, 4 (wrong window); the intended rows are
+    3, 1, 6, 5."""
     lengths = torch.tensor([3, 1, 2, 0, 5, 2, 1, 4], dtype=torch.float32)
     rewards = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0], dtype=torch.float32)
     a, keep = gf.gfpo_filter(rewards, -lengths, 4, 2, backend=backend)

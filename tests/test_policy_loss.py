@@ -1,4 +1,4 @@
-"""gf.policy_loss against TRL's reference numbers (spec section 14), the parity list (section 15),
+"""gf.policy_loss against TRL's reference numbers (docs/semantics.md section 14), parity cases,
 property tests on random inputs, float64 gradchecks and bad-input errors; ``token_separable`` (which path the
 fused-linear loss takes) against the reference loss's gradients."""
 import math

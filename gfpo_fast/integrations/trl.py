@@ -43,8 +43,8 @@ at construction with a ``ValueError`` naming the field: ``top_entropy_quantile <
 ratio). Vision-language batches are refused at the first step. The model must accept ``logits_to_keep`` and
 ``output_hidden_states`` (transformers' causal LMs do).
 
-GFPO (``GFPOConfig``, ``GFPOTrainer``; API of TRL v1.7.1's removed experimental trainer, section 11 of
-the spec): after TRL scores a generation batch, ``group_filter_func`` scores every completion, the top
+GFPO (``GFPOConfig``, ``GFPOTrainer``; API of TRL v1.7.1's removed experimental trainer, docs/semantics.md
+section 12): after TRL scores a generation batch, ``group_filter_func`` scores every completion, the top
 ``num_remains_in_group`` of each group (rows ``[g*G, (g+1)*G)``) are kept, their advantages come from the
 kept rows only (:func:`gfpo_fast.gfpo_filter`), and the rejected rows are removed from the batch, so they
 never enter the policy forward or backward; ``num_items_in_batch`` is recounted over the kept rows.
