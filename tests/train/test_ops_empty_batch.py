@@ -2,10 +2,13 @@
 loss 0, gradients of the inputs' (empty) shapes, on every backend that runs here."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 import gfpo_fast as gf
+from gfpo_fast import backends
 from gfpo_fast.policy_loss import LOSS_TYPES
 
 T, V, H = 5, 11, 4
@@ -31,9 +34,13 @@ def test_policy_loss_of_an_empty_batch_is_zero(kwargs, with_old):
     assert loss.item() == 0.0 and logp.grad.shape == (0, T)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])  # triton: under TRITON_INTERPRET (tests/conftest.py)
 @pytest.mark.parametrize("kwargs", OPTIONS, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
 def test_fused_losses_of_an_empty_batch_are_zero(backend, kwargs):
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if backend == "cpp" and not backends.cpp_status()[0]:
+        pytest.skip(backends.cpp_status()[1])
     inputs = _inputs(True, kwargs.get("beta", 0.0))
     logits = torch.zeros(0, T, V, requires_grad=True)
     loss, metrics = gf.fused_policy_loss(logits, **inputs, backend=backend, return_entropy=True, **kwargs)
