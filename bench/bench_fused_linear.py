@@ -20,7 +20,14 @@ called as TRL 1.16's GRPOTrainer calls it: torch tiles on the CPU, a Triton fold
 on CUDA TRL 1.16 routes that function to its Triton kernel and the row says so); Liger-Kernel: for the loss its
 ``LigerFusedLinearGRPOLoss`` (chunked pure torch, so it runs on the CPU too; its loss math compiled on CUDA,
 eager on the CPU), for log-probs its fused linear cross-entropy with ``reduction="none"`` (``-loss`` is the
-log-prob; Triton, CUDA only). Every loss peer puts TRL's loss math (``policy_loss_ref``) on its log-probs.
+log-prob; Triton, CUDA only); verl's torch backend (``verl.utils.experimental.torch_functional.FusedLinearForPPO``,
+512-token chunks, recompute in backward; it always computes the entropy too), called as verl's fused forward
+calls it. Every loss peer puts TRL's loss math (``policy_loss_ref``) on its log-probs.
+
+**log-probs + entropy** (the first CPU head, fp32; upstream gradients on both outputs), what verl's actor asks of
+its fused backend: gfpo-fast's op, gfpo-fast through verl's call path (the integration's backend ``gfpo_fast``,
+:mod:`gfpo_fast.integrations.verl`) and verl's torch backend. ``python -m bench.bench_fused_linear --verl`` times
+the last two interleaved, with their peak memory (:func:`verl_comparison`).
 
 FLOPs (TFLOP/s): ``6 N H V`` useful ones (the forward GEMM and the two backward GEMMs). The floor of the
 recompute design that gfpo-fast's log-probs and TRL share is ``8 N H V`` (the backward recomputes the logits): the
@@ -49,7 +56,10 @@ from .harness import (
     compiled_impl,
     grads,
     idiomatic_logprobs,
+    max_error,
+    optional,
     oracle,
+    peak_memory_mib,
     peer_impl,
     trl_fused_lm_head,
     trl_logits_label,
@@ -68,6 +78,8 @@ SIZES = {
                 B=16, T=1024, V=151936, H=[2048, 4096]),
 }
 EAGER, COMPILED = "torch eager (linear + log_softmax + gather)", "torch.compile (linear + log_softmax + gather)"
+VERL_TORCH = "verl FusedLinearForPPO (torch backend)"
+VERL_OURS = "gfpo-fast as verl's backend gfpo_fast (verl's call path)"
 TRL_HEAD = "TRL fused LM head (ChunkedLogProbFunction)"
 LIGER_LOSS, LIGER_CE = "Liger LigerFusedLinearGRPOLoss", "Liger fused linear cross-entropy (reduction=none)"
 
@@ -113,7 +125,7 @@ def make_logprob_inputs(N, H, V, dtype, device) -> dict:
     weight = _weights(H, V, dtype, device, g)
     return {"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(),
             "ids": torch.randint(0, V, (N,), generator=g, device=device),
-            "dlogp": torch.randn(N, generator=g, device=device)}
+            "dlogp": torch.randn(N, generator=g, device=device), "dentropy": torch.randn(N, generator=g, device=device)}
 
 
 def _with_grads(loss_fn):
@@ -124,6 +136,48 @@ def _with_grads(loss_fn):
 def _logprob_grads(fn):
     """``fn(hidden, weight, ids) -> logp`` as an implementation returning ``(logp, dhidden, dweight)``."""
     return lambda x: grads(fn(x["hidden"], x["weight"], x["ids"]), [x["hidden"], x["weight"]], x["dlogp"])
+
+
+def _entropy_grads(fn):
+    """``fn(hidden, weight, ids) -> (logp, entropy)`` as an implementation returning ``(logp, entropy, dhidden,
+    dweight)`` under the random upstream gradients ``dlogp`` and ``dentropy``."""
+    def run(x):
+        logp, entropy = fn(x["hidden"], x["weight"], x["ids"])
+        dh, dw = torch.autograd.grad((logp, entropy), (x["hidden"], x["weight"]), (x["dlogp"], x["dentropy"]))
+        return logp.detach(), entropy.detach(), dh, dw
+    return run
+
+
+def verl_call(module):
+    """How verl's fused forward calls its backend module: ``forward(hidden_states=, vocab_weights=, input_ids=,
+    temperature=)`` -> ``(log_probs, entropy)``."""
+    return lambda h, w, ids: module.forward(hidden_states=h, vocab_weights=w, input_ids=ids, temperature=1.0)
+
+
+def verl_torch_impl(name: str, wrap) -> Impl:
+    """verl's torch backend, ``FusedLinearForPPO(impl_backend="torch")``, through ``wrap`` (or why it is skipped)."""
+    return peer_impl(name, "verl.utils.experimental.torch_functional", "FusedLinearForPPO",
+                     lambda cls: wrap(verl_call(cls(impl_backend="torch"))))
+
+
+def verl_ours_impl(wrap) -> Impl:
+    """gfpo-fast as verl's backend ``gfpo_fast``: the module verl's fused forward builds once the integration is
+    imported (or why it is skipped)."""
+    integration, why = optional("gfpo_fast.integrations.verl", "fused_linear_for_ppo")
+    if integration is None:
+        return Impl(VERL_OURS, skip=why, role="ours")
+    return Impl(VERL_OURS, wrap(verl_call(integration(impl_backend="gfpo_fast"))), role="ours")
+
+
+def entropy_implementations() -> list[Impl]:
+    def oracle_fn(h, w, ids):
+        return token_logprobs_ref(F.linear(h, w), ids, return_entropy=True)
+
+    return [oracle("torch reference", _entropy_grads(oracle_fn)),
+            Impl("gfpo-fast fused_linear_logprobs (auto, return_entropy)",
+                 _entropy_grads(functools.partial(gf.fused_linear_logprobs, return_entropy=True)), role="ours"),
+            verl_ours_impl(_entropy_grads),
+            verl_torch_impl(VERL_TORCH, _entropy_grads)]
 
 
 def gf_ops() -> dict:
@@ -154,6 +208,7 @@ def logprob_implementations(device: torch.device, compile: bool) -> list[Impl]:
 
     impls.append(peer_impl(LIGER_CE, "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss", liger_ce,
                            needs_triton=True, device=device))
+    impls.append(verl_torch_impl(VERL_TORCH, lambda f: _logprob_grads(lambda h, w, ids: f(h, w, ids)[0])))
     return impls
 
 
@@ -220,6 +275,13 @@ def cases(device: torch.device, size: str, compile: bool) -> list[Case]:
              impls=logprob_implementations(device, compile), flops=6 * N * H * V, low_precision=low)
         for H, V, ns in c["heads"] for N in ns
     ]
+    if device.type == "cpu":  # verl's torch backend is its CPU path; the GPU suite compares its Triton kernel
+        H, V, ns = c["heads"][0]
+        out.append(Case(family="fused_linear", group=f"fused-linear log-probs + entropy fwd+bwd, H={H} V={V} {dname}",
+                        x_name="N", x=ns[0],
+                        shape={"op": "logprobs+entropy", "N": ns[0], "H": H, "V": V, "dtype": dname, "mode": "fwd+bwd"},
+                        make_inputs=functools.partial(make_logprob_inputs, ns[0], H, V, dtype, device),
+                        impls=entropy_implementations(), flops=6 * ns[0] * H * V, low_precision=low))
     if not gf_ops():
         return out
     B, T, V = c["B"], c["T"], c["V"]
@@ -270,10 +332,53 @@ def interleaved_paths(size: str = "cpu", rounds: int = 10) -> str:
     return "\n".join(lines)
 
 
+def verl_comparison(size: str = "cpu", rounds: int = 10, head: int = 0) -> str:
+    """gfpo-fast against verl's torch backend on verl's own call path (``forward(hidden_states=, vocab_weights=,
+    input_ids=, temperature=)``), log-probs and entropy forward + backward with random upstream gradients on both,
+    at head number ``head`` of ``size`` and its smallest N: ``rounds`` rounds of one call each, alternating the order,
+    after a check of both against the reference; then each one's peak memory (:func:`bench.harness.peak_memory_mib`,
+    outputs and gradients included). Returns a markdown table: medians in ms and the median per-round ratio."""
+    verl_torch = optional("verl.utils.experimental.torch_functional", "FusedLinearForPPO")[0]
+    ours = optional("gfpo_fast.integrations.verl", "fused_linear_for_ppo")[0]
+    if verl_torch is None or ours is None:
+        return "verl is not installed: nothing to compare (bash .ci/verl.sh --setup-only builds an environment)"
+    c, device = SIZES[size], torch.device("cpu")
+    H, V, ns = c["heads"][head]
+    N = ns[0]
+    x = make_logprob_inputs(N, H, V, c["dtype"], device)
+    impls = entropy_implementations()
+    calls = {VERL_OURS: next(i for i in impls if i.name == VERL_OURS).fn,
+             VERL_TORCH: next(i for i in impls if i.name == VERL_TORCH).fn}
+    ref = impls[0].fn(x)
+    errors = {name: max(max_error(a, e) for a, e in zip(fn(x), ref)) for name, fn in calls.items()}
+    times = {name: [] for name in calls}
+    for round_ in range(rounds):
+        for name in (calls if round_ % 2 else reversed(list(calls))):
+            t0 = time.perf_counter()
+            calls[name](x)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    memory = {name: peak_memory_mib(lambda fn=fn: fn(x), device) for name, fn in calls.items()}
+    ratio = statistics.median(v / o for v, o in zip(times[VERL_TORCH], times[VERL_OURS]))
+    lines = [f"N = {N}, H = {H}, V = {V}, {str(c['dtype']).removeprefix('torch.')}, log-probs + entropy fwd+bwd, "
+             f"{rounds} rounds, torch threads {torch.get_num_threads()}, load average at start "
+             f"{os.getloadavg()[0]:.1f}", "",
+             "| implementation | median ms | peak MiB | max error vs reference |", "|---|---|---|---|"]
+    for name in calls:
+        lines.append(f"| {name} | {statistics.median(times[name]):.0f} | {memory[name]:.0f} | {errors[name]:.1e} |")
+    lines.append(f"\nverl torch / gfpo-fast, median of the per-round ratios: {ratio:.2f}x; "
+                 f"load average at end {os.getloadavg()[0]:.1f}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.bench_fused_linear",
                                      description=interleaved_paths.__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="cpu")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--verl", action="store_true", help=verl_comparison.__doc__.splitlines()[0])
+    parser.add_argument("--head", type=int, default=0, help="with --verl: which head of --size (0: SmolLM2's)")
     args = parser.parse_args()
-    print(interleaved_paths(args.size, args.rounds))
+    if args.verl:
+        print(verl_comparison(args.size, args.rounds, args.head))
+    else:
+        print(interleaved_paths(args.size, args.rounds))
