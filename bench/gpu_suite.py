@@ -53,6 +53,7 @@ PY = sys.executable
 SUMMARY = ("summary.md", "summary.json")
 ARCHIVE = "gpu-suite-logs.tar.gz"
 PACK_SUFFIXES = (".log", ".md", ".json", ".jsonl", ".csv", ".png", ".txt", ".yaml")
+PACK_SKIP = {"site", "model", "checkpoints"}  # folders never archived: installs, weights, the trainer's checkpoints
 PACK_FILE_LIMIT = 4 * 2**20  # a file above this is left out of the archive (no weights or checkpoints travel back)
 OK = ("passed", "skipped", "no tests", "not reached (budget)")  # the statuses that are no failure
 MIN_PART_S = 10  # a part is started only with at least this much of the budget left
@@ -330,15 +331,15 @@ def write_summary(out: Path, rows: list[dict], header: str, info: dict | None = 
 
 def pack(work: Path, dest: Path) -> list[Path]:
     """Copies the summary of ``work`` to ``dest`` beside ``ARCHIVE``: every log and table under ``work`` (suffix in
-    ``PACK_SUFFIXES``, at most ``PACK_FILE_LIMIT`` bytes; not ``site/`` or ``model/``). Three files, none in a
+    ``PACK_SUFFIXES``, at most ``PACK_FILE_LIMIT`` bytes, in no ``PACK_SKIP`` folder). Three files, none in a
     folder; each replaced atomically, so a run killed meanwhile leaves the previous copy. Returns their paths."""
     dest.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for f in sorted(work.rglob("*")):
             rel = f.relative_to(work)
-            if (f.is_file() and not f.is_symlink() and f.suffix in PACK_SUFFIXES and rel.parts[0] not in
-                    ("site", "model") and f.stat().st_size <= PACK_FILE_LIMIT):
+            if (f.is_file() and not f.is_symlink() and f.suffix in PACK_SUFFIXES and not set(rel.parts) & PACK_SKIP
+                    and f.stat().st_size <= PACK_FILE_LIMIT):
                 tar.add(f, arcname=str(rel))
     written = []
     for name, data in [(ARCHIVE, buffer.getvalue()), *[(s, (work / s).read_bytes()) for s in SUMMARY

@@ -148,7 +148,8 @@ def test_the_wheel_install_runs_offline_and_versions_report_unmet_needs(tmp_path
 def test_pack_returns_at_most_8_files_no_weights(tmp_path):
     work, dest = tmp_path / "work", tmp_path / "out"
     for rel, size in [("bench_logprobs.log", 10), ("bench_logprobs/cpu-x.md", 10), ("train/metrics.jsonl", 10),
-                      ("train/checkpoint-6/model.safetensors", 10), ("site/trl/x.json", 10), ("model/config.json", 10),
+                      ("train/checkpoints/checkpoint-6/model/tokenizer.json", 10), ("site/trl/x.json", 10),
+                      ("model/config.json", 10),
                       ("train/huge.json", gpu_suite.PACK_FILE_LIMIT + 1)]:
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         (work / rel).write_bytes(b"x" * size)
@@ -161,7 +162,7 @@ def test_pack_returns_at_most_8_files_no_weights(tmp_path):
     with tarfile.open(dest / gpu_suite.ARCHIVE) as tar:
         names = set(tar.getnames())
     assert {"bench_logprobs.log", "bench_logprobs/cpu-x.md", "train/metrics.jsonl", "summary.md"} <= names
-    assert not any(n.startswith(("site/", "model/")) or n.endswith((".safetensors", "huge.json")) for n in names)
+    assert not any(n.startswith(("site/", "model/", "train/checkpoints/")) or n.endswith("huge.json") for n in names)
 
 
 def fake_parts(out, dry):
