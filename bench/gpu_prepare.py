@@ -149,18 +149,22 @@ def device_call(commit: str, only: list[str] | None = None) -> dict:
     return {"command": command, "carry": [WHEELS], "timeout_s": TIMEOUT_S}
 
 
-def plan(budget: float) -> list[str]:
-    """The parts in order with their GPU limits, and where a first call's budget ends if each took its limit."""
-    lines, spent = [], float(INSTALL_S)
-    lines.append(f"  {'install':<24} ~{INSTALL_S:>4} s   cumulative {spent:5.0f} s")
+def plan(budget: float) -> list[tuple[str, float, int | None]]:
+    """``(part, GPU limit, call)`` in order, when every part takes its full limit and each call of ``budget``
+    seconds starts with the install (``INSTALL_S``): call 1, 2, ... holds the parts that fit after the earlier ones;
+    None for a part that does not run there (no command, or it needs a module that is neither carried nor
+    installed there: vLLM)."""
+    carried = {norm(name).replace("-", "_") for name in CARRIED}
+    rows, call, used = [], 1, float(INSTALL_S)
     for part in gpu_suite.parts(Path("/tmp/gpu-suite"), dry=False):
-        if not part.command:
-            lines.append(f"  {part.name:<24}   never  ({part.why.split(':')[0]})")
+        if not part.command or set(part.needs) - carried:
+            rows.append((part.name, part.limit, None))
             continue
-        spent += part.limit
-        call = "first call" if spent <= budget else "second call (--parts)"
-        lines.append(f"  {part.name:<24} {part.limit:>5.0f} s   cumulative {spent:5.0f} s   {call}")
-    return lines
+        if used + part.limit > budget:
+            call, used = call + 1, float(INSTALL_S)
+        used += part.limit
+        rows.append((part.name, part.limit, call))
+    return rows
 
 
 def prepare() -> int:
@@ -177,8 +181,10 @@ def prepare() -> int:
     print(f"[prepare] travels: {size / 2**20:.1f} MiB of {TRAVEL_LIMIT // 2**20} MiB (working tree and {WHEELS}/)")
     print(f"[prepare] device time: {DEVICE_S} s = {TRIES} x (start {START_S} s + timeout_s {TIMEOUT_S} s + idle "
           f"{IDLE_S} s); the suite's budget is timeout_s - {MARGIN_S} s")
-    print("[prepare] parts, GPU limits in order of value:")
-    print("\n".join(plan(TIMEOUT_S - MARGIN_S)))
+    print(f"[prepare] parts in order of value, GPU limits, and the call that reaches each if every part takes its "
+          f"limit (each call installs first, ~{INSTALL_S} s):")
+    for name, limit, n in plan(TIMEOUT_S - MARGIN_S):
+        print(f"  {name:<24} {limit:>4.0f} s   " + (f"call {n}" if n else "not run there"))
     print("\nThe device call (the run tool's arguments):")
     print(f"  command:   {call['command']}")
     print(f"  carry:     {call['carry']}")

@@ -78,7 +78,7 @@ class Part:
     why: str = ""
 
 
-def parts(out: Path, dry: bool) -> list[Part]:  # GPU limits add up to 495 s: two calls of the printed budget
+def parts(out: Path, dry: bool) -> list[Part]:  # GPU limits: two calls of the printed budget (gpu_prepare.plan)
     """The parts in order of value. ``dry`` shrinks every shape for the CPU, where the limits are 4x as long: a dry
     run proves that each part runs, not how fast (the 2-core CPU may also be busy)."""
     bench = [PY, "-m", "bench", *(["--device", "cpu", "--size", "test", "--budget", "0"] if dry else
@@ -100,18 +100,18 @@ def parts(out: Path, dry: bool) -> list[Part]:  # GPU limits add up to 495 s: tw
                   "--contenders", "head,head_ckpt,trl,trl_ckpt" + (",logits" if logits else "")]
     slack = 4 if dry else 1
     family = [(f"bench_{f}", [*bench, "--families", f, "--out", str(out / f"bench_{f}")], limit)
-              for f, limit in [("logprobs", 60), ("fused_policy_loss", 45), ("fused_linear", 60), ("advantages", 15)]]
+              for f, limit in [("logprobs", 90), ("fused_policy_loss", 60), ("fused_linear", 60), ("advantages", 15)]]
     plan = [
         *[Part(name, tuple(command), limit) for name, command, limit in family],
-        Part("gpu_tests", (PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"), 45),
+        Part("gpu_tests", (PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"), 40),
         Part("long_sequence", (PY, "-m", "bench.gpu_suite", "--long-sequence", "--dry" if dry else "--no-dry"), 30),
         Part("model", (PY, "-m", "bench.gpu_suite", "--make-model", str(model), "--dry" if dry else "--no-dry"), 30),
-        Part("train", (*train, "--output_dir", str(out / "train")), 45),
-        Part("train_liger", (*train, "--use_liger_kernel", "true", "--output_dir", str(out / "train_liger")), 45,
+        Part("train", (*train, "--output_dir", str(out / "train")), 40),
+        Part("train_liger", (*train, "--use_liger_kernel", "true", "--output_dir", str(out / "train_liger")), 40,
              ("liger_kernel",), "liger-kernel travels as a wheel (--prepare)"),
         Part("vllm", (*train, "--max_steps", "1" if dry else "3", "--generation_backend", "vllm",
                       "--output_dir", str(out / "vllm")), 30, ("vllm",), "vLLM cannot travel (64 MiB a call)"),
-        Part("train_scale", tuple(scale), 60),
+        Part("train_scale", tuple(scale), 55),
         Part("verl_trainer", (), 0, (), "not run by this suite: verl's trainer needs Ray and a rollout engine (vLLM), "
              "which cannot travel; its Triton linear_cross_entropy is a peer in bench_fused_linear"),
     ]

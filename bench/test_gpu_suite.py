@@ -32,8 +32,13 @@ def test_parts_come_in_order_of_value_and_two_calls_hold_them(tmp_path):
     gpu, dry = gpu_suite.parts(tmp_path, dry=False), gpu_suite.parts(tmp_path, dry=True)
     assert [p.name for p in gpu] == [p.name for p in dry] == NAMES
     budget = gpu_prepare.TIMEOUT_S - gpu_prepare.MARGIN_S
-    assert gpu_prepare.INSTALL_S + sum(p.limit for p in gpu) <= 2 * budget  # a first call and one --parts call
-    assert all(p.limit <= budget - gpu_prepare.INSTALL_S for p in gpu)
+    calls = gpu_prepare.plan(budget)
+    assert [name for name, _, _ in calls] == NAMES
+    assert [name for name, _, call in calls if call is None] == ["vllm", "verl_trainer"]  # neither travels
+    assert [name for name, _, call in calls if call == 1][:3] == NAMES[:3]  # the kernel benches come first
+    assert max(call or 0 for _, _, call in calls) == 2  # a first call and one --parts call hold the rest
+    for n in (1, 2):
+        assert gpu_prepare.INSTALL_S + sum(limit for _, limit, call in calls if call == n) <= budget
 
 
 def test_the_printed_device_call_fits_the_limits():
