@@ -242,10 +242,11 @@ def run_one(a, contender: str) -> dict:
     peak = maxrss_bytes()
     import gfpo_fast
 
+    tree = "checkout" if Path(gfpo_fast.__file__).resolve().parent.parent == ROOT else "logits_tree"
     row = {"contender": contender, "G": a.G, "T": a.T, "prompt": a.prompt, "model": a.model, "device": a.device,
            "steps": a.steps, "step_s": times, "loss": loss, "grad_norm": grad_norm, "build_s": build_s,
            "baseline_rss_gb": base_rss / 1e9, "loaded_maxrss_gb": base_maxrss / 1e9, "peak_rss_gb": peak / 1e9,
-           "step_rss_gb": (peak - base_rss) / 1e9, "gfpo_fast": str(Path(gfpo_fast.__file__).parent.parent),
+           "step_rss_gb": (peak - base_rss) / 1e9, "gfpo_fast": tree,
            "torch_threads": torch.get_num_threads(), "rlimit_as_gb": a.as_limit_gb,
            **{k: v() if callable(v) else v for k, v in info.items()}}
     if cuda:
