@@ -32,10 +32,10 @@ micro-batch, with TRL's normaliser of its loss type over verl's global batch -- 
 ``L_max`` = ``loss_scale_factor`` (else the padded response length) -- so verl's ``loss_agg_mode`` is not read:
 the name says the normaliser. ``epsilon`` / ``epsilon_high`` are ``clip_ratio_low`` / ``clip_ratio_high`` (CISPO's
 absolute cap is ``1 + clip_ratio_high``), SAPO's temperatures ``tau_pos`` / ``tau_neg``, VESPO's ``k`` / ``lambda``
-TRL's defaults; verl's ``rollout_is_weights`` are TRL's vLLM importance-sampling ratio (GMPO ignores them, as TRL's
-does). The KL and entropy terms stay verl's (``use_kl_loss``, ``entropy_coeff``). Metrics: TRL's names under
-``actor/``. Where verl's own loss has the same math the values and gradients are equal (docs/verl.md has the
-table, and where they differ).
+TRL's defaults; verl's ``rollout_is_weights`` are TRL's vLLM importance-sampling ratio, 1 on padding where verl
+writes 0 (VESPO sums its logarithm over the whole row; GMPO ignores it, as TRL's does). The KL and entropy terms
+stay verl's (``use_kl_loss``, ``entropy_coeff``). Metrics: TRL's names under ``actor/``. Where verl's own loss has
+the same math the values and gradients are equal (docs/verl.md has the table, and where they differ).
 
 **GFPO** (``algorithm.adv_estimator=gfpo_fast_gfpo`` with ``+algorithm.gfpo.num_remains_in_group=K`` and
 optionally ``+algorithm.gfpo.group_filter=length|token_efficiency|module:function`` and
@@ -216,8 +216,10 @@ def _verl_policy_loss(loss_kwargs: dict):
         adv = advantages
         if gmpo or cfg.loss_type == "vespo":  # one advantage per sequence: verl's are the row's, on its tokens
             adv = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        loss, metrics = policy_loss_ref(cfg, log_prob, old_log_prob, adv, mask,
-                                        importance_sampling_ratio=None if gmpo else rollout_is_weights,
+        rho = None
+        if rollout_is_weights is not None and not gmpo:  # verl zeroes them on padding, where TRL's ratio is 1
+            rho = torch.where(mask != 0, rollout_is_weights, 1.0)
+        loss, metrics = policy_loss_ref(cfg, log_prob, old_log_prob, adv, mask, importance_sampling_ratio=rho,
                                         num_items_in_batch=tokens)
         if gmpo or cfg.loss_type not in GLOBAL_TOKEN_LOSSES:  # TRL's B * GA rows are verl's global rows / dp
             loss = loss * (B * dp / rows)

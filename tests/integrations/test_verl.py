@@ -216,10 +216,11 @@ def test_registered_loss_has_trl_semantics(name):
     B, T = 6, 9
     old, logp, adv, mask = inputs = loss_inputs(B, T, seed=1, spread=0.6)
     config = actor_config(batch_info=MICRO_OF_MINI, loss_scale_factor=12, clip_ratio_low=0.15, clip_ratio_high=0.25)
-    rho = None
+    rho = verl_rho = None
     if name == "gfpo_fast_vespo":  # the rollout correction weights fold into VESPO's weight, as TRL's IS ratio
-        rho = torch.rand(B, T, generator=torch.Generator().manual_seed(5)) + 0.5
-    loss, grad, metrics = run_loss(name, config, inputs, rollout_is_weights=rho)
+        rho = torch.where(mask != 0, torch.rand(B, T, generator=torch.Generator().manual_seed(5)) + 0.5, 1.0)
+        verl_rho = rho * mask  # verl's are 0 on padding (rollout_corr_helper), TRL's 1
+    loss, grad, metrics = run_loss(name, config, inputs, rollout_is_weights=verl_rho)
     kw = dict(TRL_SEMANTICS[name])
     per_seq = kw.get("algorithm") == "gmpo" or kw.get("loss_type") == "vespo"
     eps_high = 1.25 if kw.get("loss_type") == "cispo" else 0.25
