@@ -423,10 +423,11 @@ def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, ma
 
     * **grad in forward** (``6 N H V`` FLOPs, no logits recompute) when the loss is token-separable
       (:func:`gfpo_fast.policy_loss.token_separable`): with ``old_logp`` (off policy) ``algorithm="grpo"`` at
-      ``importance_sampling_level="token"`` with any loss type but ``vespo``; on policy (``old_logp=None``) every
-      algorithm, level and loss type (GRPO, DAPO, ..., GSPO, GSPO-token, GMPO, VESPO), with or without the KL,
-      except GSPO with ``beta > 0`` and ``use_bias_correction_kl``. It also needs autograd on (grad mode, and
-      ``hidden``, ``weight`` or ``bias`` requiring gradients) and no gradient wanted by the loss's other tensors.
+      ``importance_sampling_level="token"`` with a loss type registered ``token_separable`` (all but ``vespo``); on
+      policy (``old_logp=None``) every algorithm, level and loss type (GRPO, DAPO, ..., GSPO, GSPO-token, GMPO,
+      VESPO), with or without the KL, except GSPO with ``beta > 0`` and ``use_bias_correction_kl``. It also needs
+      autograd on (grad mode, and ``hidden``, ``weight`` or ``bias`` requiring gradients) and no gradient wanted by
+      the loss's other tensors.
       The fp32 ``[V, H]`` weight gradient, the ``[N, H]`` hidden gradient and the fp32 ``[V]`` bias gradient
       are held from the forward to the backward, which scales them in place: one backward per forward.
     * **recompute** (``8 N H V``) otherwise: off-policy GSPO, GSPO-token, GMPO and VESPO, GSPO's bias-corrected

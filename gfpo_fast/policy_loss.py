@@ -8,9 +8,10 @@ docs/semantics.md (TRL 1.16).
 * ``algorithm="grpo"`` (TRL ``GRPOTrainer._compute_loss``, sections 5-9): importance weight per token
   (``"token"``), per sequence as the masked mean log-ratio (``"sequence"``, GSPO, arXiv 2507.18071)
   or the sequence weight carried by every token (``"sequence_token"``, GSPO-token, section 10);
-  per-token loss by ``loss_type`` (PPO clip for grpo/bnpo/dr_grpo/dapo/luspo, cispo, sapo, vespo);
-  times the vLLM importance-sampling ratio when given; plus ``beta`` times the k3 KL; normalised
-  by ``loss_type`` (section 9).
+  per-token loss by ``loss_type`` (section 8); times the vLLM importance-sampling ratio when given; plus
+  ``beta`` times the k3 KL; normalised by ``loss_type`` (section 9). Each loss type is one entry of
+  :data:`LOSS_REGISTRY` (:class:`LossType`: its per-token loss, normaliser, metrics, hyperparameters and the
+  properties the checks and fast paths read); a name not in it is a ``ValueError`` everywhere.
 * ``algorithm="gmpo"`` (TRL ``GMPOTrainer``, section 11, arXiv 2507.20673): the geometric mean of
   sign-aware log-space-clipped token ratios per sequence, ``L_i = -exp(mean_t clip(l)) * A_i``,
   averaged over sequences. ``loss_type`` is ignored, as in TRL.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,22 +40,181 @@ from ._checks import (
 )
 
 ALGORITHMS = ("grpo", "gmpo")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IS_LEVELS = ("token", "sequence", "sequence_token")
-PPO_CLIP_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-GLOBAL_TOKEN_LOSSES = ("dapo", "cispo", "vespo")  # normalised by the global token count, not by GA
-SEQUENCE_TOKEN_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")  # what TRL's GSPO-token supports
 DEFAULT_EPSILON = {"grpo": 0.2, "gmpo": 0.4}  # GMPOConfig's epsilon is 0.4, in log space
 
 
+# ----------------------------------------------------------------------------- the registry of loss types
 @dataclass(frozen=True)
+class LossParam:
+    """A float hyperparameter of one loss type. It becomes a field of :class:`LossConfig` (so a keyword of every
+    loss op) and of the trainer's config (a ``--flag``), with this default and help; ``positive``: it must be
+    > 0, else any number but NaN."""
+
+    name: str
+    default: float
+    help: str
+    positive: bool = False
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """How a loss type turns its masked per-token losses into one number (docs/semantics.md section 9).
+
+    ``weights(cfg, M, num_items_in_batch)`` -> ``w`` [B, 1] (dtype of ``M``, float32 or float64) with
+    ``loss = sum_{i,t} M_{i,t} l_{i,t} w_i``; it reads the mask only, never the log-probs. ``global_tokens``: it
+    divides by the token count of the whole generation batch (``num_items_in_batch``), not by ``GA``, so that
+    count is required under accumulation or several processes. ``needs_max_completion_length``: it divides by
+    ``max_completion_length``, which must then be given.
+    """
+
+    weights: Callable
+    global_tokens: bool = False
+    needs_max_completion_length: bool = False
+
+
+@dataclass(frozen=True)
+class LossType:
+    """One ``loss_type`` of ``algorithm="grpo"``: everything the reference, the checks, the fast paths, the
+    trainer and the integrations know about it.
+
+    ``per_token(cfg, r, lp, A, log_ratio, M, rho) -> (loss_tok, metrics)``: ``r`` the importance weight at the
+    configured level ([B, T] or [B, 1], with gradient), ``lp`` the [B, T] log-probs, ``A`` advantages [B, 1] or
+    [B, T], ``log_ratio`` the token log-ratio [B, T], ``M`` the [B, T] mask, ``rho`` the vLLM IS ratio
+    ([B, T] or [B, 1]) or None; returns the per-token loss (broadcastable to [B, T], before ``rho``, the KL and the
+    mask) and a dict of detached 0-dim metrics named exactly ``metrics``.
+
+    ``token_separable``: off policy at level ``"token"``, ``dL/dlp[b, t]`` depends on no other token's log-prob
+    (:func:`token_separable`). ``token_is_ratio``: the loss folds a [B, T] vLLM ratio into its own weight (it is
+    required at that shape, always passed by the TRL integration, and not multiplied afterwards).
+    ``sequence_advantage``: it needs one advantage per sequence. ``sequence_token``: TRL's GSPO-token supports it.
+    ``meant_for_level``: the ``importance_sampling_level`` TRL warns it is meant for (None: no warning).
+    ``row_metrics``: the metrics that hold one value per sequence at every level (at level ``"sequence"`` every
+    metric does); processes weight them by rows, not tokens.
+    """
+
+    per_token: Callable
+    normaliser: Normaliser
+    metrics: tuple[str, ...] = ()
+    row_metrics: tuple[str, ...] = ()
+    token_separable: bool = True
+    token_is_ratio: bool = False
+    sequence_advantage: bool = False
+    sequence_token: bool = False
+    meant_for_level: str | None = None
+    params: tuple[LossParam, ...] = ()
+
+
+def _row_token_mean(cfg, M, n):
+    return 1.0 / (M.sum(-1, keepdim=True).clamp(min=1.0) * max(M.shape[0], 1) * cfg.grad_accum_steps)
+
+
+def _call_token_mean(cfg, M, n):
+    return (1.0 / (M.sum().clamp(min=1.0) * cfg.grad_accum_steps)).expand(M.shape[0], 1)
+
+
+def _fixed_horizon(cfg, M, n):
+    rows_ga = max(M.shape[0], 1) * cfg.grad_accum_steps
+    return torch.full((M.shape[0], 1), 1.0 / (rows_ga * cfg.max_completion_length), device=M.device)
+
+
+def _batch_token_mean(cfg, M, n):
+    n = M.sum() if n is None else torch.as_tensor(n, dtype=M.dtype, device=M.device)
+    return (cfg.num_processes / n.clamp(min=1.0)).expand(M.shape[0], 1)
+
+
+def _row_sum(cfg, M, n):
+    return torch.full((M.shape[0], 1), 1.0 / (max(M.shape[0], 1) * cfg.grad_accum_steps), device=M.device)
+
+
+ROW_TOKEN_MEAN = Normaliser(_row_token_mean)  # 1 / (max(|o_i|, 1) B GA): each row's token mean, mean over rows
+CALL_TOKEN_MEAN = Normaliser(_call_token_mean)  # 1 / (max(sum M, 1) GA): token mean over this call's rows
+FIXED_HORIZON = Normaliser(_fixed_horizon, needs_max_completion_length=True)  # 1 / (B L_max GA)
+BATCH_TOKEN_MEAN = Normaliser(_batch_token_mean, global_tokens=True)  # P / max(N, 1): the generation batch's
+ROW_SUM = Normaliser(_row_sum)  # 1 / (B GA): row sums, mean over rows
+
+
+def _ppo_clip(cfg, r, lp, A, log_ratio, M, rho):
+    r_clipped = torch.clamp(r, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high)
+    if cfg.delta is not None:
+        r = torch.clamp(r, max=cfg.delta)  # INTELLECT-2 upper cap inside the min; metrics see it too
+    rd = r.detach()
+    return -torch.min(r * A, r_clipped * A), clip_metrics((rd < 1 - cfg.epsilon) & (A < 0),
+                                                          (rd > 1 + cfg.epsilon_high) & (A > 0), M)
+
+
+def _cispo(cfg, r, lp, A, log_ratio, M, rho):
+    loss_tok = -torch.clamp(r, max=cfg.epsilon_high).detach() * A * lp  # epsilon_high is an absolute cap
+    return loss_tok, {"cispo_clip_ratio": masked_mean(((r.detach() > cfg.epsilon_high) & (A > 0)).float(), M)}
+
+
+def _sapo(cfg, r, lp, A, log_ratio, M, rho):
+    tau = torch.where(A > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+    return -torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau) * A, {}
+
+
+def _vespo(cfg, r, lp, A, log_ratio, M, rho):
+    phi = vespo_weights(cfg, A, log_ratio, M, rho)
+    return -phi * A * lp, {"vespo/phi_seq_mean": masked_mean(phi, M)}
+
+
+def _policy_gradient(cfg, r, lp, A, log_ratio, M, rho):
+    return -A * lp, {}
+
+
+_CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
+                 "clip_ratio/region_mean")
+_PPO = dict(per_token=_ppo_clip, metrics=_CLIP_METRICS)
+
+LOSS_REGISTRY: dict[str, LossType] = {
+    "grpo": LossType(normaliser=ROW_TOKEN_MEAN, sequence_token=True, **_PPO),
+    "bnpo": LossType(normaliser=CALL_TOKEN_MEAN, sequence_token=True, **_PPO),
+    "dr_grpo": LossType(normaliser=FIXED_HORIZON, sequence_token=True, **_PPO),
+    "dapo": LossType(normaliser=BATCH_TOKEN_MEAN, sequence_token=True, **_PPO),
+    "cispo": LossType(_cispo, BATCH_TOKEN_MEAN, metrics=("cispo_clip_ratio",)),
+    "sapo": LossType(_sapo, ROW_TOKEN_MEAN, params=(
+        LossParam("sapo_temperature_pos", 1.0, "sapo: gate temperature where A > 0", positive=True),
+        LossParam("sapo_temperature_neg", 1.05, "sapo: gate temperature where A <= 0", positive=True))),
+    "luspo": LossType(normaliser=ROW_SUM, meant_for_level="sequence", **_PPO),
+    "vespo": LossType(_vespo, BATCH_TOKEN_MEAN, metrics=("vespo/phi_seq_mean",), row_metrics=("vespo/phi_seq_mean",),
+                      token_separable=False, token_is_ratio=True, sequence_advantage=True, meant_for_level="token",
+                      params=(LossParam("vespo_k_pos", 2.0, "vespo: shape k of the weight where A >= 0"),
+                              LossParam("vespo_lambda_pos", 3.0, "vespo: rate lambda of the weight where A >= 0"),
+                              LossParam("vespo_k_neg", 3.0, "vespo: shape k of the weight where A < 0"),
+                              LossParam("vespo_lambda_neg", 2.0, "vespo: rate lambda of the weight where A < 0"))),
+}
+LOSS_TYPES = tuple(LOSS_REGISTRY)
+LOSS_PARAMS = tuple(p for lt in LOSS_REGISTRY.values() for p in lt.params)
+GLOBAL_TOKEN_LOSSES = tuple(n for n, lt in LOSS_REGISTRY.items() if lt.normaliser.global_tokens)
+SEQUENCE_TOKEN_LOSSES = tuple(n for n, lt in LOSS_REGISTRY.items() if lt.sequence_token)  # TRL's GSPO-token
+
+
+def loss_type(name: str) -> LossType:
+    """The registry entry of ``name``; a ``ValueError`` listing :data:`LOSS_TYPES` for any other name."""
+    require_choice("loss_type", name, LOSS_TYPES)
+    return LOSS_REGISTRY[name]
+
+
+def add_loss_param_fields(cls):
+    """Class decorator, before ``@dataclass``: adds one float field per :data:`LOSS_PARAMS` entry (its default,
+    and its help as ``metadata["help"]``) after the fields ``cls`` declares."""
+    for p in LOSS_PARAMS:
+        cls.__annotations__[p.name] = float
+        setattr(cls, p.name, dataclasses.field(default=p.default, metadata={"help": p.help}))
+    return cls
+
+
+@dataclass(frozen=True)
+@add_loss_param_fields
 class LossConfig:
     """The scalar hyperparameters of one policy-loss call: the loss keywords of every public op.
 
     The field names are the keywords of :func:`policy_loss`, :func:`gfpo_fast.fused_policy_loss`,
     :func:`gfpo_fast.fused_linear_policy_loss` and the loss modules, and the field defaults are theirs:
-    this class is their one source. Build it with :func:`make_loss_config` (by keyword; it validates and
-    resolves ``epsilon`` / ``epsilon_high``); every backend reads the result.
+    this class is their one source. The fields after ``num_processes`` are the hyperparameters of the loss
+    types (:data:`LOSS_PARAMS`, e.g. ``sapo_temperature_pos``), added from the registry. Build it with
+    :func:`make_loss_config` (by keyword; it validates and resolves ``epsilon`` / ``epsilon_high``); every
+    backend reads the result.
     """
 
     algorithm: str = "grpo"
@@ -67,12 +228,6 @@ class LossConfig:
     max_completion_length: int | None = None
     grad_accum_steps: int = 1
     num_processes: int = 1
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
 
 
 LOSS_KEYWORDS = frozenset(f.name for f in dataclasses.fields(LossConfig))
@@ -89,12 +244,14 @@ def token_separable(cfg: LossConfig, *, on_policy: bool) -> bool:
     log-probs; what is left is the k3 KL, per token, which stays separable unless it is multiplied by GSPO's
     sequence weight (``use_bias_correction_kl`` at ``importance_sampling_level="sequence"``: the weight's
     gradient to one token carries the KL of every token of its row). Off policy, only per-token importance
-    weights are separable: ``algorithm="grpo"`` at level ``"token"``, any loss type but ``vespo`` (whose weight
-    sums the log-ratios of a row). The normalisers (:func:`row_weights`) depend on the mask only.
+    weights are separable: ``algorithm="grpo"`` at level ``"token"``, with a loss type registered
+    ``token_separable`` (all but ``vespo``, whose weight sums the log-ratios of a row). The normalisers
+    (:func:`row_weights`) depend on the mask only.
     """
     if on_policy:
         return not (cfg.beta != 0.0 and cfg.use_bias_correction_kl and cfg.importance_sampling_level == "sequence")
-    return cfg.algorithm == "grpo" and cfg.importance_sampling_level == "token" and cfg.loss_type != "vespo"
+    return (cfg.algorithm == "grpo" and cfg.importance_sampling_level == "token"
+            and loss_type(cfg.loss_type).token_separable)
 
 
 def loss_config_from(caller: str, loss_kwargs: dict) -> LossConfig:
@@ -114,7 +271,7 @@ def make_loss_config(**loss_kwargs) -> LossConfig:
     """
     c = LossConfig(**loss_kwargs)
     require_choice("algorithm", c.algorithm, ALGORITHMS)
-    require_choice("loss_type", c.loss_type, LOSS_TYPES)
+    spec = loss_type(c.loss_type)
     require_choice("importance_sampling_level", c.importance_sampling_level, IS_LEVELS)
     eps = DEFAULT_EPSILON[c.algorithm] if c.epsilon is None else c.epsilon
     require_float("epsilon", eps, minimum=0.0)
@@ -124,15 +281,13 @@ def make_loss_config(**loss_kwargs) -> LossConfig:
     require_float("beta", c.beta, minimum=0.0)
     require_positive_int("grad_accum_steps", c.grad_accum_steps)
     require_positive_int("num_processes", c.num_processes)
-    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-        require_float(name, getattr(c, name), minimum=0.0, exclusive=True)
-    for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
-        require_float(name, getattr(c, name))
+    for p in LOSS_PARAMS:
+        require_float(p.name, getattr(c, p.name), minimum=0.0 if p.positive else None, exclusive=p.positive)
     if c.max_completion_length is not None:
         require_positive_int("max_completion_length", c.max_completion_length)
-    if c.algorithm == "grpo" and c.loss_type == "dr_grpo" and c.max_completion_length is None:
-        raise ValueError("loss_type='dr_grpo' divides by max_completion_length; pass it (an integer >= 1)")
-    if c.importance_sampling_level == "sequence_token" and c.loss_type not in SEQUENCE_TOKEN_LOSSES:
+    if c.algorithm == "grpo" and spec.normaliser.needs_max_completion_length and c.max_completion_length is None:
+        raise ValueError(f"loss_type={c.loss_type!r} divides by max_completion_length; pass it (an integer >= 1)")
+    if c.importance_sampling_level == "sequence_token" and not spec.sequence_token:
         raise ValueError(
             f"importance_sampling_level='sequence_token' (GSPO-token) supports loss_type in {SEQUENCE_TOKEN_LOSSES}, "
             f"got {c.loss_type!r}"
@@ -145,15 +300,10 @@ def make_loss_config(**loss_kwargs) -> LossConfig:
             if getattr(c, name) != default:
                 raise ValueError(f"algorithm='gmpo' does not use {name} (TRL's GMPO ignores it); "
                                  f"got {getattr(c, name)!r}")
-    elif c.loss_type == "vespo" and c.importance_sampling_level != "token":
-        warnings.warn("loss_type='vespo' is meant for importance_sampling_level='token' (TRL warns too)",
-                      stacklevel=3)
-    elif c.loss_type == "luspo" and c.importance_sampling_level != "sequence":
-        warnings.warn("loss_type='luspo' is meant for importance_sampling_level='sequence' (TRL warns too)",
-                      stacklevel=3)
-    floats = {name: float(getattr(c, name)) for name in (
-        "beta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
-        "vespo_lambda_neg")}
+    elif spec.meant_for_level not in (None, c.importance_sampling_level):
+        warnings.warn(f"loss_type={c.loss_type!r} is meant for importance_sampling_level={spec.meant_for_level!r} "
+                      "(TRL warns too)", stacklevel=3)
+    floats = {name: float(getattr(c, name)) for name in ("beta", *(p.name for p in LOSS_PARAMS))}
     return dataclasses.replace(c, epsilon=float(eps), epsilon_high=float(eps_high),
                                delta=None if c.delta is None else float(c.delta),
                                use_bias_correction_kl=bool(c.use_bias_correction_kl), **floats)
@@ -167,6 +317,7 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
     ``logp`` is ``[B, T]``; the fused losses pass a ``[B, T]`` slice of their logits or hidden states
     and name it in ``source``, so that errors say "same [B, T] as logits" rather than "logp".
     """
+    spec = loss_type(cfg.loss_type)
     require_tensor(source, logp, ndim=(2,))
     if not logp.is_floating_point():
         raise ValueError(f"{source} must be a float tensor, got {logp.dtype}")
@@ -180,8 +331,8 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
             raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
     else:
         require_shape("advantages", advantages, (B, T), f"({B},) per sequence or ({B}, {T}) per token")
-        if cfg.algorithm == "gmpo" or cfg.loss_type == "vespo":
-            name = "algorithm='gmpo'" if cfg.algorithm == "gmpo" else "loss_type='vespo'"
+        if cfg.algorithm == "gmpo" or spec.sequence_advantage:
+            name = "algorithm='gmpo'" if cfg.algorithm == "gmpo" else f"loss_type={cfg.loss_type!r}"
             raise ValueError(f"{name} needs one advantage per sequence: advantages of shape ({B},), "
                              f"got {tuple(advantages.shape)}")
     for name, x in [("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy)]:
@@ -199,10 +350,10 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
         if tuple(rho.shape) not in ((B,), (B, 1), (B, T)):
             raise ValueError(f"importance_sampling_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), "
                              f"got {tuple(rho.shape)}")
-        if cfg.loss_type == "vespo" and tuple(rho.shape) != (B, T):
-            raise ValueError("loss_type='vespo' folds a token-level importance_sampling_ratio into its weight: "
-                             f"shape ({B}, {T}) (TRL refuses sequence-level modes with vespo)")
-    if num_items_in_batch is None and cfg.algorithm == "grpo" and cfg.loss_type in GLOBAL_TOKEN_LOSSES and (
+        if spec.token_is_ratio and tuple(rho.shape) != (B, T):
+            raise ValueError(f"loss_type={cfg.loss_type!r} folds a token-level importance_sampling_ratio into its "
+                             f"weight: shape ({B}, {T}) (TRL refuses sequence-level modes with vespo)")
+    if num_items_in_batch is None and cfg.algorithm == "grpo" and spec.normaliser.global_tokens and (
         cfg.grad_accum_steps > 1 or cfg.num_processes > 1
     ):
         raise ValueError(
@@ -215,27 +366,13 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
 
 # ----------------------------------------------------------------------------- shared pieces
 def row_weights(cfg: LossConfig, mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """[B, 1] float32 ``w`` such that the loss is ``sum_{i,t} M_{i,t} l_{i,t} w_i`` (docs/semantics.md section 9).
-
-    grpo / sapo: 1 / (max(|o_i|, 1) B GA); bnpo: 1 / (max(sum M, 1) GA); dr_grpo: 1 / (B L_max GA);
-    dapo / cispo / vespo: P / max(N, 1) with N = ``num_items_in_batch`` (default: sum M), no GA;
-    luspo: 1 / (B GA). GMPO's plain mean over sequences has no token weight (see gmpo_loss_ref).
-    An empty batch (B = 0) gets an empty ``w`` (the loss is then 0, never 0 / 0).
+    """[B, 1] float32 ``w`` (float64 for a float64 mask) such that the loss is ``sum_{i,t} M_{i,t} l_{i,t} w_i``:
+    the :class:`Normaliser` of ``cfg.loss_type`` (docs/semantics.md section 9). GMPO's plain mean over sequences
+    has no token weight (see gmpo_loss_ref). An empty batch (B = 0) gets an empty ``w`` (the loss is then 0,
+    never 0 / 0).
     """
     M = mask.float() if mask.dtype != torch.float64 else mask
-    B = M.shape[0]
-    rows_ga = max(B, 1) * cfg.grad_accum_steps
-    lt = cfg.loss_type
-    if lt in ("grpo", "sapo"):
-        return 1.0 / (M.sum(-1, keepdim=True).clamp(min=1.0) * rows_ga)
-    if lt == "bnpo":
-        return (1.0 / (M.sum().clamp(min=1.0) * cfg.grad_accum_steps)).expand(B, 1)
-    if lt == "dr_grpo":
-        return torch.full((B, 1), 1.0 / (rows_ga * cfg.max_completion_length), device=M.device)
-    if lt == "luspo":
-        return torch.full((B, 1), 1.0 / rows_ga, device=M.device)
-    n = M.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=M.dtype, device=M.device)
-    return (cfg.num_processes / n.clamp(min=1.0)).expand(B, 1)
+    return loss_type(cfg.loss_type).normaliser.weights(cfg, M, num_items_in_batch)
 
 
 def masked(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -321,25 +458,10 @@ def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling
     rho = importance_sampling_ratio
     if rho is not None:
         rho = rho.to(lp.dtype).reshape(rho.shape[0], -1)
-    lt = cfg.loss_type
-    if lt in PPO_CLIP_LOSSES:
-        r_clipped = torch.clamp(r, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high)
-        if cfg.delta is not None:
-            r = torch.clamp(r, max=cfg.delta)  # INTELLECT-2 upper cap inside the min; metrics see it too
-        loss_tok = -torch.min(r * A, r_clipped * A)
-        rd = r.detach()
-        metrics.update(clip_metrics((rd < 1 - cfg.epsilon) & (A < 0), (rd > 1 + cfg.epsilon_high) & (A > 0), M))
-    elif lt == "cispo":
-        loss_tok = -torch.clamp(r, max=cfg.epsilon_high).detach() * A * lp  # epsilon_high is an absolute cap
-        metrics["cispo_clip_ratio"] = masked_mean(((r.detach() > cfg.epsilon_high) & (A > 0)).float(), M)
-    elif lt == "sapo":
-        tau = torch.where(A > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
-        loss_tok = -torch.sigmoid(tau * (r - 1.0)) * (4.0 / tau) * A
-    else:  # vespo
-        phi = vespo_weights(cfg, A, log_ratio, M, rho)
-        loss_tok = -phi * A * lp
-        metrics["vespo/phi_seq_mean"] = masked_mean(phi, M)
-    if rho is not None and lt != "vespo":
+    spec = loss_type(cfg.loss_type)
+    loss_tok, loss_metrics = spec.per_token(cfg, r, lp, A, log_ratio, M, rho)
+    metrics.update(loss_metrics)
+    if rho is not None and not spec.token_is_ratio:
         loss_tok = loss_tok * rho
     if kl is not None:
         loss_tok = loss_tok + cfg.beta * kl
@@ -401,7 +523,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, importance_s
         advantages: ``[B]`` per sequence, or ``[B, T]`` per token.
         mask: ``[B, T]`` loss mask (bool, int or float; 1 = the token counts).
         algorithm: ``"grpo"`` (the GRPO family of loss types) or ``"gmpo"`` (geometric mean, log-space clip).
-        loss_type: grpo, bnpo, dr_grpo, dapo (TRL default), cispo, sapo, luspo, vespo.
+        loss_type: a name of :data:`LOSS_TYPES` (grpo, bnpo, dr_grpo, dapo (TRL default), cispo, sapo, luspo,
+            vespo, ...; docs/semantics.md sections 8 and 9).
         importance_sampling_level: ``"token"``, ``"sequence"`` (GSPO) or ``"sequence_token"`` (GSPO-token).
         epsilon / epsilon_high: lower / upper clip range; ``None`` means TRL's defaults (0.2, and 0.4 in log
             space for gmpo; ``epsilon_high`` defaults to ``epsilon``). For cispo ``epsilon_high`` is an absolute cap.
@@ -414,9 +537,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, importance_s
         max_completion_length: ``L_max`` of dr_grpo.
         grad_accum_steps, num_processes: TRL's GA and P (docs/semantics.md section 9).
         entropy: optional ``[B, T]`` token entropies, only for the ``entropy`` metric.
-        sapo_* / vespo_*: TRL's loss-specific hyperparameters, same defaults.
+        sapo_* / vespo_*: the loss types' own hyperparameters (:data:`LOSS_PARAMS`; TRL's names and defaults).
 
-        The hyperparameter keywords (``algorithm`` ... ``vespo_lambda_neg``) are the fields of
+        The hyperparameter keywords (``algorithm`` ... and every :data:`LOSS_PARAMS` name) are the fields of
         :class:`LossConfig`, which holds their defaults; any other keyword is a ``TypeError``.
         backend: ``"auto"`` or ``"torch"``; the fused fast paths start from logits (``fused_policy_loss``).
 

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 import gfpo_fast as gf
 from gfpo_fast.fused_linear import PolicyLoss
-from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES, make_loss_config, token_separable
+from gfpo_fast.policy_loss import (
+    GLOBAL_TOKEN_LOSSES,
+    LOSS_TYPES,
+    SEQUENCE_TOKEN_LOSSES,
+    make_loss_config,
+    token_separable,
+)
 
 import fused_linear_cases as cases
 from spec_fixtures import ADVANTAGES, COMMON, LOGP, LOSS_TABLE, MASK, OLD_LOGP, REF_LOGP
@@ -63,7 +69,7 @@ def test_fully_masked_row():
     assert torch.all(grad[3] == 0)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "sapo", "luspo"])
+@pytest.mark.parametrize("loss_type", [lt for lt in LOSS_TYPES if lt not in GLOBAL_TOKEN_LOSSES])
 def test_grad_accum_divides_loss(loss_type):
     """Parity 10: grpo/bnpo/dr_grpo/sapo/luspo divide by GA; dapo/cispo/vespo use the global token count."""
     one, g1, _ = run(loss_type=loss_type)
@@ -72,7 +78,7 @@ def test_grad_accum_divides_loss(loss_type):
     torch.testing.assert_close(g2, g1 / 2)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
+@pytest.mark.parametrize("loss_type", GLOBAL_TOKEN_LOSSES)
 def test_process_count_scales_token_normaliser(loss_type):
     one, _, _ = run(loss_type=loss_type, num_items_in_batch=20)
     two, _, _ = run(loss_type=loss_type, num_items_in_batch=20, num_processes=2)
@@ -300,3 +306,55 @@ def test_documented_paths():
     assert not separable(False, importance_sampling_level="sequence")
     assert not separable(False, algorithm="gmpo") and not separable(False, loss_type="vespo")
     assert not separable(True, importance_sampling_level="sequence", beta=0.1, use_bias_correction_kl=True)
+
+
+# ----------------------------------------------------------------------------- the registry of loss types
+def test_unknown_loss_type_is_an_error_everywhere():
+    """A name outside the registry is refused by the checks and by every function that reads the registry, even
+    in a hand-built LossConfig that skipped make_loss_config (no branch falls through to another loss)."""
+    import dataclasses
+
+    from gfpo_fast.policy_loss import check_loss_inputs, policy_loss_ref, row_weights
+
+    with pytest.raises(ValueError, match="loss_type"):
+        make_loss_config(loss_type="ppo")
+    cfg = dataclasses.replace(make_loss_config(), loss_type="ppo")
+    for call in (lambda: policy_loss_ref(cfg, LOGP, OLD_LOGP, ADVANTAGES, MASK),
+                 lambda: row_weights(cfg, MASK),
+                 lambda: token_separable(cfg, on_policy=False),
+                 lambda: check_loss_inputs(cfg, LOGP, OLD_LOGP, ADVANTAGES, MASK)):
+        with pytest.raises(ValueError, match="loss_type must be one of"):
+            call()
+
+
+def test_loss_config_fields_come_from_the_registry():
+    """LossConfig has one float field per registered hyperparameter, with its default, after the common fields;
+    make_loss_config validates each as its entry says."""
+    import dataclasses
+
+    from gfpo_fast.policy_loss import LOSS_PARAMS, LOSS_REGISTRY, LossConfig
+
+    fields = {f.name: f for f in dataclasses.fields(LossConfig)}
+    assert list(fields)[-len(LOSS_PARAMS):] == [p.name for p in LOSS_PARAMS]
+    assert {p.name for lt in LOSS_REGISTRY.values() for p in lt.params} == {p.name for p in LOSS_PARAMS}
+    for p in LOSS_PARAMS:
+        assert fields[p.name].default == p.default
+        with pytest.raises(ValueError, match=p.name):
+            make_loss_config(**{p.name: 0.0 if p.positive else float("nan")})
+
+
+@pytest.mark.parametrize("name", LOSS_TYPES)
+def test_metric_names_are_the_registered_ones(name):
+    """Each loss type logs exactly its registered metrics (besides kl and entropy), at every level it allows."""
+    from gfpo_fast.policy_loss import LOSS_REGISTRY
+
+    spec = LOSS_REGISTRY[name]
+    assert set(spec.row_metrics) <= set(spec.metrics)
+    for level in ["token", "sequence"] + (["sequence_token"] if name in SEQUENCE_TOKEN_LOSSES else []):
+        kw = dict(loss_type=name, importance_sampling_level=level, beta=0.1, ref_logp=REF_LOGP)
+        if spec.meant_for_level not in (None, level):
+            with pytest.warns(UserWarning, match="meant for"):
+                metrics = run(**kw)[2]
+        else:
+            metrics = run(**kw)[2]
+        assert list(metrics) == ["kl", *spec.metrics]

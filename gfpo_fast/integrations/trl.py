@@ -91,7 +91,7 @@ from ..fused_linear import fused_linear_policy_loss  # noqa: E402
 from ..fused_policy_loss import fused_policy_loss  # noqa: E402
 from ..group_filter import score_groups  # noqa: E402
 from ..lm_head import lm_head_of  # noqa: E402
-from ..policy_loss import make_loss_config  # noqa: E402
+from ..policy_loss import LOSS_PARAMS, loss_type, make_loss_config  # noqa: E402
 
 __all__ = ["SUPPORTED_TRL", "FastGMPOTrainer", "FastGRPOTrainer", "GFPOConfig", "GFPOTrainer", "patch"]
 
@@ -132,9 +132,8 @@ def _loss_kwargs(args: GRPOConfig, algorithm: str) -> dict:
         kwargs.update(
             loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level, delta=args.delta,
             use_bias_correction_kl=bias_kl, max_completion_length=args.max_completion_length,
-            sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
-            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
-            vespo_lambda_neg=args.vespo_lambda_neg,
+            # the loss types' hyperparameters: GRPOConfig's fields of the same name (one it lacks keeps its default)
+            **{p.name: getattr(args, p.name) for p in LOSS_PARAMS if hasattr(args, p.name)},
         )
     make_loss_config(**kwargs)  # the field names match GRPOConfig's, so its errors name the field to change
     return kwargs
@@ -225,7 +224,7 @@ def _fast_compute_loss(self, model, inputs):
     if kwargs["algorithm"] == "grpo":
         n = inputs["num_items_in_batch"]  # tokens of the generation batch; TRL rescales it to one accumulation window
         kwargs["num_items_in_batch"] = n * kwargs["grad_accum_steps"] / self.args.steps_per_generation if train else n
-        if self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction):
+        if loss_type(self.loss_type).token_is_ratio or (self.use_vllm and self.vllm_importance_sampling_correction):
             kwargs["importance_sampling_ratio"] = inputs.get("importance_sampling_ratio")
     loss_args = (completion_ids, inputs.get("old_per_token_logps"), inputs["advantages"], mask)
     kwargs.update(temperature=self.temperature, return_entropy=True)
@@ -250,9 +249,10 @@ def _log_loss_metrics(trainer, metrics: dict, mask: torch.Tensor) -> None:
     ratios and VESPO's weight); ``low_min`` / ``high_max`` are the NaN-aware extremes over processes.
     """
     kw = trainer._gf_loss_kwargs
-    per_row = {"vespo/phi_seq_mean"}
-    if kw.get("importance_sampling_level") == "sequence":
-        per_row |= {name for name in metrics if name.startswith("clip_ratio/") or name == "cispo_clip_ratio"}
+    per_row = set()
+    if kw["algorithm"] == "grpo":  # at level "sequence" every metric of the loss type is one value per sequence
+        spec = loss_type(kw["loss_type"])
+        per_row = set(spec.metrics if kw["importance_sampling_level"] == "sequence" else spec.row_metrics)
     means = [name for name in metrics if name not in EXTREME_METRICS]
     n_tok, n_row = mask.sum().float(), torch.tensor(float(mask.shape[0]), device=mask.device)
     counts = torch.stack([n_row if name in per_row else n_tok for name in means])

@@ -322,6 +322,21 @@ def test_gspo_token_refuses_loss_types_trl_did_not_support():
         FastGRPOTrainer("never-loaded", length_reward, args=args)
 
 
+def test_loss_hyperparameters_come_from_grpo_config():
+    """The registry's hyperparameters of TRL's loss types (sapo_*, vespo_*) are GRPOConfig fields with the same
+    defaults, and a changed value reaches the loss keywords."""
+    from gfpo_fast.policy_loss import LOSS_PARAMS
+
+    base = dict(output_dir=OUTPUT_DIR, use_cpu=True, report_to="none", num_generations=4, per_device_train_batch_size=4)
+    trl_params = [p for p in LOSS_PARAMS if p.name.startswith(("sapo_", "vespo_"))]
+    assert trl_params
+    for p in trl_params:
+        assert getattr(GRPOConfig(**base), p.name) == p.default, p.name
+    changed = {p.name: p.default + 0.5 for p in trl_params}
+    kwargs = gf_trl._loss_kwargs(GRPOConfig(**base, **changed), "grpo")
+    assert {name: kwargs[name] for name in changed} == changed
+
+
 def test_patch_refuses_a_trainer_with_its_own_loss(tiny):
     class Custom(GRPOTrainer):
         def _compute_loss(self, model, inputs):
