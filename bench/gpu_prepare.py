@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,8 +168,9 @@ def plan(budget: float) -> list[tuple[str, float, int | None]]:
     return rows
 
 
-def prepare() -> int:
-    """Downloads the cp312 wheels into ``WHEELS``, checks what travels, prints the device call. 0 when it fits."""
+def prepare(only: list[str] | None = None) -> int:
+    """Downloads the cp312 wheels into ``WHEELS``, checks what travels, prints the device call (running the parts
+    named in ``only``, or all). 0 when it fits."""
     ignored = subprocess.run(["git", "check-ignore", "-q", WHEELS + "/"], cwd=ROOT).returncode == 0
     if not ignored:
         print(f"[prepare] {WHEELS}/ is not ignored by git: add /{WHEELS}/ to .gitignore", file=sys.stderr)
@@ -176,7 +178,7 @@ def prepare() -> int:
     wheels = download(carried_specs(lock_versions()), ROOT / WHEELS, "3.12")
     size = travel_bytes(ROOT, [WHEELS])
     wheel_bytes = sum(w.stat().st_size for w in wheels)
-    call = device_call(commit_label())
+    call = device_call(commit_label(), only)
     print(f"[prepare] {len(wheels)} wheels, {wheel_bytes / 2**20:.1f} MiB: {', '.join(w.name for w in wheels)}")
     print(f"[prepare] travels: {size / 2**20:.1f} MiB of {TRAVEL_LIMIT // 2**20} MiB (working tree and {WHEELS}/)")
     print(f"[prepare] device time: {DEVICE_S} s = {TRIES} x (start {START_S} s + timeout_s {TIMEOUT_S} s + idle "
@@ -190,7 +192,7 @@ def prepare() -> int:
     print(f"  carry:     {call['carry']}")
     print(f"  timeout_s: {call['timeout_s']}")
     print("Then commit $OUT's files under bench/results/gpu-suite-<device>-<date>/. If the summary lists parts not "
-          "reached, a second call adds --parts with those names.")
+          "reached, `python -m bench.gpu_suite --prepare --parts <their names>` prints the second call.")
     problems = []
     if size > TRAVEL_LIMIT:
         problems.append(f"{size / 2**20:.1f} MiB travel, over {TRAVEL_LIMIT // 2**20} MiB")
@@ -251,8 +253,6 @@ def rehearse(where: Path | None = None) -> int:
     (installed with ``--no-index`` from a local wheel folder), a copy of the travelling tree without ``.git``, the
     carried wheels built for this Python, and the printed call's ``--install`` flow, offline. Returns its exit
     status; writes ``rehearsal.md`` in ``where`` (default ``$TMPDIR/gfpo-fast-rehearse``)."""
-    import tempfile
-
     where = where or Path(tempfile.gettempdir()) / "gfpo-fast-rehearse"
     start = time.perf_counter()
     lock = lock_versions()

@@ -460,15 +460,12 @@ def main(argv=None) -> int:
     p.add_argument("--pack", type=Path, default=None, metavar="DIR",
                    help=f"after each part, copy {', '.join(SUMMARY)} and {ARCHIVE} (logs, tables) to DIR")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run, install included")
-    p.add_argument("--parts", default=None, help="comma-separated names of the parts to run (default all)")
+    p.add_argument("--parts", default=None, help="comma-separated names of the parts to run (default all); with "
+                   "--prepare, of the parts the printed call runs")
     p.add_argument("--commit", default=None, help="the commit to record (default: git's, where there is one)")
     p.add_argument("--long-sequence", action="store_true", help=argparse.SUPPRESS)  # a part, in its own process
     p.add_argument("--make-model", type=Path, default=None, help=argparse.SUPPRESS)  # likewise
     args = p.parse_args(argv)
-    if args.prepare or args.rehearse:
-        from bench import gpu_prepare
-
-        return gpu_prepare.prepare() if args.prepare else gpu_prepare.rehearse()
     if args.long_sequence:
         long_sequence(args.dry)
         return 0
@@ -479,6 +476,10 @@ def main(argv=None) -> int:
     unknown = set(only or ()) - {part.name for part in parts(Path("."), args.dry)}
     if unknown:
         raise SystemExit(f"unknown parts {sorted(unknown)}")
+    if args.prepare or args.rehearse:
+        from bench import gpu_prepare
+
+        return gpu_prepare.prepare(only) if args.prepare else gpu_prepare.rehearse()
     if not args.dry:
         import torch
         if not torch.cuda.is_available():

@@ -92,9 +92,9 @@ def test_prepare_checks_the_64_mib(tmp_path, monkeypatch, capsys, wheel_mib, fit
 
     monkeypatch.setattr(gpu_prepare, "ROOT", tmp_path)
     monkeypatch.setattr(gpu_prepare, "download", fake_download)
-    assert gpu_prepare.prepare() == (0 if fits else 1)
+    assert gpu_suite.main(["--prepare", "--parts", "train,train_scale"]) == (0 if fits else 1)
     out = capsys.readouterr()
-    assert "timeout_s: 300" in out.out and '--pack "$OUT"' in out.out
+    assert "timeout_s: 300" in out.out and '--parts train,train_scale --pack "$OUT"' in out.out
     assert ("does not fit" in out.err) is not fits
 
 
