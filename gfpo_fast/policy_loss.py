@@ -87,10 +87,10 @@ class LossType:
     ``token_separable``: off policy at level ``"token"``, ``dL/dlp[b, t]`` depends on no other token's log-prob
     (:func:`token_separable`). ``token_is_ratio``: the loss folds a [B, T] vLLM ratio into its own weight (it is
     required at that shape, always passed by the TRL integration, and not multiplied afterwards).
-    ``sequence_advantage``: it needs one advantage per sequence. ``sequence_token``: TRL's GSPO-token supports it.
-    ``meant_for_level``: the ``importance_sampling_level`` TRL warns it is meant for (None: no warning).
-    ``row_metrics``: the metrics that hold one value per sequence at every level (at level ``"sequence"`` every
-    metric does); processes weight them by rows, not tokens.
+    ``sequence_advantage``: it needs one advantage per sequence. ``levels``: the ``importance_sampling_level``
+    values it accepts (``"sequence_token"`` where TRL's GSPO-token supported it). ``meant_for_level``: the level
+    TRL warns it is meant for (None: no warning). ``row_metrics``: the metrics that hold one value per sequence at
+    every level (at level ``"sequence"`` every metric does); processes weight them by rows, not tokens.
     """
 
     per_token: Callable
@@ -100,7 +100,7 @@ class LossType:
     token_separable: bool = True
     token_is_ratio: bool = False
     sequence_advantage: bool = False
-    sequence_token: bool = False
+    levels: tuple[str, ...] = ("token", "sequence")
     meant_for_level: str | None = None
     params: tuple[LossParam, ...] = ()
 
@@ -167,10 +167,10 @@ _CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_m
 _PPO = dict(per_token=_ppo_clip, metrics=_CLIP_METRICS)
 
 LOSS_REGISTRY: dict[str, LossType] = {
-    "grpo": LossType(normaliser=ROW_TOKEN_MEAN, sequence_token=True, **_PPO),
-    "bnpo": LossType(normaliser=CALL_TOKEN_MEAN, sequence_token=True, **_PPO),
-    "dr_grpo": LossType(normaliser=FIXED_HORIZON, sequence_token=True, **_PPO),
-    "dapo": LossType(normaliser=BATCH_TOKEN_MEAN, sequence_token=True, **_PPO),
+    "grpo": LossType(normaliser=ROW_TOKEN_MEAN, levels=IS_LEVELS, **_PPO),
+    "bnpo": LossType(normaliser=CALL_TOKEN_MEAN, levels=IS_LEVELS, **_PPO),
+    "dr_grpo": LossType(normaliser=FIXED_HORIZON, levels=IS_LEVELS, **_PPO),
+    "dapo": LossType(normaliser=BATCH_TOKEN_MEAN, levels=IS_LEVELS, **_PPO),
     "cispo": LossType(_cispo, BATCH_TOKEN_MEAN, metrics=("cispo_clip_ratio",)),
     "sapo": LossType(_sapo, ROW_TOKEN_MEAN, params=(
         LossParam("sapo_temperature_pos", 1.0, "sapo: gate temperature where A > 0", positive=True),
@@ -186,7 +186,7 @@ LOSS_REGISTRY: dict[str, LossType] = {
 LOSS_TYPES = tuple(LOSS_REGISTRY)
 LOSS_PARAMS = tuple(p for lt in LOSS_REGISTRY.values() for p in lt.params)
 GLOBAL_TOKEN_LOSSES = tuple(n for n, lt in LOSS_REGISTRY.items() if lt.normaliser.global_tokens)
-SEQUENCE_TOKEN_LOSSES = tuple(n for n, lt in LOSS_REGISTRY.items() if lt.sequence_token)  # TRL's GSPO-token
+SEQUENCE_TOKEN_LOSSES = tuple(n for n, lt in LOSS_REGISTRY.items() if "sequence_token" in lt.levels)  # GSPO-token
 
 
 def loss_type(name: str) -> LossType:
@@ -287,11 +287,10 @@ def make_loss_config(**loss_kwargs) -> LossConfig:
         require_positive_int("max_completion_length", c.max_completion_length)
     if c.algorithm == "grpo" and spec.normaliser.needs_max_completion_length and c.max_completion_length is None:
         raise ValueError(f"loss_type={c.loss_type!r} divides by max_completion_length; pass it (an integer >= 1)")
-    if c.importance_sampling_level == "sequence_token" and not spec.sequence_token:
-        raise ValueError(
-            f"importance_sampling_level='sequence_token' (GSPO-token) supports loss_type in {SEQUENCE_TOKEN_LOSSES}, "
-            f"got {c.loss_type!r}"
-        )
+    if c.importance_sampling_level not in spec.levels:
+        supported = tuple(n for n, lt in LOSS_REGISTRY.items() if c.importance_sampling_level in lt.levels)
+        raise ValueError(f"importance_sampling_level={c.importance_sampling_level!r} supports loss_type in "
+                         f"{supported}, got {c.loss_type!r}")
     if c.importance_sampling_level == "sequence_token" and c.use_bias_correction_kl:
         raise ValueError("use_bias_correction_kl is not defined for importance_sampling_level='sequence_token'")
     if c.algorithm == "gmpo":

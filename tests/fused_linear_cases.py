@@ -8,7 +8,7 @@ import torch
 
 from gfpo_fast import fused_linear
 from gfpo_fast.fused_linear import fused_linear_logprobs_ref
-from gfpo_fast.policy_loss import LOSS_KEYWORDS, LOSS_TYPES, SEQUENCE_TOKEN_LOSSES, make_loss_config
+from gfpo_fast.policy_loss import LOSS_KEYWORDS, LOSS_REGISTRY, make_loss_config
 
 B, T, H, V = 4, 6, 16, 257
 HEAD = dict(temperature=0.9, scale=0.7, softcap=4.0)
@@ -41,10 +41,10 @@ def configs():
         pol = "on" if on_policy else "off"
         out += [(f"gmpo-{pol}", dict(algorithm="gmpo"), on_policy),
                 (f"gmpo-kl-{pol}", dict(algorithm="gmpo", beta=0.04, ref_logp="ref_logp"), on_policy)]
-        for lt in LOSS_TYPES:
+        for lt, spec in LOSS_REGISTRY.items():
             # cispo's cap well above the ratios (TRL's recommended 5): at the default 0.2 it caps every ratio here
             base = dict(loss_type=lt, max_completion_length=8, **(dict(epsilon_high=5.0) if lt == "cispo" else {}))
-            for level in ["token", "sequence"] + (["sequence_token"] if lt in SEQUENCE_TOKEN_LOSSES else []):
+            for level in spec.levels:
                 out.append((f"{lt}-{level}-{pol}", dict(base, importance_sampling_level=level), on_policy))
             out.append((f"{lt}-kl-rho-{pol}", dict(base, beta=0.04, ref_logp="ref_logp",
                                                    importance_sampling_ratio="token_rho"), on_policy))

@@ -350,7 +350,7 @@ def test_metric_names_are_the_registered_ones(name):
 
     spec = LOSS_REGISTRY[name]
     assert set(spec.row_metrics) <= set(spec.metrics)
-    for level in ["token", "sequence"] + (["sequence_token"] if name in SEQUENCE_TOKEN_LOSSES else []):
+    for level in spec.levels:
         kw = dict(loss_type=name, importance_sampling_level=level, beta=0.1, ref_logp=REF_LOGP)
         if spec.meant_for_level not in (None, level):
             with pytest.warns(UserWarning, match="meant for"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gfpo_fast as gf
-from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES
+from gfpo_fast.policy_loss import LOSS_REGISTRY
 
 B, T, V = 4, 6, 257
 
@@ -32,9 +32,8 @@ def make_inputs(dtype=torch.float32, seed=0):
 def configs():
     """(id, fused_policy_loss keywords using the names of make_inputs for tensors)."""
     out = [("gmpo", dict(algorithm="gmpo")), ("gmpo-kl", dict(algorithm="gmpo", beta=0.04, ref_logp="ref_logp"))]
-    for lt in LOSS_TYPES:
-        levels = ["token", "sequence"] + (["sequence_token"] if lt in SEQUENCE_TOKEN_LOSSES else [])
-        for level in levels:
+    for lt, spec in LOSS_REGISTRY.items():
+        for level in spec.levels:
             kw = dict(loss_type=lt, importance_sampling_level=level, max_completion_length=8)
             out.append((f"{lt}-{level}", kw))
         out.append((f"{lt}-kl-rho", dict(loss_type=lt, max_completion_length=8, beta=0.04, ref_logp="ref_logp",

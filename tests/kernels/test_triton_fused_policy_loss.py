@@ -13,7 +13,7 @@ from gfpo_fast.fused_policy_loss import fused_policy_loss_fast, fused_policy_los
 from gfpo_fast.kernels import logprobs as lp_kernels
 from gfpo_fast.kernels.logprobs import token_logprobs_forward
 from gfpo_fast.logprobs import token_logprobs_ref
-from gfpo_fast.policy_loss import LOSS_TYPES, SEQUENCE_TOKEN_LOSSES, make_loss_config
+from gfpo_fast.policy_loss import LOSS_REGISTRY, make_loss_config
 
 from triton_helpers import INTERPRETER_NUMPY_WARNINGS, KernelRecorder, assert_close, assert_close_3way
 
@@ -26,11 +26,8 @@ TEMPERATURE = 0.9
 GRAD_SCALE = 2.5  # upstream gradient of the loss: backward must scale by it on the device
 
 CONFIGS = [
-    *[(f"{lt}-token", dict(loss_type=lt)) for lt in LOSS_TYPES],
-    *[(f"{lt}-sequence", dict(loss_type=lt, importance_sampling_level="sequence")) for lt in LOSS_TYPES
-      if lt != "vespo"],
-    *[(f"{lt}-sequence_token", dict(loss_type=lt, importance_sampling_level="sequence_token"))
-      for lt in SEQUENCE_TOKEN_LOSSES],
+    *[(f"{lt}-{level}", dict(loss_type=lt, importance_sampling_level=level))
+      for lt, spec in LOSS_REGISTRY.items() for level in spec.levels if (lt, level) != ("vespo", "sequence")],
     ("gmpo", dict(algorithm="gmpo")),
     ("gmpo-kl-eps", dict(algorithm="gmpo", beta=0.05, epsilon=0.1, epsilon_high=0.2)),
     ("grpo-delta", dict(loss_type="grpo", delta=1.1)),
