@@ -159,7 +159,7 @@ def _vespo(cfg, r, lp, A, log_ratio, M, rho):
 
 
 def _policy_gradient(cfg, r, lp, A, log_ratio, M, rho):
-    return -A * lp, {}
+    return -A * lp, {}  # GPG: no ratio, no clip; the old log-probs are not read
 
 
 _CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
@@ -182,6 +182,7 @@ LOSS_REGISTRY: dict[str, LossType] = {
                               LossParam("vespo_lambda_pos", 3.0, "vespo: rate lambda of the weight where A >= 0"),
                               LossParam("vespo_k_neg", 3.0, "vespo: shape k of the weight where A < 0"),
                               LossParam("vespo_lambda_neg", 2.0, "vespo: rate lambda of the weight where A < 0"))),
+    "gpg": LossType(_policy_gradient, BATCH_TOKEN_MEAN, levels=("token",)),  # verl's "gpg", arXiv 2504.02546
 }
 LOSS_TYPES = tuple(LOSS_REGISTRY)
 LOSS_PARAMS = tuple(p for lt in LOSS_REGISTRY.values() for p in lt.params)
@@ -523,7 +524,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, importance_s
         mask: ``[B, T]`` loss mask (bool, int or float; 1 = the token counts).
         algorithm: ``"grpo"`` (the GRPO family of loss types) or ``"gmpo"`` (geometric mean, log-space clip).
         loss_type: a name of :data:`LOSS_TYPES` (grpo, bnpo, dr_grpo, dapo (TRL default), cispo, sapo, luspo,
-            vespo, ...; docs/semantics.md sections 8 and 9).
+            vespo, gpg; docs/semantics.md sections 8 and 9).
         importance_sampling_level: ``"token"``, ``"sequence"`` (GSPO) or ``"sequence_token"`` (GSPO-token).
         epsilon / epsilon_high: lower / upper clip range; ``None`` means TRL's defaults (0.2, and 0.4 in log
             space for gmpo; ``epsilon_high`` defaults to ``epsilon``). For cispo ``epsilon_high`` is an absolute cap.
@@ -531,8 +532,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, importance_s
         beta: coefficient of the k3 KL to ``ref_logp`` (``[B, T]``, required when ``beta != 0``).
         use_bias_correction_kl: multiply the KL by the importance ratio.
         importance_sampling_ratio: vLLM's truncated/masked IS ratio, ``[B, T]`` or ``[B]``/``[B, 1]``, no grad.
-        num_items_in_batch: token count of the whole generation batch over all processes (dapo, cispo,
-            vespo); default: ``mask.sum()``, allowed only with one process and no accumulation.
+        num_items_in_batch: token count of the whole generation batch over all processes (the loss types of
+            :data:`GLOBAL_TOKEN_LOSSES`: dapo, cispo, vespo, gpg); default: ``mask.sum()``, allowed only with one
+            process and no accumulation.
         max_completion_length: ``L_max`` of dr_grpo.
         grad_accum_steps, num_processes: TRL's GA and P (docs/semantics.md section 9).
         entropy: optional ``[B, T]`` token entropies, only for the ``entropy`` metric.

@@ -52,3 +52,11 @@ LOSS_TABLE = [
     ("gspo_token-grpo", dict(loss_type="grpo", importance_sampling_level="sequence_token"), 0.167187, 0.167187, {}),
     ("gspo_token-dapo", dict(loss_type="dapo", importance_sampling_level="sequence_token"), -0.182636, -0.182636, {}),
 ]
+
+# Loss types TRL does not have, as LOSS_TABLE, with values computed by hand (docs/semantics.md sections 8 and 9).
+# gpg: -sum_i A_i sum_t M lp (rho) / N with N = 10: 2.875 / 10, and dL/dlp = -A_i M (rho) / N, summed -2.5 / 10;
+# with TOKEN_RHO 5.78 / 10 and -3.95 / 10.
+HAND_TABLE = [
+    ("gpg-token", dict(loss_type="gpg"), 0.2875, -0.25, {}),
+    ("gpg-token-rho", dict(loss_type="gpg", importance_sampling_ratio=TOKEN_RHO), 0.578, -0.395, {}),
+]

@@ -19,7 +19,7 @@ from gfpo_fast.policy_loss import (
 )
 
 import fused_linear_cases as cases
-from spec_fixtures import ADVANTAGES, COMMON, LOGP, LOSS_TABLE, MASK, OLD_LOGP, REF_LOGP
+from spec_fixtures import ADVANTAGES, COMMON, HAND_TABLE, LOGP, LOSS_TABLE, MASK, OLD_LOGP, REF_LOGP
 
 
 def run(old_logp=OLD_LOGP, mask=MASK, advantages=ADVANTAGES, **kwargs):
@@ -29,9 +29,9 @@ def run(old_logp=OLD_LOGP, mask=MASK, advantages=ADVANTAGES, **kwargs):
     return loss.item(), lp.grad, {k: v.item() for k, v in metrics.items()}
 
 
-@pytest.mark.parametrize("kwargs,loss,gradsum,expected", [row[1:] for row in LOSS_TABLE],
-                         ids=[r[0] for r in LOSS_TABLE])
-def test_trl_reference_table(kwargs, loss, gradsum, expected):
+@pytest.mark.parametrize("kwargs,loss,gradsum,expected", [row[1:] for row in LOSS_TABLE + HAND_TABLE],
+                         ids=[r[0] for r in LOSS_TABLE + HAND_TABLE])
+def test_reference_table(kwargs, loss, gradsum, expected):
     value, grad, metrics = run(**kwargs)
     assert value == pytest.approx(loss, abs=1e-6)
     assert grad.sum().item() == pytest.approx(gradsum, abs=1e-6)
@@ -118,6 +118,15 @@ def test_cispo_cap_is_absolute():
     assert m["cispo_clip_ratio"].item() == 1.0
     loss.backward()
     assert lp.grad.item() == pytest.approx(-0.2 * 2.0, abs=1e-6)  # the capped ratio carries no gradient
+
+
+def test_gpg_is_the_unclipped_policy_gradient():
+    """GPG reads no old log-probs (no ratio, no clip): any old_logp gives the same loss and dL/dlp = -A_i M / N."""
+    on_policy = run(old_logp=None, loss_type="gpg")
+    far = run(old_logp=OLD_LOGP + 3.0, loss_type="gpg")
+    assert on_policy[0] == far[0] == pytest.approx(0.2875, abs=1e-6)
+    torch.testing.assert_close(far[1], -ADVANTAGES[:, None] * MASK / 10)
+    torch.testing.assert_close(on_policy[1], far[1])
 
 
 # ----------------------------------------------------------------------------- random inputs
@@ -221,6 +230,7 @@ def test_per_token_advantages_broadcast():
     (dict(algorithm="dpo"), "algorithm"),
     (dict(importance_sampling_level="tokens"), "importance_sampling_level"),
     (dict(loss_type="cispo", importance_sampling_level="sequence_token"), "sequence_token"),
+    (dict(loss_type="gpg", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
     (dict(epsilon=-0.1), "epsilon"),
     (dict(epsilon_high=-1.0), "epsilon_high"),
     (dict(delta=0.0), "delta"),
