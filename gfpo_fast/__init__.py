@@ -4,7 +4,8 @@ Public ops (each dispatches to Triton on CUDA, C++ on CPU, or the torch referenc
 
 * :func:`token_logprobs` -- per-token log-probs (and entropies) from logits.
 * :func:`group_advantages`, :func:`gfpo_filter`, :func:`reward_metrics` -- group-relative advantages, GFPO top-k.
-* :func:`policy_loss` -- GRPO / DAPO / Dr. GRPO / BNPO / CISPO / SAPO / LUSPO / VESPO, GSPO, GSPO-token, GMPO.
+* :func:`policy_loss` -- the loss types of ``policy_loss.LOSS_REGISTRY`` (GRPO / DAPO / Dr. GRPO / BNPO / CISPO /
+  SAPO / LUSPO / VESPO / GPG), GSPO, GSPO-token, GMPO.
 * :func:`fused_policy_loss` -- log-probs and policy loss from logits in one op.
 * :func:`fused_linear_logprobs`, :func:`fused_linear_policy_loss` -- the same from hidden states and the
   lm_head weight, one chunk of tokens at a time (the logits never exist whole).
