@@ -61,7 +61,8 @@ class LossParam:
 class Normaliser:
     """How a loss type turns its masked per-token losses into one number (docs/semantics.md section 9).
 
-    ``weights(cfg, M, num_items_in_batch)`` -> ``w`` [B, 1] (dtype of ``M``, float32 or float64) with
+    ``weights(cfg, M, num_items_in_batch)`` -> ``w`` [B, 1], float32 (float64 for a float64 ``M``, except the
+    constant ``FIXED_HORIZON`` and ``ROW_SUM``, which stay float32) with
     ``loss = sum_{i,t} M_{i,t} l_{i,t} w_i``; it reads the mask only, never the log-probs. ``global_tokens``: it
     divides by the token count of the whole generation batch (``num_items_in_batch``), not by ``GA``, so that
     count is required under accumulation or several processes. ``needs_max_completion_length``: it divides by
@@ -130,7 +131,7 @@ def _row_sum(cfg, M, n):
 ROW_TOKEN_MEAN = Normaliser(_row_token_mean)  # 1 / (max(|o_i|, 1) B GA): each row's token mean, mean over rows
 CALL_TOKEN_MEAN = Normaliser(_call_token_mean)  # 1 / (max(sum M, 1) GA): token mean over this call's rows
 FIXED_HORIZON = Normaliser(_fixed_horizon, needs_max_completion_length=True)  # 1 / (B L_max GA)
-BATCH_TOKEN_MEAN = Normaliser(_batch_token_mean, global_tokens=True)  # P / max(N, 1): the generation batch's
+BATCH_TOKEN_MEAN = Normaliser(_batch_token_mean, global_tokens=True)  # P / max(N, 1), N = num_items_in_batch
 ROW_SUM = Normaliser(_row_sum)  # 1 / (B GA): row sums, mean over rows
 
 
@@ -366,8 +367,8 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
 
 # ----------------------------------------------------------------------------- shared pieces
 def row_weights(cfg: LossConfig, mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """[B, 1] float32 ``w`` (float64 for a float64 mask) such that the loss is ``sum_{i,t} M_{i,t} l_{i,t} w_i``:
-    the :class:`Normaliser` of ``cfg.loss_type`` (docs/semantics.md section 9). GMPO's plain mean over sequences
+    """[B, 1] ``w`` such that the loss is ``sum_{i,t} M_{i,t} l_{i,t} w_i`` (dtype: :class:`Normaliser`):
+    the normaliser of ``cfg.loss_type`` (docs/semantics.md section 9). GMPO's plain mean over sequences
     has no token weight (see gmpo_loss_ref). An empty batch (B = 0) gets an empty ``w`` (the loss is then 0,
     never 0 / 0).
     """
