@@ -78,7 +78,13 @@ from verl.utils.experimental import torch_functional  # noqa: E402
 from .._checks import require_num_remains  # noqa: E402
 from ..fused_linear import fused_linear_logprobs  # noqa: E402
 from ..lm_head import config_transform  # noqa: E402
-from ..policy_loss import GLOBAL_TOKEN_LOSSES, make_loss_config, policy_loss_ref  # noqa: E402
+from ..policy_loss import (  # noqa: E402
+    GLOBAL_TOKEN_LOSSES,
+    LOSS_REGISTRY,
+    SEQUENCE_TOKEN_LOSSES,
+    make_loss_config,
+    policy_loss_ref,
+)
 from ..train.filters import GroupFilter  # noqa: E402
 
 try:  # verl's PPO trainer needs more than verl's light install (torchdata, fastapi, ...): no trainer, no hook
@@ -167,13 +173,16 @@ monkey_patch.patch_forward_with_backends = patch_forward_with_backends
 
 
 # ----------------------------------------------------------------------------- the GRPO family's losses
-_PPO_NORMALISERS = ("grpo", "bnpo", "dr_grpo", "dapo")
-# Registered name -> gfpo-fast loss keywords (TRL's GRPOConfig fields); each name is prefixed "gfpo_fast_".
+# Registered name -> gfpo-fast loss keywords (TRL's GRPOConfig fields); each name is prefixed "gfpo_fast_". Every
+# loss type at the level TRL means it for (token, unless it says sequence), GSPO (sequence level) and GSPO-token
+# with the PPO-clip normalisers that GSPO-token supports, and GMPO.
 POLICY_LOSSES = {
-    **{lt: dict(loss_type=lt) for lt in (*_PPO_NORMALISERS, "cispo", "sapo", "vespo")},
-    **{f"gspo_{lt}": dict(loss_type=lt, importance_sampling_level="sequence") for lt in _PPO_NORMALISERS},
-    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
-    **{f"gspo_token_{lt}": dict(loss_type=lt, importance_sampling_level="sequence_token") for lt in _PPO_NORMALISERS},
+    **{name: dict(loss_type=name, **({} if lt.meant_for_level in (None, "token") else
+                                     dict(importance_sampling_level=lt.meant_for_level)))
+       for name, lt in LOSS_REGISTRY.items()},
+    **{f"gspo_{name}": dict(loss_type=name, importance_sampling_level="sequence") for name in SEQUENCE_TOKEN_LOSSES},
+    **{f"gspo_token_{name}": dict(loss_type=name, importance_sampling_level="sequence_token")
+       for name in SEQUENCE_TOKEN_LOSSES},
     "gmpo": dict(algorithm="gmpo"),
 }
 
@@ -214,7 +223,7 @@ def _verl_policy_loss(loss_kwargs: dict):
         cfg = make_loss_config(**loss_kwargs, **clip, **extra, num_processes=dp)
         mask = response_mask.float()
         adv = advantages
-        if gmpo or cfg.loss_type == "vespo":  # one advantage per sequence: verl's are the row's, on its tokens
+        if gmpo or LOSS_REGISTRY[cfg.loss_type].sequence_advantage:  # verl's: the row's one value, on its tokens
             adv = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
         rho = None
         if rollout_is_weights is not None and not gmpo:  # verl zeroes them on padding, where TRL's ratio is 1

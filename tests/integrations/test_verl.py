@@ -172,6 +172,7 @@ SAME_MATH = [
     ("cispo", "token-mean", "gfpo_fast_cispo", {"clip_ratio_low": 1.0, "clip_ratio_high": 0.1}),
     ("sapo", "seq-mean-token-mean", "gfpo_fast_sapo", {"tau_pos": 1.3, "tau_neg": 2.0}),
     ("geo_mean", "token-mean", "gfpo_fast_gmpo", {"clip_ratio_low": 0.1, "clip_ratio_high": 0.15}),
+    ("gpg", "token-mean", "gfpo_fast_gpg", {}),
 ]
 # A micro-batch of a larger mini-batch on one of two data-parallel ranks, as verl's engine describes it.
 MICRO_OF_MINI = {"dp_size": 2, "batch_num_tokens": 131, "global_batch_size": 24}
@@ -238,6 +239,8 @@ def test_registered_loss_has_trl_semantics(name):
 
 def test_registered_names_do_not_collide():
     names = [f"gfpo_fast_{name}" for name in gf_verl.POLICY_LOSSES]
+    assert {"gfpo_fast_dapo", "gfpo_fast_luspo", "gfpo_fast_vespo", "gfpo_fast_gspo_grpo", "gfpo_fast_gspo_token_dapo",
+            "gfpo_fast_gmpo"} <= set(names)
     assert all(POLICY_LOSS_REGISTRY[name] is not None for name in names)
     verl_own = set(POLICY_LOSS_REGISTRY) - set(names)
     assert {"vanilla", "gspo", "geo_mean", "cispo", "sapo"} <= verl_own
