@@ -73,9 +73,9 @@ def test_no_folder_on_the_path_shadows_an_installed_distribution():
 def test_every_checkout_folder_on_this_sys_path_is_checked():
     """The guard above covers the folders pytest really put on ``sys.path`` in this run."""
     checked = set(_search_folders())
-    on_path = {Path(p).resolve() for p in sys.path if p and Path(p).resolve().is_relative_to(REPO)}
-    on_path = {p for p in on_path if not p.is_relative_to(REPO / ".venv")}
-    assert on_path <= checked, sorted(on_path - checked)
+    source_folders = _tracked_folders() | {REPO}  # not a venv inside the checkout, nor a path hook's name
+    on_path = {Path(p).resolve() for p in sys.path if p and Path(p).resolve() in source_folders}
+    assert REPO in on_path and on_path <= checked, sorted(on_path - checked)
 
 
 def test_triton_kernels_stay_ours():

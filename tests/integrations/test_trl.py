@@ -66,12 +66,7 @@ def save_tiny(tmp_path_factory, model_cls, config):
     return str(path), tokenizer
 
 
-OUTPUT_DIR = ""  # set for each test: every TRL config of a test writes under that test's own tmp_path
-
-
-@pytest.fixture(autouse=True)
-def _output_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "OUTPUT_DIR", str(tmp_path / "trl"))
+OUTPUT_DIR = "trl-output"  # relative: conftest.py runs each test in its own tmp_path
 
 
 @pytest.fixture(scope="module")
