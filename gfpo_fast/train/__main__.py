@@ -7,9 +7,12 @@ functions of this module, each timed under its name (``time/<name>`` in the metr
     weight_sync       vLLM only: the policy's weights into the engine
     generate          G completions per prompt                                -> Rollout
     reward            score them; gather every process's rewards               -> Scores (score_rollout)
+                      (--dynamic_sampling: both again until enough groups vary: sample_groups)
     advantages        group-relative advantages; GFPO keeps k per group and
                       the dropped rows leave before any forward (compaction)   -> Batch (make_batch)
     old_ref_logprobs  no-grad old / reference log-probs and vLLM's IS ratio, when needed (old_and_ref_logprobs)
+                      then, per optimizer step (steps_per_generation / gradient_accumulation_steps mini-batches
+                      of the generation batch, num_iterations times over: mini_batches):
     policy_forward    the model and the loss forward, per micro-batch          (accumulate_gradients)
     backward          their backward
     optimizer         clip, step (skipped when the loss or the gradient norm is
@@ -78,12 +81,14 @@ from . import checkpoint as ckpt
 from . import distributed, lora
 from .config import TrainConfig, parse_args
 from .data import PromptSampler, load_rows, screen_prompts
+from .dynamic_sampling import enough, pick_groups, varied_groups
 from .evaluation import evaluate
 from .filters import GroupFilter
 from .generation import (
     Rollout,
     VLLMColocate,
     check_fresh,
+    concat_rollouts,
     engine_dtype,
     eos_token_ids,
     generate_transformers,
@@ -344,12 +349,23 @@ def micro_batches(n: int, parts: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def mini_batches(batch: Batch, steps: int) -> list[Batch]:
+    """``batch`` (a generation batch) split into exactly ``steps`` consecutive mini-batches, one per optimizer step,
+    row counts differing by at most one; each carries ``num_items / steps`` as its token count, as TRL scales the
+    dapo / cispo / vespo normaliser (the generation batch's tokens) to one step."""
+    n = len(batch)
+    return [dataclasses.replace(batch[i * n // steps:(i + 1) * n // steps], num_items=batch.num_items / steps)
+            for i in range(steps)]
+
+
 @torch.no_grad()
-def batch_logprobs(model, batch: Batch, cfg: TrainConfig, share_prompts: bool, accelerator) -> torch.Tensor:
-    """No-grad per-token log-probs ``(B, T)`` of ``batch`` under ``model`` (old or reference policy), from its
-    hidden states one ``lm_head_chunk_size`` chunk of tokens at a time (``gf.fused_linear_logprobs``)."""
+def batch_logprobs(model, batch: Batch, cfg: TrainConfig, share_prompts: bool, accelerator,
+                   parts: int) -> torch.Tensor:
+    """No-grad per-token log-probs ``(B, T)`` of ``batch`` under ``model`` (old or reference policy), in ``parts``
+    micro-batches, from its hidden states one ``lm_head_chunk_size`` chunk of tokens at a time
+    (``gf.fused_linear_logprobs``)."""
     head, out = lm_head_of(accelerator.unwrap_model(model)), []
-    for s in micro_batches(len(batch), cfg.gradient_accumulation_steps):
+    for s in micro_batches(len(batch), parts):
         mb = batch[s]
         with accelerator.autocast():
             hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
@@ -366,7 +382,8 @@ def generate(model, tokenizer, vllm: VLLMColocate | None, prompts: list[list[int
     """One sampled completion per prompt id list (the caller repeats each prompt G times), from transformers'
     ``generate`` on the unwrapped policy or from the vLLM engine (synced with the policy by the caller)."""
     kwargs = dict(max_new_tokens=cfg.max_completion_length, do_sample=True, temperature=cfg.temperature,
-                  top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos_ids)
+                  top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
+                  generation_kwargs=cfg.generation_kwargs, eos_ids=eos_ids)
     if vllm is None:
         return generate_transformers(model, tokenizer, prompts, **kwargs)
     return vllm.generate(prompts, pad_id=tokenizer.pad_token_id, device=device, **kwargs)
@@ -383,6 +400,42 @@ def score_rollout(ro: Rollout, rows: list[dict], tokenizer, reward_names: list[s
     return Scores(rewards=accelerator.gather(rewards.to(accelerator.device)),
                   lengths=accelerator.gather(ro.completion_mask.sum(1)), truncated=accelerator.gather(ro.truncated),
                   completions=completions, logged=logged)
+
+
+def sample_groups(draw_round, cfg: TrainConfig, prompts_per_rank: int, accelerator,
+                  pad_id: int) -> tuple[list[dict], Rollout, Scores, dict[str, int]]:
+    """``(rows, rollout, scores, metrics)`` of this step's generation batch: one round of ``draw_round()`` (which
+    draws ``prompts_per_rank`` prompts per process, generates and scores them: ``(rows, Rollout, Scores)``).
+
+    With ``dynamic_sampling``, more rounds until every process holds ``prompts_per_rank`` groups with reward
+    variance (at most ``dynamic_sampling_max_draws`` more), then the batch is made of those groups
+    (``dynamic_sampling.pick_groups``: equal-reward ones only to fill a process that is still short), the same
+    size as one round; ``metrics``: ``dynamic_sampling/draws`` (rounds), ``dynamic_sampling/dropped_groups``
+    (equal-reward groups left out) and ``dynamic_sampling/filled_groups`` (kept), over every process.
+    """
+    rounds = [draw_round()]
+    if not cfg.dynamic_sampling:
+        return (*rounds[0], {})
+    G, world, rank = cfg.num_generations, accelerator.num_processes, accelerator.process_index
+    varied = [varied_groups(rounds[0][2].rewards, G, cfg.reward_weights)]
+    while len(rounds) <= cfg.dynamic_sampling_max_draws and not enough(varied, world, prompts_per_rank):
+        rounds.append(draw_round())
+        varied.append(varied_groups(rounds[-1][2].rewards, G, cfg.reward_weights))
+    picks, dropped, filled = pick_groups(varied, world, prompts_per_rank)
+    B = prompts_per_rank * G  # rows per process and round
+    mine = [slice(g * G, (g + 1) * G) for _, g in picks[rank]]
+    rows = [row for (d, _), s in zip(picks[rank], mine) for row in rounds[d][0][s]]
+    ro = concat_rollouts([rounds[d][1][s] for (d, _), s in zip(picks[rank], mine)], pad_id)
+    everyone = [(d, slice(r * B + g * G, r * B + (g + 1) * G)) for r, p in enumerate(picks) for d, g in p]
+
+    def gathered(name: str) -> torch.Tensor:
+        return torch.cat([getattr(rounds[d][2], name)[s] for d, s in everyone])
+
+    scores = Scores(rewards=gathered("rewards"), lengths=gathered("lengths"), truncated=gathered("truncated"),
+                    completions=[c for (d, _), s in zip(picks[rank], mine) for c in rounds[d][2].completions[s]],
+                    logged={k: v for r in rounds for k, v in r[2].logged.items()})
+    return rows, ro, scores, {"dynamic_sampling/draws": len(rounds), "dynamic_sampling/dropped_groups": dropped,
+                              "dynamic_sampling/filled_groups": filled}
 
 
 def make_batch(ro: Rollout, scores: Scores, group_filter: GroupFilter | None, cfg: TrainConfig,
@@ -414,32 +467,34 @@ def make_batch(ro: Rollout, scores: Scores, group_filter: GroupFilter | None, cf
     return batch, keep
 
 
-def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share_prompts: bool,
-                         accelerator) -> tuple[Batch, dict[str, float]]:
-    """``batch`` with the no-grad inputs of the loss that the configuration needs, each computed only then,
-    and the vLLM sync check's metrics (``generation.sync_check``; empty without vLLM).
+def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share_prompts: bool, accelerator,
+                         steps: int, parts: int) -> tuple[Batch, dict[str, float]]:
+    """``batch`` (the generation batch, ``steps`` optimizer steps of ``parts`` micro-batches in all) with the no-grad
+    inputs of the loss that the configuration needs, each computed only then, once before the first step, and the
+    vLLM sync check's metrics (``generation.sync_check``; empty without vLLM).
 
-    * ``old_logp`` ``(B, T)``: the policy before this batch's updates, for ``num_iterations > 1`` (and for the
-      vLLM ratio below; on-policy, ``num_iterations == 1``, it is dropped again: the ratio is 1 in value).
+    * ``old_logp`` ``(B, T)``: the policy before this batch's updates, when it takes several optimizer steps
+      (``num_iterations > 1`` or ``steps > 1``), and for the vLLM ratio below (on-policy, one step, it is dropped
+      again: the ratio is 1 in value).
     * ``ref_logp`` ``(B, T)``: the reference model, for ``beta != 0``.
     * ``is_ratio`` ``(B,)``: with vLLM sampling, ``exp(sum_t (old_logp - sampling_logp))`` over each row's loss
       tokens, 0 above ``vllm_importance_sampling_cap`` (TRL's default ``sequence_mask``: sequences far off the
       trainer's policy are dropped). The batch was sampled right after a weight sync, so the engine's log-probs
       must match ``old_logp``: a clearly stale engine raises ``generation.StaleEngineError``.
     """
-    vllm = batch.sampling_logp is not None
-    old_logp = batch_logprobs(model, batch, cfg, share_prompts, accelerator) if cfg.num_iterations > 1 or vllm else None
+    vllm, off_policy = batch.sampling_logp is not None, cfg.num_iterations > 1 or steps > 1
+    old_logp = batch_logprobs(model, batch, cfg, share_prompts, accelerator, parts) if off_policy or vllm else None
     ref_logp = None
     if ref_model is not None:
         with lora.adapters_disabled(accelerator.unwrap_model(ref_model)):  # a LoRA policy as its own base
-            ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts, accelerator)
+            ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts, accelerator, parts)
     is_ratio, sync_metrics = None, {}
     if vllm:
         check = sync_check(old_logp, batch.sampling_logp, batch.completion_mask, cap=cfg.vllm_importance_sampling_cap,
                            reduce=accelerator.reduce)  # host sync
         check_fresh(check.metrics, cfg.vllm_max_logp_gap)
         is_ratio, sync_metrics = check.is_ratio, check.metrics
-        if cfg.num_iterations == 1:
+        if not off_policy:
             old_logp = None
     return dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio), sync_metrics
 
@@ -592,8 +647,10 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     G = cfg.num_generations
     set_seed(cfg.seed)
+    micro = cfg.steps_per_generation_for(world)  # micro-batches of per_device_train_batch_size per generation
     train_rows, eval_rows = load_rows(cfg)
-    reward_names, reward_funcs = build_reward_funcs(cfg.reward_funcs, cfg.max_completion_length)
+    reward_names, reward_funcs = build_reward_funcs(cfg.reward_funcs, cfg.max_completion_length,
+                                                    cfg.reward_processing_classes, cfg.chat_template_kwargs, device)
     check_columns(reward_names, reward_funcs, train_rows, "the train rows")
     check_columns(reward_names, reward_funcs, eval_rows, "the eval rows")
     check_scheduler(cfg)
@@ -647,7 +704,7 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
     if cfg.generation_backend == "vllm":
         vllm = VLLMColocate(resolve_model_path(cfg.model_name_or_path)[0],
                             max_model_len=max(map(len, train_prompts)) + cfg.max_completion_length,
-                            max_num_seqs=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+                            max_num_seqs=cfg.per_device_train_batch_size * micro,
                             dtype=engine_dtype(cfg.vllm_dtype, next(model.parameters()).dtype,
                                                accelerator.mixed_precision),
                             seed=cfg.seed, process_index=rank, local_process_index=accelerator.local_process_index,
@@ -661,34 +718,44 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
                                         reward_names, reward_funcs, eos_ids)
     do_eval = cfg.do_eval and bool(eval_rows)
     evals, last_saved, guard = {}, None, NonFiniteGuard(cfg.max_nonfinite_steps)
-    prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // G
+    prompts_per_rank = cfg.per_device_train_batch_size * micro // G
+    steps_per_generation = micro // cfg.gradient_accumulation_steps  # optimizer steps per pass over a generation
 
-    # ---- the loop: one generation batch per iteration (num_iterations optimizer steps on it)
+    def draw_round() -> tuple[list[dict], Rollout, Scores]:
+        """Draws prompts (the global order is the same on every rank; each rank takes whole groups, B = its
+        prompts * G), generates and scores them."""
+        order = sampler.next(prompts_per_rank * world)[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]
+        rows = [train_rows[i] for i in order for _ in range(G)]
+        prompts = [train_prompts[i] for i in order for _ in range(G)]
+        with timer("generate"):
+            ro = generate(accelerator.unwrap_model(model), tokenizer, vllm, prompts, cfg, eos_ids, device)
+        with timer("reward"):
+            scores = score_rollout(ro, rows, tokenizer, reward_names, reward_funcs, trainer_state, accelerator)
+        return rows, ro, scores
+
+    # ---- the loop: one generation batch per iteration (num_iterations passes of steps_per_generation optimizer
+    # steps over it)
     with closing(reporter), stop_on_signal(reporter) as stop:
         if do_eval and step == 0:
             evals["before"] = reporter.log_eval("before", step, evaluate_policy())
         while step < cfg.max_steps:
             timer = StepTimer()
-            # prompts: the global order is the same on every rank; each rank takes whole groups, B = its prompts * G
-            order = sampler.next(prompts_per_rank * world)[rank * prompts_per_rank:(rank + 1) * prompts_per_rank]
             trainer_state.global_step = step
-            rows = [train_rows[i] for i in order for _ in range(G)]
-            prompts = [train_prompts[i] for i in order for _ in range(G)]
             if vllm is not None:  # the policy changed since the engine last saw it (or the run resumed)
                 with timer("weight_sync"):
                     vllm.sync(accelerator.unwrap_model(model))
-            with timer("generate"):
-                ro = generate(accelerator.unwrap_model(model), tokenizer, vllm, prompts, cfg, eos_ids, device)
-            with timer("reward"):
-                scores = score_rollout(ro, rows, tokenizer, reward_names, reward_funcs, trainer_state, accelerator)
+            rows, ro, scores, draw_metrics = sample_groups(draw_round, cfg, prompts_per_rank, accelerator,
+                                                           tokenizer.pad_token_id)
             with timer("advantages"):
                 batch, keep = make_batch(ro, scores, group_filter, cfg, accelerator)
             with timer("old_ref_logprobs"):
-                batch, sync_metrics = old_and_ref_logprobs(model, ref_model, batch, cfg, share_prompts, accelerator)
-            for _ in range(cfg.num_iterations):  # the metrics are those of the last iteration
+                batch, sync_metrics = old_and_ref_logprobs(model, ref_model, batch, cfg, share_prompts, accelerator,
+                                                           steps_per_generation, micro)
+            passes = [mb for _ in range(cfg.num_iterations) for mb in mini_batches(batch, steps_per_generation)]
+            for mini in passes:  # the metrics are those of the last optimizer step
                 if step >= cfg.max_steps or guard.exhausted:
                     break
-                loss, loss_metrics = accumulate_gradients(model, batch, cfg, loss_kwargs, accelerator, share_prompts,
+                loss, loss_metrics = accumulate_gradients(model, mini, cfg, loss_kwargs, accelerator, share_prompts,
                                                           timer)
                 with timer("optimizer"):
                     grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, accelerator, loss)
@@ -700,7 +767,7 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
             metrics, stop_now = step_metrics(scores, keep, loss, grad_norm, loss_metrics, stop.signum is not None,
                                              applied, step=step, lr=scheduler.get_last_lr()[0],
                                              reward_names=reward_names, cfg=cfg, accelerator=accelerator, timer=timer)
-            reporter.log({**metrics, **sync_metrics})
+            reporter.log({**metrics, **sync_metrics, **draw_metrics})
             reporter.log_completions(step, rows, scores, keep, batch.advantages, reward_names)
             if guard.exhausted:  # no checkpoint of this state: the last good one stays the newest kept
                 raise guard.error(step)

@@ -23,6 +23,7 @@ from pathlib import Path
 from gfpo_fast._checks import require_num_remains
 
 from .models import hub_offline
+from .trl_fields import NOT_FLAGS, check_not_flag
 
 ALGORITHMS = ("grpo", "gfpo", "gmpo", "gspo", "gspo_token")
 GROUP_FILTERS = ("length", "token_efficiency")
@@ -68,8 +69,9 @@ class TrainConfig:
     dataset_name: str = _f("arithmetic", "'arithmetic' (embedded seeded word problems), a local .jsonl/.json/.csv/"
                            ".parquet file, a save_to_disk directory, a folder of data files (train.jsonl, test.jsonl, "
                            "...) or a Hugging Face Hub dataset name (datasets.load_dataset; HF_HUB_OFFLINE=1: the "
-                           "local cache only). Rows need a 'prompt' column: text, or a list of {role, content} "
-                           "messages (through the tokenizer's chat template); the other columns go to the rewards")
+                           "local cache only). Rows need a 'prompt' column (or dataset_prompt_column): text, or a "
+                           "list of {role, content} messages (through the tokenizer's chat template); the other "
+                           "columns go to the rewards")
     dataset_config: str | None = _f(None, "configuration of the dataset (load_dataset's name, e.g. 'main' for "
                                     "openai/gsm8k)")
     dataset_train_split: str = _f("train", "split to train on (a single file is one split, 'train')")
@@ -94,7 +96,8 @@ class TrainConfig:
                                  "\\boxed{} equals the 'answer' column, or what follows its '#### ', GSM8K-style), "
                                  "math_accuracy (the same compared symbolically by math-verify, e.g. \\frac{1}{2} = "
                                  "0.5: `pip install math-verify`), format (ends with its answer), length (shorter is "
-                                 "better); or module:function / file.py:function with TRL's calling convention")
+                                 "better); module:function / file.py:function with TRL's calling convention; or the "
+                                 "path (or Hub id) of a sequence-classification reward model, scored as TRL does")
     reward_weights: list[float] | None = _f([1.0, 0.1], "one weight per reward function (TRL: None, all 1)")
     scale_rewards: str = _f("group", "divide advantages by the group std ('group'), the batch std ('batch') or not "
                             "('none')")
@@ -135,6 +138,42 @@ class TrainConfig:
                                   "sync did not take effect; 0: no check")
     vllm_enforce_eager: bool = _f(False, "vllm: skip the engine's torch.compile warm-up (starts faster, may "
                                   "generate slower)")
+    # ---------------------------------------------------------------- recipes: TRL's batch, sampling and data knobs
+    dataset_prompt_column: str = _f("prompt", "the dataset column that holds the prompts (e.g. 'question' for "
+                                    "openai/gsm8k); it reaches the model and the rewards as 'prompt'")
+    dataset_answer_column: str = _f("answer", "the dataset column with the reference answers that the accuracy and "
+                                    "math_accuracy rewards read; it reaches the rewards as 'answer'")
+    max_prompt_length: int | None = _f(None, "prompts longer than this many tokens (after the chat template) are "
+                                       "handled by invalid_prompts, like prompts too long for the context: an "
+                                       "error, dropped, or their last tokens kept, with a count (None: the "
+                                       "model's context is the only limit)")
+    steps_per_generation: int | None = _f(None, "micro-batches of per_device_train_batch_size rows each generation "
+                                          "batch is split into, as TRL: steps_per_generation / "
+                                          "gradient_accumulation_steps optimizer steps per generation, the old "
+                                          "log-probs computed once before the first (None: "
+                                          "gradient_accumulation_steps, one step per generation)")
+    generation_batch_size: int | None = _f(None, "completions per generation over every process, as TRL: "
+                                           "per_device_train_batch_size * num_processes * steps_per_generation "
+                                           "(give one of the two)")
+    min_p: float | None = _f(None, "min-p sampling: drop tokens below min_p times the top token's probability "
+                             "(None: off)")
+    repetition_penalty: float = _f(1.0, "divide the logits of tokens already in the prompt or completion by this "
+                                   "(1.0: off)")
+    generation_kwargs: str | dict | None = _f(None, "further keywords of the sampler, a JSON object (YAML: a "
+                                              "mapping): transformers' GenerationConfig fields, or vLLM's "
+                                              "SamplingParams with generation_backend=vllm; they override the "
+                                              "flags above")
+    use_bias_correction_kl: bool = _f(False, "multiply the KL term (beta != 0) by the importance ratio (TRL: True; "
+                                      "off here: gmpo and gspo_token do not define it, and the fused loss cannot "
+                                      "combine it with gspo's sequence ratio and beta != 0)")
+    dynamic_sampling: bool = _f(False, "DAPO's dynamic sampling: groups whose rewards are all equal are dropped "
+                                "and more prompts drawn until the batch holds its full number of groups with "
+                                "reward variance (at most dynamic_sampling_max_draws extra draws; if still short, "
+                                "equal-reward groups fill it, and the metrics say how many)")
+    dynamic_sampling_max_draws: int = _f(4, "dynamic_sampling: most extra generation rounds per generation batch")
+    reward_processing_classes: list[str] | None = _f(None, "one tokenizer (path or Hub id) per reward_funcs entry "
+                                                     "for the reward models among them, 'none' for the "
+                                                     "reward model's own (and for the functions), as TRL")
     # ---------------------------------------------------------------- optimisation
     learning_rate: float = _f(1e-5, "AdamW learning rate (TRL: 1e-6; on the embedded task 5e-6 moved held-out accuracy "
                                     "by +3/+7 points in 25 steps, 2e-5 without warm-up drove lengths to the cap)")
@@ -274,10 +313,11 @@ class TrainConfig:
         G = self.num_generations
         if G < 2:
             raise ValueError(f"num_generations must be >= 2 (a group needs two completions to compare), got {G}")
-        rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        if rows % G:
-            raise ValueError(f"per_device_train_batch_size * gradient_accumulation_steps = {rows} must be a multiple "
-                             f"of num_generations = {G}, so that every group is generated and filtered on one process; "
+        rows = self.per_device_train_batch_size * (self.steps_per_generation or self.gradient_accumulation_steps)
+        if rows % G and self.generation_batch_size is None:
+            raise ValueError(f"per_device_train_batch_size * steps_per_generation (None: gradient_accumulation_"
+                             f"steps) = {rows} must be a multiple of num_generations = {G}, so that every group "
+                             f"is generated and filtered on one process; "
                              f"e.g. per_device_train_batch_size={max(G, rows // G * G)}")
         if self.algorithm == "gfpo":
             require_num_remains(self.num_remains_in_group, G)
@@ -290,6 +330,7 @@ class TrainConfig:
         if self.algorithm in ("gspo", "gspo_token") and self.importance_sampling_level != "token":
             raise ValueError(f"algorithm={self.algorithm!r} sets importance_sampling_level itself; leave it at 'token'")
         self._validate_data()
+        self._validate_recipe()
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} "
                              f"reward_funcs {self.reward_funcs}; give one weight per function")
@@ -340,9 +381,74 @@ class TrainConfig:
             if not self.do_eval:
                 raise ValueError(f"eval_steps={self.eval_steps} with do_eval=false: no evals would run; leave "
                                  "eval_steps unset or set do_eval true")
-            if self.eval_steps % self.num_iterations:
-                raise ValueError(f"eval_steps must be a multiple of num_iterations={self.num_iterations} (evals run "
-                                 f"between generation batches, every num_iterations steps), got {self.eval_steps}")
+            self._check_eval_steps(self.steps_per_generation or self.gradient_accumulation_steps)
+
+    def _check_eval_steps(self, micro_batches: int) -> None:
+        """``eval_steps`` is a multiple of the optimizer steps of a generation batch, ``num_iterations *
+        micro_batches / gradient_accumulation_steps`` (``micro_batches``: the resolved ``steps_per_generation``)."""
+        per_generation = self.num_iterations * micro_batches // self.gradient_accumulation_steps
+        if self.eval_steps is not None and self.eval_steps % per_generation:
+            raise ValueError(f"eval_steps must be a multiple of num_iterations={self.num_iterations} * "
+                             f"steps_per_generation={micro_batches} / gradient_accumulation_steps="
+                             f"{self.gradient_accumulation_steps} = {per_generation}, the optimizer steps of a "
+                             f"generation batch (evals run between generation batches), got {self.eval_steps}")
+
+    def _validate_recipe(self) -> None:
+        """The recipe knobs (batch split, sampling, data columns, dynamic sampling); ``generation_kwargs`` given as
+        JSON text becomes a dict here. ``generation_batch_size`` needs the process count: ``steps_per_generation_for``
+        checks it at the start of the run."""
+        for name in ("dataset_prompt_column", "dataset_answer_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("max_prompt_length", "steps_per_generation", "generation_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if self.steps_per_generation is not None and self.generation_batch_size is not None:
+            raise ValueError("steps_per_generation and generation_batch_size are both set; give one (generation_"
+                             "batch_size = per_device_train_batch_size * num_processes * steps_per_generation)")
+        if self.steps_per_generation is not None:
+            self.steps_per_generation_for(1)
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be None or in [0, 1], got {self.min_p!r}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0: off), got "
+                             f"{self.repetition_penalty!r}")
+        self.generation_kwargs = _json_mapping("generation_kwargs", self.generation_kwargs, "sampler keywords")
+        if self.dynamic_sampling_max_draws < 0:
+            raise ValueError(f"dynamic_sampling_max_draws must be an integer >= 0, got "
+                             f"{self.dynamic_sampling_max_draws}")
+        if self.dynamic_sampling and self.algorithm == "gfpo" and self.adaptive_difficulty:
+            raise ValueError("dynamic_sampling with adaptive_difficulty: the filter's difficulty history would only "
+                             "see the groups that vary; use one of them")
+        if self.reward_processing_classes is not None and len(self.reward_processing_classes) != len(self.reward_funcs):
+            raise ValueError(f"reward_processing_classes has {len(self.reward_processing_classes)} entries for "
+                             f"{len(self.reward_funcs)} reward_funcs {self.reward_funcs}; give one per entry ('none' "
+                             "for the functions and for a reward model's own tokenizer)")
+
+    def steps_per_generation_for(self, num_processes: int) -> int:
+        """Micro-batches per generation batch on ``num_processes`` processes: ``steps_per_generation``, or
+        ``generation_batch_size / (per_device_train_batch_size * num_processes)``, or
+        ``gradient_accumulation_steps``. A ``ValueError`` when it does not split into whole optimizer steps and whole
+        groups per process, or when ``eval_steps`` falls inside a generation batch."""
+        rows = self.per_device_train_batch_size * num_processes
+        if self.generation_batch_size is not None:
+            if self.generation_batch_size % rows:
+                raise ValueError(f"generation_batch_size={self.generation_batch_size} must be a multiple of "
+                                 f"per_device_train_batch_size * num_processes = {rows}")
+            micro = self.generation_batch_size // rows
+        else:
+            micro = self.steps_per_generation or self.gradient_accumulation_steps
+        what = f"steps_per_generation={micro}" + (f" (generation_batch_size={self.generation_batch_size})"
+                                                  if self.generation_batch_size is not None else "")
+        if micro % self.gradient_accumulation_steps:
+            raise ValueError(f"{what} must be a multiple of gradient_accumulation_steps="
+                             f"{self.gradient_accumulation_steps}, so that a generation batch is whole optimizer steps")
+        if micro * self.per_device_train_batch_size % self.num_generations:
+            raise ValueError(f"{what} * per_device_train_batch_size={self.per_device_train_batch_size} must be a "
+                             f"multiple of num_generations={self.num_generations}: each process generates whole groups")
+        self._check_eval_steps(micro)
+        return micro
 
     def _validate_data(self) -> None:
         """The model-and-data fields; ``chat_template_kwargs`` given as JSON text becomes a dict here."""
@@ -356,12 +462,15 @@ class TrainConfig:
         if self.dataset_name == "arithmetic":
             ignored = {n: getattr(self, n) for n in ("dataset_config", "dataset_test_split", "eval_dataset_name")
                        if getattr(self, n) is not None}
+            ignored.update({n: getattr(self, n) for n, default in (("dataset_prompt_column", "prompt"),
+                                                                  ("dataset_answer_column", "answer"))
+                            if getattr(self, n) != default})
             if self.dataset_train_split != "train":
                 ignored["dataset_train_split"] = self.dataset_train_split
             if ignored:
                 raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in ignored.items())}: dataset_name='arithmetic' "
-                                 "has no configurations or splits (it holds out its own eval problems; see "
-                                 "eval_num_prompts); leave them unset, or name another dataset_name")
+                                 "has no configurations or splits (nor columns to choose; it holds out its own eval "
+                                 "problems; see eval_num_prompts); leave them unset, or name another dataset_name")
         kwargs = _json_mapping("chat_template_kwargs", self.chat_template_kwargs, "template variables")
         reserved = sorted(set(kwargs or ()) & {"conversation", "add_generation_prompt", "tokenize", "return_dict",
                                                "return_tensors", "continue_final_message"})
@@ -377,6 +486,7 @@ class TrainConfig:
                     importance_sampling_level="token" if self.algorithm == "gmpo" else level, epsilon=self.epsilon,
                     epsilon_high=self.epsilon_high, delta=self.delta, beta=self.beta,
                     max_completion_length=self.max_completion_length,
+                    use_bias_correction_kl=self.use_bias_correction_kl,
                     grad_accum_steps=self.gradient_accumulation_steps, num_processes=num_processes)
 
     def eval_split(self) -> tuple[int, int]:
@@ -480,13 +590,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """``TrainConfig`` from ``--config file.yaml`` (optional) and command-line flags (which win)."""
+    import yaml
+
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    args, extra = parser.parse_known_args(argv)
+    args = vars(args)
+    for name, text in _trl_flags(parser, extra):  # TRL's GRPOConfig fields that are no flags here
+        check_not_flag(name, yaml.safe_load(text))
     values = {}
     path = args.pop("config")
     if path is not None:
-        import yaml
-
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"--config {p}: no such file")
@@ -497,13 +610,29 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             raise ValueError(f"--config {p}: not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {p}: expected a mapping of field: value, got {type(loaded).__name__}")
-        unknown = set(loaded) - {f.name for f in dataclasses.fields(TrainConfig)}
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        loaded = {k: v for k, v in loaded.items() if k in fields or not check_not_flag(k, v)}
+        unknown = set(loaded) - fields
         if unknown:
             raise ValueError(f"--config {p}: unknown fields {sorted(unknown)}; see `python -m gfpo_fast.train --help`")
         actions = {a.dest: a for a in parser._actions}
         values.update({k: _yaml_value(actions[k], v, p) for k, v in loaded.items()})
     values.update(args)
     return TrainConfig(**values)
+
+
+def _trl_flags(parser: argparse.ArgumentParser, extra: list[str]) -> list[tuple[str, str]]:
+    """``(name, value text)`` of each ``--name value`` or ``--name=value`` among the arguments ``parse_known_args``
+    left over, all of them fields of TRL's ``GRPOConfig`` (``trl_fields.NOT_FLAGS``); anything else is the
+    parser's usual error (exit 2)."""
+    pairs, rest = [], list(extra)
+    while rest:
+        token = rest.pop(0)
+        name, eq, text = token[2:].partition("=")
+        if not token.startswith("--") or name not in NOT_FLAGS or not (eq or rest):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        pairs.append((name, text if eq else rest.pop(0)))
+    return pairs
 
 
 def _yaml_value(action: argparse.Action, value, path: Path):

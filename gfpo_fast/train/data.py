@@ -1,7 +1,9 @@
 """Prompts: the embedded arithmetic word problems, datasets as people have them, and the group-aware sampler.
 
 A dataset is a list of dict rows with a ``prompt`` (a string, or a conversation: a list of
-``{"role", "content"}`` messages); every other column is handed to the reward functions, as TRL does.
+``{"role", "content"}`` messages; ``dataset_prompt_column`` names another column to copy it from, and
+``dataset_answer_column`` the column copied to ``answer``); every other column is handed to the reward functions,
+as TRL does.
 
 ``dataset_name="arithmetic"`` generates seeded one-step word problems ("Maya has 7 apples. She buys 5
 more. How many apples does Maya have now?") with an ``answer`` column. The stream is seeded by a
@@ -121,15 +123,22 @@ def _read_rows(path: Path, what: str = "dataset_name") -> list[dict]:
                      "save_to_disk directory or a folder of data files")
 
 
-def check_prompts(rows: list[dict], source: str) -> list[dict]:
-    """Checks that every row has a usable ``prompt`` (string or list of role/content messages)."""
+def check_prompts(rows: list[dict], source: str, prompt_column: str = "prompt",
+                  answer_column: str = "answer") -> list[dict]:
+    """The rows with ``prompt_column`` copied to ``prompt`` and ``answer_column`` (where a row has it) to ``answer``,
+    the names the trainer and the built-in rewards read (a column already called so is replaced); checks that
+    every row has a usable prompt (string or list of role/content messages)."""
     if not rows:
         raise ValueError(f"dataset {source} has no rows")
+    renames = {c: n for c, n in ((prompt_column, "prompt"), (answer_column, "answer")) if c != n}
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "prompt" not in row:
+        if not isinstance(row, dict) or prompt_column not in row:
             cols = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"dataset {source}: row {i} has no 'prompt' column (columns: {cols}); "
-                             "rename the column holding the prompt to 'prompt'")
+            raise ValueError(f"dataset {source}: row {i} has no {prompt_column!r} column (columns: {cols}); name the "
+                             "column holding the prompts with --dataset_prompt_column")
+        if renames:
+            row = rows[i] = {**{k: v for k, v in row.items() if k not in renames.values()},
+                             **{renames.get(k, k): v for k, v in row.items() if k in renames}}
         p = row["prompt"]
         ok = isinstance(p, str) or (isinstance(p, list) and p and all(
             isinstance(m, dict) and "role" in m and "content" in m for m in p))
@@ -169,8 +178,10 @@ def _pick_split(splits: dict, name: str, split: str | None, what: str, split_arg
 
 
 def load_split(name: str, config: str | None = None, split: str | None = "train", *, what: str = "dataset_name",
-               split_arg: str = "dataset_train_split") -> list[dict]:
-    """Rows (dicts) of one split of a local file, a local directory or a Hugging Face Hub dataset.
+               split_arg: str = "dataset_train_split", prompt_column: str = "prompt",
+               answer_column: str = "answer") -> list[dict]:
+    """Rows (dicts) of one split of a local file, a local directory or a Hugging Face Hub dataset, with
+    ``prompt_column`` as ``prompt`` and ``answer_column`` as ``answer`` (``check_prompts``).
 
     ``split`` None means the dataset's only split (an error names the splits when there are several).
     ``what`` and ``split_arg`` are the options the name and the split came from, for the error messages.
@@ -187,7 +198,7 @@ def load_split(name: str, config: str | None = None, split: str | None = "train"
                 raise ValueError(f"{split_arg}={split!r}: {what}={name!r} is a single file, whose only split is "
                                  "'train'; put the held-out rows in a file of their own and pass it as "
                                  "eval_dataset_name")
-            return check_prompts(_read_rows(path, what), str(path))
+            return check_prompts(_read_rows(path, what), str(path), prompt_column, answer_column)
         datasets = _import_datasets(what, name)
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -196,7 +207,7 @@ def load_split(name: str, config: str | None = None, split: str | None = "train"
             raise ValueError(f"{split_arg}={split!r}: {what}={name!r} is a saved single Dataset (one split, used "
                              "as 'train'); save a DatasetDict with that split, or pass the held-out rows as "
                              "eval_dataset_name")
-        return check_prompts(ds.to_list(), str(path))
+        return check_prompts(ds.to_list(), str(path), prompt_column, answer_column)
     if not path.exists() and _looks_like_path(name):
         raise ValueError(f"{what}: {path} does not exist (expected 'arithmetic', a local .jsonl/.json/.csv/.parquet "
                          "file or folder, or a Hugging Face Hub dataset name such as openai/gsm8k)")
@@ -220,7 +231,7 @@ def load_split(name: str, config: str | None = None, split: str | None = "train"
         raise ValueError(f"{source}: could not load it ({type(err).__name__}: {err}); {hint}") from err
     if isinstance(loaded, datasets.DatasetDict):
         loaded = _pick_split(loaded, name, None, what, split_arg)
-    return check_prompts(loaded.to_list(), source)
+    return check_prompts(loaded.to_list(), source, prompt_column, answer_column)
 
 
 def _is_saved(path: Path) -> bool:
@@ -317,7 +328,8 @@ def is_empty(prompt) -> bool:
 def screen_prompts(rows: list[dict], tokenizer, model_config, cfg, split: str) -> tuple[list[dict], list[list[int]],
                                                                                         list[str]]:
     """Tokenizes the prompts of ``rows`` (``prompt_token_ids``) and applies ``cfg.invalid_prompts`` to the empty ones
-    and to those longer than the model's context (``max_position_embeddings``) less ``max_completion_length``:
+    and to those longer than the model's context (``max_position_embeddings``) less ``max_completion_length``, or
+    than ``max_prompt_length`` when that is smaller:
     'error' raises a ``ValueError`` with their count and first row, 'drop' leaves them out, 'truncate' keeps the last
     tokens of a long prompt (drops the empty ones). Returns ``(rows, token ids, notes)``, a note per change; done
     before step 1, so that no prompt fails mid-run. ``split``: 'train' or 'eval', for the messages."""
@@ -327,6 +339,9 @@ def screen_prompts(rows: list[dict], tokenizer, model_config, cfg, split: str) -
     if room is not None and room < 1:
         raise ValueError(f"max_completion_length={cfg.max_completion_length} leaves no room for a prompt in the "
                          f"model's context of {context} tokens; lower it")
+    limit = f"the model's context of {context} less max_completion_length={cfg.max_completion_length}"
+    if cfg.max_prompt_length is not None and (room is None or cfg.max_prompt_length < room):
+        room, limit = cfg.max_prompt_length, "max_prompt_length"
     blank = [not p or is_empty(r["prompt"]) for r, p in zip(rows, ids)]
     empty = [i for i, b in enumerate(blank) if b]
     long = [i for i, p in enumerate(ids) if room is not None and len(p) > room and not blank[i]]
@@ -336,8 +351,7 @@ def screen_prompts(rows: list[dict], tokenizer, model_config, cfg, split: str) -
     if empty:
         found.append(f"{len(empty)} empty (first: row {empty[0]})")
     if long:
-        found.append(f"{len(long)} longer than {room} tokens, the model's context of {context} less "
-                     f"max_completion_length={cfg.max_completion_length} (first: row {long[0]}, {len(ids[long[0]])} "
+        found.append(f"{len(long)} longer than {room} tokens, {limit} (first: row {long[0]}, {len(ids[long[0]])} "
                      "tokens)")
     what = f"{split} prompts: {' and '.join(found)}"
     if cfg.invalid_prompts == "error":
@@ -364,17 +378,18 @@ def load_rows(cfg) -> tuple[list[dict], list[dict]]:
     ``dataset_name``; with neither there are no eval rows.
     """
     held_out, num_eval = cfg.eval_split()
+    columns = dict(prompt_column=cfg.dataset_prompt_column, answer_column=cfg.dataset_answer_column)
     if cfg.dataset_name == "arithmetic":
         train_rows, eval_rows = arithmetic_dataset(cfg.arithmetic_num_train, held_out,
                                                    max_operand=cfg.arithmetic_max_operand, ops=cfg.arithmetic_ops)
     else:
-        train_rows = load_split(cfg.dataset_name, cfg.dataset_config, cfg.dataset_train_split)
+        train_rows = load_split(cfg.dataset_name, cfg.dataset_config, cfg.dataset_train_split, **columns)
         if cfg.eval_dataset_name:
             eval_rows = load_split(cfg.eval_dataset_name, None, cfg.dataset_test_split, what="eval_dataset_name",
-                                   split_arg="dataset_test_split")
+                                   split_arg="dataset_test_split", **columns)
         elif cfg.dataset_test_split:
             eval_rows = load_split(cfg.dataset_name, cfg.dataset_config, cfg.dataset_test_split,
-                                   split_arg="dataset_test_split")
+                                   split_arg="dataset_test_split", **columns)
         else:
             eval_rows = []
     eval_rows = eval_rows[:num_eval]

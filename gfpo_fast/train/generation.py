@@ -40,10 +40,34 @@ class Rollout:
     truncated: torch.Tensor  # (B,) bool: no EOS within max_completion_length
     sampling_logp: torch.Tensor | None = None  # (B, T) vLLM's log-probs of the sampled tokens (colocate only)
 
+    def __getitem__(self, rows: slice) -> Rollout:
+        """The rows ``rows`` of every field."""
+        return Rollout(*(None if v is None else v[rows] for v in (self.prompt_ids, self.prompt_mask,
+                                                                  self.completion_ids, self.completion_mask,
+                                                                  self.truncated, self.sampling_logp)))
+
     def completion_lists(self) -> list[list[int]]:
         """Unpadded completion ids per row (a host sync)."""
         lengths = self.completion_mask.sum(1).tolist()
         return [row[:n] for row, n in zip(self.completion_ids.tolist(), lengths)]
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """The rows of ``parts`` one after the other, prompts re-padded on the left and completions on the right to the
+    widest (``pad_id``; masks 0, ``sampling_logp`` 0 there)."""
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    T = max(r.completion_ids.shape[1] for r in parts)
+
+    def cat(name: str, width: int, left: bool, value) -> torch.Tensor | None:
+        if getattr(parts[0], name) is None:
+            return None
+        return torch.cat([torch.nn.functional.pad(getattr(r, name), (width - getattr(r, name).shape[1], 0) if left
+                                                  else (0, width - getattr(r, name).shape[1]), value=value)
+                          for r in parts])
+
+    return Rollout(cat("prompt_ids", P, True, pad_id), cat("prompt_mask", P, True, 0),
+                   cat("completion_ids", T, False, pad_id), cat("completion_mask", T, False, 0),
+                   torch.cat([r.truncated for r in parts]), cat("sampling_logp", T, False, 0.0))
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -88,13 +112,17 @@ def _trim(rollout_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[t
 
 @torch.no_grad()
 def generate_transformers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, do_sample: bool,
-                          temperature: float, top_p: float, top_k: int, eos_ids: list[int]) -> Rollout:
+                          temperature: float, top_p: float, top_k: int, eos_ids: list[int], min_p: float | None = None,
+                          repetition_penalty: float = 1.0, generation_kwargs: dict | None = None) -> Rollout:
     """Samples one completion per prompt id list with ``model.generate`` (no ``num_return_sequences``:
-    the caller repeats each prompt ``G`` times; repeated prompts are prefilled once, ``prefix.prompt_cache``)."""
+    the caller repeats each prompt ``G`` times; repeated prompts are prefilled once, ``prefix.prompt_cache``).
+    ``generation_kwargs`` (GenerationConfig fields) override the other sampling arguments."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else \
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                    repetition_penalty=repetition_penalty) if do_sample else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    sampling.update(generation_kwargs or {})
     was_training = model.training
     model.eval()  # also keeps gradient checkpointing (train-mode only) out of the KV-cached decode
     try:
@@ -353,14 +381,18 @@ class VLLMColocate:
         return time.perf_counter() - start
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, do_sample: bool, temperature: float,
-                 top_p: float, top_k: int, eos_ids: list[int], pad_id: int, device) -> Rollout:
+                 top_p: float, top_k: int, eos_ids: list[int], pad_id: int, device, min_p: float | None = None,
+                 repetition_penalty: float = 1.0, generation_kwargs: dict | None = None) -> Rollout:
         """One completion per prompt id list, with ``sampling_logp`` ``(B, T)`` float32: the engine's
-        log-prob of each sampled token after temperature (0 on padding)."""
+        log-prob of each sampled token after temperature (0 on padding). ``generation_kwargs`` (SamplingParams
+        fields) override the other sampling arguments."""
         from vllm import SamplingParams
 
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0, min_p=min_p or 0.0,
+                        repetition_penalty=repetition_penalty) if do_sample else dict(temperature=0.0)
+        sampling.update(generation_kwargs or {})
         params = SamplingParams(n=1, max_tokens=max_new_tokens, logprobs=0, stop_token_ids=eos_ids, detokenize=False,
-                                temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
-                                top_k=top_k if do_sample and top_k > 0 else 0)
+                                **sampling)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params=params, use_tqdm=False)
         seqs = [list(o.outputs[0].token_ids) for o in outputs]
         T = max(max(len(s) for s in seqs), 1)

@@ -23,6 +23,14 @@ Built-ins, by name:
 * ``length``: ``-len(completion_ids) / max_completion_length`` (in ``[-1, 0]``; shorter is better).
 
 User functions: ``package.module:function`` (importable) or ``path/to/file.py:function``.
+
+Reward models: a local directory (or a Hub id, when it is a model there) holding a sequence-classification model
+(``AutoModelForSequenceClassification``, one label) scores each prompt and completion as TRL does: a conversation
+through the reward tokenizer's chat template, plain text as prompt + completion, one right-padded batch per call,
+the first logit as the reward. The tokenizer is the model's own unless ``reward_processing_classes`` names another.
+
+``REWARD_KINDS`` is the registry of these three kinds: each ``reward_funcs`` entry is built by the first kind
+that claims it.
 """
 from __future__ import annotations
 
@@ -33,6 +41,8 @@ import math
 import re
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -171,18 +181,106 @@ def load_function(spec: str, what: str):
     return func
 
 
-def build_reward_funcs(specs: list[str], max_completion_length: int) -> tuple[list[str], list]:
-    """``(names, functions)`` for the ``reward_funcs`` option."""
-    builtins = {"accuracy": accuracy_reward, "math_accuracy": math_accuracy_reward, "format": format_reward,
-                "length": make_length_reward(max_completion_length)}
-    if not specs:
-        raise ValueError("reward_funcs is empty; name at least one (accuracy, math_accuracy, format, length or "
-                         "module:function)")
-    if "math_accuracy" in specs:
+class RewardModel:
+    """A sequence-classification model as a reward function (TRL's convention; see the module docstring).
+
+    ``model_path``: a transformers directory or Hub id; ``tokenizer_path``: the reward tokenizer (None: the model's
+    own); ``chat_template_kwargs``: the trainer's, for conversational prompts; ``device``: where it scores.
+    Loaded in float32, in eval mode, without gradients; a tokenizer without a pad token pads with its EOS.
+    """
+
+    def __init__(self, model_path: str, tokenizer_path: str | None = None, *, chat_template_kwargs: dict | None = None,
+                 device="cpu"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.chat_template_kwargs, self.device = chat_template_kwargs or {}, device
+
+    def texts(self, prompts: list, completions: list) -> list[str]:
+        """What the model reads: ``prompt + completion`` messages through the chat template, or the two texts."""
+        if is_conversational(prompts[0]):
+            return [self.tokenizer.apply_chat_template(p + c, tokenize=False, **self.chat_template_kwargs)
+                    for p, c in zip(prompts, completions)]
+        return [p + c for p, c in zip(prompts, completions)]
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        inputs = self.tokenizer(text=self.texts(prompts, completions), return_tensors="pt", padding=True,
+                                padding_side="right", add_special_tokens=False).to(self.device)
+        return self.model(**inputs).logits[:, 0].float().tolist()
+
+
+def is_reward_model(spec: str) -> bool:
+    """Whether ``spec`` is a local directory with a sequence-classification model's config (a Hub id: when
+    ``spec`` has no ``:`` and is not a local path, the Hub is asked, or its local cache under HF_HUB_OFFLINE)."""
+    if ":" in spec:
+        return False
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
+
+
+@dataclass(frozen=True)
+class RewardKind:
+    """One kind of ``reward_funcs`` entry: ``claims(spec)`` says whether it is one, ``build(spec, context)``
+    returns ``(name, function)``; ``context`` holds ``max_completion_length``, ``tokenizer`` (the entry's
+    ``reward_processing_classes`` item or None), ``chat_template_kwargs`` and ``device``."""
+
+    name: str
+    claims: Callable[[str], bool]
+    build: Callable[[str, dict], tuple[str, Callable]]
+
+
+BUILTINS = {"accuracy": lambda ctx: accuracy_reward, "math_accuracy": lambda ctx: math_accuracy_reward,
+            "format": lambda ctx: format_reward, "length": lambda ctx: make_length_reward(ctx["max_completion_length"])}
+
+
+def _build_builtin(spec: str, ctx: dict):
+    if spec == "math_accuracy":
         import_math_verify()  # now, not after the model has loaded
-    funcs = [builtins[s] if s in builtins else load_function(s, "reward_funcs") for s in specs]
-    names = [s if s in builtins else s.rsplit(":", 1)[1] for s in specs]
-    return names, funcs
+    return spec, BUILTINS[spec](ctx)
+
+
+REWARD_KINDS = (
+    RewardKind("built-in", lambda spec: spec in BUILTINS, _build_builtin),
+    RewardKind("reward model", is_reward_model,
+               lambda spec, ctx: (Path(spec).name, RewardModel(spec, ctx["tokenizer"], device=ctx["device"],
+                                                               chat_template_kwargs=ctx["chat_template_kwargs"]))),
+    RewardKind("function", lambda spec: ":" in spec,
+               lambda spec, ctx: (spec.rsplit(":", 1)[-1], load_function(spec, "reward_funcs"))),
+)
+
+
+def build_reward_funcs(specs: list[str], max_completion_length: int, processing_classes: list[str] | None = None,
+                       chat_template_kwargs: dict | None = None, device="cpu") -> tuple[list[str], list]:
+    """``(names, functions)`` for the ``reward_funcs`` option, each entry built by the first of ``REWARD_KINDS``
+    that claims it; ``processing_classes``: ``reward_processing_classes``, one per entry ('none': the reward
+    model's own tokenizer), for the reward models among them."""
+    if not specs:
+        raise ValueError("reward_funcs is empty; name at least one (accuracy, math_accuracy, format, length, "
+                         "module:function or a reward model's path)")
+    tokenizers = [None if t in (None, "none") else t for t in processing_classes or [None] * len(specs)]
+    built = []
+    for spec, tokenizer in zip(specs, tokenizers):
+        kind = next((k for k in REWARD_KINDS if k.claims(spec)), None)
+        if kind is None:
+            raise ValueError(f"reward_funcs: {spec!r} is neither a built-in ({', '.join(BUILTINS)}), a reward model "
+                             "(a directory or Hub id of a sequence-classification model), nor 'module:function' / "
+                             "'file.py:function'")
+        if tokenizer is not None and kind.name != "reward model":
+            raise ValueError(f"reward_processing_classes: {tokenizer!r} is given for reward_funcs entry {spec!r}, "
+                             f"a {kind.name}, which takes no tokenizer; give 'none' for it")
+        built.append(kind.build(spec, dict(max_completion_length=max_completion_length, tokenizer=tokenizer,
+                                           chat_template_kwargs=chat_template_kwargs, device=device)))
+    return [n for n, _ in built], [f for _, f in built]
 
 
 CALL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric")  # not dataset columns

@@ -51,3 +51,9 @@ def all_none(completions, **kwargs):
 def needs_difficulty(completions, difficulty, **kwargs):
     """Reads a dataset column the tests leave out."""
     return [0.0] * len(completions)
+
+
+def varies_on_even_answers(completion_ids, answer, **kwargs):
+    """id_parity for the prompts whose answer is even, 1.0 for every completion of the others: about half the
+    groups have no reward variance."""
+    return [float(sum(ids) % 5) if int(a) % 2 == 0 else 1.0 for ids, a in zip(completion_ids, answer)]

@@ -76,7 +76,7 @@ def test_missing_tracker_package_names_it(make_config, monkeypatch, capsys, repo
     (dict(report_to=["all", "wandb"]), "report_to must be 'none', 'all'"),
     (dict(eval_steps=0, do_eval=True), "eval_steps must be None or an integer >= 1, got 0"),
     (dict(eval_steps=2), "eval_steps=2 with do_eval=false"),
-    (dict(eval_steps=3, do_eval=True, num_iterations=2), "eval_steps must be a multiple of num_iterations=2"),
+    (dict(eval_steps=3, do_eval=True, num_iterations=2), "eval_steps must be a multiple of num_iterations=2 "),
     (dict(num_completions_to_print=0), "num_completions_to_print must be None or an integer >= 1"),
     (dict(project=""), "project must be a non-empty string"),
 ])
