@@ -739,7 +739,7 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
         if do_eval and step == 0:
             evals["before"] = reporter.log_eval("before", step, evaluate_policy())
         while step < cfg.max_steps:
-            timer = StepTimer()
+            timer, first_step = StepTimer(), step
             trainer_state.global_step = step
             if vllm is not None:  # the policy changed since the engine last saw it (or the run resumed)
                 with timer("weight_sync"):
@@ -773,7 +773,8 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
                 raise guard.error(step)
             if do_eval and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
                 evals[f"step_{step}"] = reporter.log_eval(f"step {step}", step, evaluate_policy())
-            if step % cfg.save_steps == 0 or step >= cfg.max_steps or stop_now:
+            # checkpoints fall between generation batches: after the batch whose steps reach a save_steps multiple
+            if step // cfg.save_steps > first_step // cfg.save_steps or step >= cfg.max_steps or stop_now:
                 last_saved = ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, optimizer, tokenizer,
                                                   checkpoint_state(step, scheduler, sampler, group_filter),
                                                   config_yaml, cfg.save_total_limit, identity, keep=guard.keep)

@@ -195,7 +195,8 @@ class TrainConfig:
     output_dir: str = _f("runs/smollm2-arithmetic", "where metrics, plots and checkpoints go")
     logging_steps: int = _f(1, "refresh the progress bar (and log_completions) every this many steps (TRL: "
                                "10; metrics.jsonl and the trackers get every step)")
-    save_steps: int = _f(10, "checkpoint every this many steps (and at the end; TRL: 500)")
+    save_steps: int = _f(10, "checkpoint every this many steps (after the generation batch that reaches a multiple "
+                         "of it, and at the end; TRL: 500)")
     save_total_limit: int = _f(2, "checkpoints of this run to keep (its older ones are deleted; never another run's, "
                                "nor the last one written before a non-finite step: docs/checkpoints.md)")
     resume_from_checkpoint: str | None = _f(None, "a checkpoint directory, or 'latest' for the newest intact one in "

@@ -215,3 +215,8 @@ def test_bad_recipe_values_are_refused_before_anything_loads(make_config):
         make_config(reward_processing_classes=["none"], reward_funcs=["accuracy", "format"])
     with pytest.raises(ValueError, match="generation_kwargs must be a JSON object"):
         make_config(generation_kwargs="{bad")
+
+
+def test_checkpoints_fall_after_the_generation_batch_that_reaches_save_steps(make_config, tmp_path):
+    train(make_config(steps_per_generation=2, max_steps=6, save_steps=3, save_total_limit=5))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
