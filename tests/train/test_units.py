@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from gfpo_fast.train import parse_args
+from gfpo_fast.train import TrainConfig, parse_args
 from gfpo_fast.train.data import PromptSampler, arithmetic_dataset, check_prompts, load_split
 from gfpo_fast.train.filters import GroupFilter
 from gfpo_fast.train.generation import completion_masks
@@ -151,3 +151,21 @@ def test_compare_seed_means_average_scalar_columns_only():
     rows = {f"grpo seed {s}": {"s_per_step": float(s), "length_per_step": [1.0, 2.0]} for s in (1, 3)}
     assert seed_means(rows, ["grpo"], [1, 3]) == {"grpo mean of 2 seeds": {"s_per_step": 2.0}}
     assert seed_means(rows, ["grpo"], [1]) == {}
+
+
+def test_loss_flags_come_from_the_loss_registry():
+    """--loss_type takes every registered loss type, each registered hyperparameter is a flag with the loss op's
+    default that reaches the loss keywords, and a bad one stops the config before anything loads."""
+    from gfpo_fast.policy_loss import LOSS_PARAMS, LOSS_TYPES
+
+    assert LOSS_PARAMS and all(getattr(TrainConfig(), p.name) == p.default for p in LOSS_PARAMS)
+    for name in LOSS_TYPES:
+        assert parse_args(["--loss_type", name]).loss_kwargs(1)["loss_type"] == name
+    first = LOSS_PARAMS[0].name
+    assert parse_args([f"--{first}", "2.5"]).loss_kwargs(2)[first] == 2.5
+    with pytest.raises(ValueError, match="loss_type"):
+        parse_args(["--loss_type", "ppo"])
+    with pytest.raises(ValueError, match="sapo_temperature_pos"):
+        parse_args(["--sapo_temperature_pos", "0"])
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence'"):
+        parse_args(["--loss_type", "gpg", "--algorithm", "gspo"])
