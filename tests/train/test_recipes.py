@@ -220,3 +220,17 @@ def test_bad_recipe_values_are_refused_before_anything_loads(make_config):
 def test_checkpoints_fall_after_the_generation_batch_that_reaches_save_steps(make_config, tmp_path):
     train(make_config(steps_per_generation=2, max_steps=6, save_steps=3, save_total_limit=5))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_use_bias_correction_kl_reaches_the_loss(make_config, monkeypatch):
+    seen, original = [], gf.fused_linear_policy_loss
+
+    def spy(hidden, **kwargs):
+        seen.append(kwargs["use_bias_correction_kl"])
+        return original(hidden, **kwargs)
+
+    monkeypatch.setattr(gf, "fused_linear_policy_loss", spy)
+    train(make_config(beta=0.1, use_bias_correction_kl=True, steps_per_generation=2, max_steps=2))
+    assert seen == [True, True]
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        make_config(algorithm="gmpo", use_bias_correction_kl=True)
