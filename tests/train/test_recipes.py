@@ -234,3 +234,31 @@ def test_use_bias_correction_kl_reaches_the_loss(make_config, monkeypatch):
     assert seen == [True, True]
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
         make_config(algorithm="gmpo", use_bias_correction_kl=True)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_and_mini_batches_keep_two_processes_in_sync(tiny_model, tmp_path):
+    """Under DDP (2 CPU processes) every rank takes the same number of draws and optimizer steps (the choice is
+    made from the gathered rewards) and the parameters stay equal."""
+    import subprocess
+    import sys
+
+    from gfpo_fast.train.generation import _free_port
+
+    from trainer_runs import HERE, launch_env
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port("127.0.0.1")), str(HERE / "dist_run.py"),
+           "--model_name_or_path", str(tiny_model), "--output_dir", str(out), "--max_steps", "4", "--do_eval", "false",
+           "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "6",
+           "--temperature", "1.0", "--arithmetic_num_train", "40", "--reward_funcs",
+           "reward_fns:varies_on_even_answers", "--reward_weights", "1.0", "--learning_rate", "1e-3",
+           "--steps_per_generation", "2", "--dynamic_sampling", "true"]
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert torch.equal(torch.load(out / "params_rank0.pt"), torch.load(out / "params_rank1.pt"))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4]
+    assert sum(r["dynamic_sampling/dropped_groups"] for r in rows) > 0
