@@ -193,7 +193,8 @@ class RewardModel:
                  device="cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1).to(device).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+        self.model.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
