@@ -1,4 +1,5 @@
-"""The gfpo-fast trainer: ``python -m gfpo_fast.train`` (see ``__main__`` for the loop).
+"""The gfpo-fast trainer: ``python -m gfpo_fast.train`` (``__main__``: the command; ``loop``: the loop and its
+phases).
 
 Modules: ``config`` (the dataclass that is also the CLI), ``models`` (local / GGUF / cached hub
 models), ``data`` (arithmetic task, local datasets, prompt sampler), ``rewards``, ``generation``,
@@ -11,7 +12,7 @@ __all__ = ["TrainConfig", "parse_args", "train"]
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Runs one training run; see :func:`gfpo_fast.train.__main__.train`."""
-    from .__main__ import train as _train
+    """Runs one training run; see :func:`gfpo_fast.train.loop.train`."""
+    from .loop import train as _train
 
     return _train(cfg)

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from gfpo_fast.fused_linear import gather_full
 from gfpo_fast.train import TrainConfig
-from gfpo_fast.train.__main__ import Batch, accumulate_gradients, make_optimizer, optimizer_step
 from gfpo_fast.train.distributed import fully_shard_model
+from gfpo_fast.train.loop import Batch, accumulate_gradients, make_optimizer, optimizer_step
 from gfpo_fast.train.reporting import StepTimer
 
 

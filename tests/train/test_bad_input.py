@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gfpo_fast.train import TrainConfig, train
-from gfpo_fast.train.__main__ import main, verify_lm_head
+from gfpo_fast.train.__main__ import main
+from gfpo_fast.train.loop import verify_lm_head
 from gfpo_fast.train.rewards import RewardFunctionError
 
 

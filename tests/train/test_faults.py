@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from gfpo_fast.train import checkpoint as ckpt
 from gfpo_fast.train import parse_args, train
-from gfpo_fast.train.__main__ import NonFiniteError, main
+from gfpo_fast.train.__main__ import main
+from gfpo_fast.train.loop import NonFiniteError
 from gfpo_fast.train.ownership import LOCK
 
 from trainer_runs import read_jsonl, train_rows
@@ -114,7 +115,7 @@ def test_a_nan_gradient_is_skipped_and_stops_the_run_keeping_the_last_good_check
 
 def test_a_non_finite_loss_skips_the_update(make_config, run_dir, monkeypatch):
     """The loss is NaN from the second step on while its gradients stay finite: the loss alone decides."""
-    import gfpo_fast.train.__main__ as loop
+    import gfpo_fast.train.loop as loop
 
     original, calls = loop.accumulate_gradients, []
 
@@ -187,7 +188,7 @@ def test_out_of_range_values_are_refused_when_parsed(flags, message):
     (dict(lr_scheduler_kwargs={"nope": 1}), "lr_scheduler_kwargs=\\{'nope': 1\\} do not fit"),
 ])
 def test_data_and_schedule_checks_run_before_the_model_loads(make_config, tmp_path, monkeypatch, overrides, message):
-    import gfpo_fast.train.__main__ as loop
+    import gfpo_fast.train.loop as loop
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded before the check")

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("peft")
 
-import gfpo_fast.train.__main__ as loop  # noqa: E402
+import gfpo_fast.train.loop as loop  # noqa: E402
 from gfpo_fast.train import TrainConfig, train  # noqa: E402
 from gfpo_fast.train.generation import checkpoint_weights  # noqa: E402
 from gfpo_fast.train.lora import add_adapter  # noqa: E402

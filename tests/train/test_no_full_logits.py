@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import gfpo_fast.train.__main__ as loop
+import gfpo_fast.train.loop as loop
 from gfpo_fast.train import train
 
 CHUNK = 5  # tokens per lm_head chunk: well under the B * T = 8 * 6 tokens of a step

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import gfpo_fast.train.generation as generation
-from gfpo_fast.train.__main__ import completion_hidden
 from gfpo_fast.train.generation import generate_transformers, left_pad
+from gfpo_fast.train.loop import completion_hidden
 from gfpo_fast.train.prefix import allow_checkpointed_prefix, prompt_cache
 
 

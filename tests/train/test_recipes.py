@@ -36,7 +36,7 @@ def make_reward_model(path, seed: int = 1):
 def test_a_generation_batch_is_split_into_off_policy_mini_batches(make_config, monkeypatch):
     """steps_per_generation=2: one generate call of 2 x 8 rows, old log-probs once, then two optimizer steps; the
     second step's importance ratio has moved away from 1 and its clipping engages."""
-    import gfpo_fast.train.__main__ as loop
+    import gfpo_fast.train.loop as loop
 
     generated, calls = [], []
     original_generate, original_loss = loop.generate, gf.fused_linear_policy_loss
@@ -88,7 +88,7 @@ def test_pick_groups_prefers_varied_groups_and_fills_only_when_short():
 
 
 def test_dynamic_sampling_trains_only_groups_with_variance_at_full_size(make_config, monkeypatch):
-    import gfpo_fast.train.__main__ as loop
+    import gfpo_fast.train.loop as loop
 
     batches, original = [], loop.make_batch
 

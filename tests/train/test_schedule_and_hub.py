@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gfpo_fast.train import TrainConfig
-from gfpo_fast.train.__main__ import make_scheduler
 from gfpo_fast.train.config import LR_SCHEDULERS
+from gfpo_fast.train.loop import make_scheduler
 
 
 def lrs(cfg: TrainConfig) -> list[float]:
