@@ -22,11 +22,15 @@ on CUDA TRL 1.16 routes that function to its Triton kernel and the row says so);
 eager on the CPU), for log-probs its fused linear cross-entropy with ``reduction="none"`` (``-loss`` is the
 log-prob; Triton, CUDA only); verl's torch backend (``verl.utils.experimental.torch_functional.FusedLinearForPPO``,
 512-token chunks, recompute in backward; it always computes the entropy too), called as verl's fused forward
-calls it. Every loss peer puts TRL's loss math (``policy_loss_ref``) on its log-probs.
+calls it, and verl's Triton kernel (``verl.utils.kernel.linear_cross_entropy``, what verl's fused forward calls
+with ``impl_backend: triton``; fp32 log-probs and entropy; CUDA only). Where verl's package does not import (it
+needs Ray), both load from verl's installed files (:mod:`bench.verl_files`). Every loss peer puts TRL's loss math
+(``policy_loss_ref``) on its log-probs.
 
-**log-probs + entropy** (the first CPU head, fp32; upstream gradients on both outputs), what verl's actor asks of
-its fused backend: gfpo-fast's op, gfpo-fast through verl's call path (the integration's backend ``gfpo_fast``,
-:mod:`gfpo_fast.integrations.verl`) and verl's torch backend. ``python -m bench.bench_fused_linear --verl`` times
+**log-probs + entropy** (the first head at its smallest N; upstream gradients on both outputs), what verl's actor
+asks of its fused backend: gfpo-fast's op, gfpo-fast through verl's call path (the integration's backend
+``gfpo_fast``, :mod:`gfpo_fast.integrations.verl`; it needs verl's package), verl's torch backend and its Triton
+kernel. ``python -m bench.bench_fused_linear --verl`` times
 the last two interleaved, with their peak memory (:func:`verl_comparison`).
 
 FLOPs (TFLOP/s): ``6 N H V`` useful ones (the forward GEMM and the two backward GEMMs). The floor of the
@@ -50,6 +54,7 @@ from gfpo_fast.fused_policy_loss import fused_policy_loss_ref
 from gfpo_fast.logprobs import token_logprobs_ref
 from gfpo_fast.policy_loss import make_loss_config, policy_loss_ref, token_separable
 
+from . import verl_files
 from .harness import (
     Case,
     Impl,
@@ -79,6 +84,7 @@ SIZES = {
 }
 EAGER, COMPILED = "torch eager (linear + log_softmax + gather)", "torch.compile (linear + log_softmax + gather)"
 VERL_TORCH = "verl FusedLinearForPPO (torch backend)"
+VERL_TRITON = "verl linear_cross_entropy (Triton)"
 VERL_OURS = "gfpo-fast as verl's backend gfpo_fast (verl's call path)"
 TRL_HEAD = "TRL fused LM head (ChunkedLogProbFunction)"
 LIGER_LOSS, LIGER_CE = "Liger LigerFusedLinearGRPOLoss", "Liger fused linear cross-entropy (reduction=none)"
@@ -160,16 +166,30 @@ def verl_torch_impl(name: str, wrap) -> Impl:
                      lambda cls: wrap(verl_call(cls(impl_backend="torch"))))
 
 
+def verl_triton_impl(wrap, device: torch.device) -> Impl:
+    """verl's Triton kernel as verl's fused forward calls it (``linear_cross_entropy(hidden, weight, labels,
+    temperature, "none") -> (log_probs, entropy)``, both fp32), through ``wrap`` (or why it is skipped). CUDA only:
+    it opens ``torch.cuda.nvtx`` ranges and asks the CUDA device for its capability."""
+    if device.type != "cuda":
+        return Impl(VERL_TRITON, skip="verl's Triton kernel runs on CUDA only")
+    return peer_impl(VERL_TRITON, "verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy",
+                     lambda fn: wrap(lambda h, w, ids: fn(h, w, ids, 1.0, "none")), needs_triton=True, device=device)
+
+
 def verl_ours_impl(wrap) -> Impl:
     """gfpo-fast as verl's backend ``gfpo_fast``: the module verl's fused forward builds once the integration is
-    imported (or why it is skipped)."""
+    imported (or why it is skipped: it needs verl's package, which the peers' modules do not)."""
+    why = verl_files.stubbed()
+    if why:
+        return Impl(VERL_OURS, skip=f"verl's package does not import here ({why}); its peers' modules loaded from "
+                                    "its files", role="ours")
     integration, why = optional("gfpo_fast.integrations.verl", "fused_linear_for_ppo")
     if integration is None:
         return Impl(VERL_OURS, skip=why, role="ours")
     return Impl(VERL_OURS, wrap(verl_call(integration(impl_backend="gfpo_fast"))), role="ours")
 
 
-def entropy_implementations() -> list[Impl]:
+def entropy_implementations(device: torch.device) -> list[Impl]:
     def oracle_fn(h, w, ids):
         return token_logprobs_ref(F.linear(h, w), ids, return_entropy=True)
 
@@ -177,7 +197,8 @@ def entropy_implementations() -> list[Impl]:
             Impl("gfpo-fast fused_linear_logprobs (auto, return_entropy)",
                  _entropy_grads(functools.partial(gf.fused_linear_logprobs, return_entropy=True)), role="ours"),
             verl_ours_impl(_entropy_grads),
-            verl_torch_impl(VERL_TORCH, _entropy_grads)]
+            verl_torch_impl(VERL_TORCH, _entropy_grads),
+            verl_triton_impl(_entropy_grads, device)]
 
 
 def gf_ops() -> dict:
@@ -209,6 +230,7 @@ def logprob_implementations(device: torch.device, compile: bool) -> list[Impl]:
     impls.append(peer_impl(LIGER_CE, "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss", liger_ce,
                            needs_triton=True, device=device))
     impls.append(verl_torch_impl(VERL_TORCH, lambda f: _logprob_grads(lambda h, w, ids: f(h, w, ids)[0])))
+    impls.append(verl_triton_impl(lambda f: _logprob_grads(lambda h, w, ids: f(h, w, ids)[0]), device))
     return impls
 
 
@@ -275,13 +297,12 @@ def cases(device: torch.device, size: str, compile: bool) -> list[Case]:
              impls=logprob_implementations(device, compile), flops=6 * N * H * V, low_precision=low)
         for H, V, ns in c["heads"] for N in ns
     ]
-    if device.type == "cpu":  # verl's torch backend is its CPU path; the GPU suite compares its Triton kernel
-        H, V, ns = c["heads"][0]
-        out.append(Case(family="fused_linear", group=f"fused-linear log-probs + entropy fwd+bwd, H={H} V={V} {dname}",
-                        x_name="N", x=ns[0],
-                        shape={"op": "logprobs+entropy", "N": ns[0], "H": H, "V": V, "dtype": dname, "mode": "fwd+bwd"},
-                        make_inputs=functools.partial(make_logprob_inputs, ns[0], H, V, dtype, device),
-                        impls=entropy_implementations(), flops=6 * ns[0] * H * V, low_precision=low))
+    H, V, ns = c["heads"][0]  # what verl's actor asks of its fused backend, at the first head's smallest N
+    out.append(Case(family="fused_linear", group=f"fused-linear log-probs + entropy fwd+bwd, H={H} V={V} {dname}",
+                    x_name="N", x=ns[0],
+                    shape={"op": "logprobs+entropy", "N": ns[0], "H": H, "V": V, "dtype": dname, "mode": "fwd+bwd"},
+                    make_inputs=functools.partial(make_logprob_inputs, ns[0], H, V, dtype, device),
+                    impls=entropy_implementations(device), flops=6 * ns[0] * H * V, low_precision=low))
     if not gf_ops():
         return out
     B, T, V = c["B"], c["T"], c["V"]
@@ -346,7 +367,7 @@ def verl_comparison(size: str = "cpu", rounds: int = 10, head: int = 0) -> str:
     H, V, ns = c["heads"][head]
     N = ns[0]
     x = make_logprob_inputs(N, H, V, c["dtype"], device)
-    impls = entropy_implementations()
+    impls = entropy_implementations(device)
     calls = {VERL_OURS: next(i for i in impls if i.name == VERL_OURS).fn,
              VERL_TORCH: next(i for i in impls if i.name == VERL_TORCH).fn}
     ref = impls[0].fn(x)

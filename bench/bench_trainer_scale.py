@@ -6,7 +6,7 @@ batch that every contender gets unchanged: one prompt of ``P`` tokens repeated f
 policy, beta 0, temperature 0.7, AdamW (torch's fused kernel in all three), max_grad_norm 1. Contenders:
 
 * ``head`` / ``head_ckpt``: this trainer, without / with gradient checkpointing: ``accumulate_gradients`` and
-  ``optimizer_step`` of ``gfpo_fast.train.__main__`` on a ``Batch`` (no ``[B, T, V]`` logits since 88d91c7);
+  ``optimizer_step`` of ``gfpo_fast.train.loop`` on a ``Batch`` (no ``[B, T, V]`` logits since 88d91c7);
 * ``logits`` / ``logits_ckpt``: the same functions of the trainer at commit 72a2052 (full ``[B, T + 1, V]``
   logits, then ``gf.fused_policy_loss``), run from a worktree of that commit (``--logits_tree``; its
   ``accumulate_gradients`` has the same signature, so the adapter is the import path);
@@ -46,6 +46,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench._git import git, short_head
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("head", "head_ckpt", "logits", "logits_ckpt", "trl", "trl_ckpt")
@@ -135,7 +137,7 @@ def train_config(a, ckpt: bool):
 
 def setup_ours(a, ckpt: bool):
     """This trainer's step (HEAD, or the source tree on ``PYTHONPATH``): the loop's own functions on a ``Batch``."""
-    import gfpo_fast.train.__main__ as loop
+    import gfpo_fast.train.loop as loop
 
     cfg = train_config(a, ckpt)
     accelerator = loop.make_accelerator(cfg)
@@ -485,10 +487,8 @@ def main(argv=None) -> int:
 
 # ----------------------------------------------------------------------------- the report
 def git_commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "gfpo_fast", "bench/bench_trainer_scale.py"],
-                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return (head.stdout.strip() or "unknown") + (" (uncommitted changes)" if dirty else "")
+    dirty = git("status", "--porcelain", "--", "gfpo_fast", "bench/bench_trainer_scale.py")
+    return short_head() + (" (uncommitted changes)" if dirty else "")
 
 
 def machine(device: str) -> str:

@@ -39,6 +39,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from bench._git import short_head  # noqa: E402
 from bench.compile_cases import Launch, record_launches  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -176,8 +177,7 @@ def main(argv=None) -> int:
 
     launches = record_launches(tiny=args.tiny)
     rows = compile_all(launches)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit = short_head()
     header = (f"# Triton kernels compiled without a GPU\n\n`python -m bench.compile_report`, commit `{commit}`, "
               f"{datetime.date.today()}, triton {triton.__version__}, torch {torch.__version__}, on a CPU-only "
               f"machine. One row per distinct specialisation and device; `cases` lists the launches that share it.")

@@ -1,11 +1,11 @@
 """pytest-benchmark regression runs of the bench cases at the ``test`` size (``pytest bench/``).
 
-Each test module names its family (``FAMILY``); every (case, implementation) becomes one test that first
-checks the implementation against the oracle, then times it. Speed is never asserted. Every implementation
-runs (one that is not installed, or needs a GPU, is skipped with the reason), but the costly ones run once per
-name and mode (forward, forward + backward), on the smallest case that has them: ``torch.compile`` peers (each
-shape is a new compile of seconds) and, on a CPU, Triton kernels (only under ``TRITON_INTERPRET=1``, which the
-tests' root conftest sets: ~1000x slower).
+Each test module names its family (``FAMILY``); every (case, implementation other than the oracle) becomes one
+test that first checks the implementation against the oracle, then times it. Speed is never asserted. Every
+implementation runs (one that is not installed, or needs a GPU, is skipped with the reason), but the costly ones
+run once per name and mode (forward, forward + backward), on the smallest case that has them: ``torch.compile``
+peers (each shape is a new compile of seconds) and, on a CPU, Triton kernels (only under ``TRITON_INTERPRET=1``,
+which the tests' root conftest sets: ~1000x slower).
 """
 import math
 import os
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from bench.harness import check
+from bench.harness import check, exact_outputs
 from bench.report import slug
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -30,7 +30,7 @@ def pytest_generate_tests(metafunc):
             if costly(impl) and not impl.skip:
                 smallest.setdefault((impl.name, case.shape.get("mode")), case)
     for case in cases:
-        for impl in case.impls:
+        for impl in case.impls[1:]:  # every implementation but the oracle, which each one is checked against
             skip = impl.skip
             if not skip and costly(impl) and smallest[impl.name, case.shape.get("mode")] is not case:
                 skip = "runs on the family's smallest case only (a compile per shape, or the Triton interpreter)"
@@ -56,7 +56,7 @@ def run_bench(benchmark):
 
     def run(case, impl):
         inputs = case.make_inputs()
-        ok, err = check(impl.fn(inputs), case.impls[0].fn(inputs), case.low_precision)
+        ok, err = check(impl.fn(inputs), case.impls[0].fn(inputs), exact_outputs(case, inputs))
         assert ok, f"{impl.name} disagrees with {case.impls[0].name}: normalised max error {err:.3g}"
         benchmark.extra_info.update(case.shape)
         slow = interpreted(impl)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench import gpu_suite
+from bench._git import git, short_head
 
 ROOT = gpu_suite.ROOT
 LOCK = ROOT / "constraints" / "main.txt"
@@ -133,9 +134,7 @@ def travel_bytes(root: Path, carry: list[str]) -> int:
 
 def commit_label(root: Path = ROOT) -> str:
     """The short HEAD commit, with ``+changes`` when the travelling tree differs from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    changed = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return (head.stdout.strip() or "unknown") + ("+changes" if changed.strip() else "")
+    return short_head(root) + ("+changes" if git("status", "--porcelain", cwd=root) else "")
 
 
 def device_call(commit: str, only: list[str] | None = None) -> dict:

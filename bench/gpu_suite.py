@@ -47,6 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._git import short_head
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
@@ -62,7 +64,7 @@ RECORDED = ("torch", "triton", "transformers", "accelerate", "huggingface-hub", 
             "pyarrow", "pandas", "fsspec", "peft", "pytest", "hypothesis", "setuptools", "pybind11", "trl",
             "liger-kernel", "verl", "datasets", "dill", "multiprocess", "vllm", "ray", "gfpo-fast")
 # Carried for some files only, whose needs are fewer than the distribution's: their requirements are not checked.
-FILES_ONLY = {"verl": "its kernel files only (verl/utils/kernel/, loaded without verl's __init__)"}
+FILES_ONLY = {"verl": "the peers' files only (bench/verl_files.py loads them without verl's __init__)"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -369,14 +371,6 @@ def bench_verdict(folder: Path) -> tuple[bool, str] | None:
 
 
 # ----------------------------------------------------------------------------- the run
-def commit_of_checkout() -> str:
-    try:
-        run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        return run.stdout.strip() or "unknown"
-    except OSError:  # no git on the machine
-        return "unknown"
-
-
 def missing_needs(part: Part) -> str | None:
     """Why ``part`` cannot run here (a module it needs is not importable, or it has no command), else None."""
     if not part.command:
@@ -391,7 +385,7 @@ def run_suite(out: Path, dry: bool, *, wheels: Path | None = None, pack_to: Path
     included; returns the summary rows. Writes the summary after each part (and packs it to ``pack_to``)."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    commit = commit or commit_of_checkout()
+    commit = commit or short_head()
     label = "dry run on the CPU" if dry else device_slug(dry)
     header = (f"# GPU suite ({label})\n\n`python -m bench.gpu_suite {' '.join(sys.argv[1:])}`, commit `{commit}`, "
               f"{datetime.datetime.now():%Y-%m-%d %H:%M}" + (f", budget {budget:.0f} s." if budget else "."))
