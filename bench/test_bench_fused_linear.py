@@ -32,7 +32,8 @@ def test_verl_comparison():
 @pytest.fixture
 def verl_wheel_files(tmp_path, monkeypatch):
     """verl 0.9.1's wheel unpacked into a folder on the path, as ``--install`` leaves it on the lent machine, with
-    Ray unimportable (so ``import verl`` fails); the verl modules imported are dropped afterwards. The wheel is the
+    Ray unimportable (so ``import verl`` fails); the verl modules imported are dropped afterwards (and those of an
+    installed verl set back). The wheel is the
     one ``python -m bench.gpu_suite --prepare`` carries, else downloaded (skipped where neither can be had)."""
     wheels = sorted((ROOT / ".whl").glob("verl-0.9.1-*.whl"))
     if not wheels:
@@ -46,6 +47,8 @@ def verl_wheel_files(tmp_path, monkeypatch):
         wheel.extractall(site, [n for n in wheel.namelist() if n.startswith("verl/")])
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    for name in [n for n in sys.modules if n == "verl" or n.startswith("verl.")]:  # an installed verl, imported
+        monkeypatch.delitem(sys.modules, name)  # restored afterwards
     before = set(sys.modules)
     yield site
     for name in set(sys.modules) - before:
