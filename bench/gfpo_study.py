@@ -1,4 +1,4 @@
-"""``python -m bench.gfpo_study``: the runs and tables of the GFPO study (issue 20).
+"""``python -m bench.gfpo_study``: the runs and tables of the GFPO study (docs in bench/results/README.md).
 
 Four subcommands, all reusing what exists:
 
@@ -134,7 +134,7 @@ def means(rows: dict[str, dict]) -> dict[str, dict]:
 
 
 def verdict(mean: dict, base: dict) -> dict:
-    """Issue 20's two targets for one variant's means against the baseline's."""
+    """The study's two targets for one variant's means against the baseline's."""
     ratio = mean["sampled_mean_length_after"] / base["sampled_mean_length_after"]
     dg = mean["greedy_accuracy_after"] - base["greedy_accuracy_after"]
     ds = mean["sampled_accuracy_after"] - base["sampled_accuracy_after"]
@@ -166,7 +166,7 @@ def table(rows: dict[str, dict], baseline: str) -> str:
 
 def plot_outcomes(rows: dict[str, dict], baseline: str, path: Path) -> None:
     """Held-out accuracy (greedy, sampled) against sampled length after training: every seed a small marker,
-    each variant's mean a large one, and the region that meets issue 20's targets against the baseline's mean
+    each variant's mean a large one, and the region that meets the study's targets against the baseline's mean
     (length <= 0.75x, accuracy >= baseline - 0.03) shaded."""
     import matplotlib
 
@@ -180,7 +180,7 @@ def plot_outcomes(rows: dict[str, dict], baseline: str, path: Path) -> None:
     for ax, key, title in zip(axes, ("greedy_accuracy_after", "sampled_accuracy_after"),
                               ("greedy accuracy", "sampled accuracy (T = 0.7)")):
         ax.fill_between([0, 0.75 * base["sampled_mean_length_after"]], base[key] - 0.03, 1, color="0.9",
-                        label="issue 20's targets")
+                        label="the study's targets")
         for i, (variant, runs) in enumerate(group(rows).items()):
             xs = [r["sampled_mean_length_after"] for _, r in runs]
             ax.scatter(xs, [r[key] for _, r in runs], color=colors[i % 20], s=14, alpha=0.7)

@@ -1,4 +1,4 @@
-"""Results of one run as markdown, JSON and one PNG figure, and the issue targets judged from them."""
+"""Results of one run as markdown, JSON and one PNG figure, and the project's performance targets judged from them."""
 from __future__ import annotations
 
 import json
@@ -43,12 +43,12 @@ def _verdict(value, goal: str) -> str:
 
 
 GF, EAGER, COMPILED, TRL_HEAD = "gfpo-fast", "torch eager", "torch.compile", "TRL fused LM head"
-# Issue 18's fused-linear heads on the CPU: SmolLM2's and a Qwen-size one, N = 1,024..4,096.
+# The CPU targets' fused-linear heads: SmolLM2's and a Qwen-size one, N = 1,024..4,096.
 CPU_HEADS = ((576, 49152), (896, 151936))
 
 
 def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
-    """Issue 18's targets on the CPU (issue 3's, plus TRL's fused LM head, on the GPU), issue 5's memory target,
+    """The CPU targets (on the GPU: the bandwidth and Liger targets, plus TRL's fused LM head), the memory target,
     and the GMPO / GFPO cost ratios, judged for gfpo-fast's auto path against the named peers."""
     rows = []
 
@@ -68,8 +68,9 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
                 ours and ours["median_ms"] / floor_ms, floor_goal)
 
     def fused_linear_loss_paths():
-        """Issue 18 point 5, per loss case: the op's time against the floor of its path (6NHV with the gradient in
-        the forward pass, 8NHV with the recompute), and against the recompute composition at the same shape."""
+        """The grad-in-forward target, per loss case: the op's time against the floor of its path (6NHV with the
+        gradient in the forward pass, 8NHV with the recompute), and against the recompute composition at the same
+        shape."""
         rate = measured["matmul_tflop_s"]
         for ours in [r for r in results if r["family"] == "fused_linear" and r["shape"].get("op") == "loss"
                      and r["impl"].startswith(GF + " fused_linear_policy_loss") and r["status"] == "ok"]:
@@ -98,7 +99,8 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
         add("same: speed-up vs torch.compile of it", _ratio(_find(results, "logprobs", COMPILED, **shape), lp),
             ">= 1.5")
         grad_mib = 2048 * 49152 * 4 / 2**20
-        add(f"same: peak memory / the fp32 gradient ({grad_mib:.0f} MiB; issue 5)", lp and lp["peak_mib"] / grad_mib,
+        add(f"same: peak memory / the fp32 gradient ({grad_mib:.0f} MiB; the memory target)",
+            lp and lp["peak_mib"] / grad_mib,
             "<= 1.1 (no [N, V] temporaries beyond the gradient)")
         for H, V in CPU_HEADS:  # every N measured in 1,024..4,096, or N = 1,024 "not measured"
             ns = sorted({r["shape"]["N"] for r in results if r["family"] == "fused_linear"
@@ -115,7 +117,7 @@ def targets(results: list[dict], env: dict, measured: dict) -> list[dict]:
         fused = _find(results, "fused_policy_loss", GF, variant="dapo", **shape)
         add("fused loss dapo fwd+bwd, same shape: fraction of measured bandwidth (3-pass floor)",
             fused and fused["gb_per_s"] / bw, ">= 0.75", "")
-        add("same: speed-up vs the torch reference (issue 3's target, against the oracle)",
+        add("same: speed-up vs the torch reference (the GPU target, against the oracle)",
             _ratio(_find(results, "fused_policy_loss", "torch reference", variant="dapo", **shape), fused), ">= 8")
         add("same: speed-up vs Liger triton_grpo_loss",
             _ratio(_find(results, "fused_policy_loss", "Liger", variant="dapo", **shape), fused), ">= 1.3")

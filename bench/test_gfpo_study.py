@@ -1,4 +1,4 @@
-"""Fast tests of bench/gfpo_study.py's grouping, means and the issue-20 verdict (no runs), and its prompt-style probe
+"""Fast tests of bench/gfpo_study.py's grouping, means and the study's verdict (no runs), and its prompt-style probe
 on a tiny local model."""
 import json
 from pathlib import Path
