@@ -224,13 +224,32 @@ def test_a_malformed_jsonl_line_is_named(make_config, tmp_path):
 
 
 # ----------------------------------------------------------------------------- checkpoints fail over
-@pytest.mark.parametrize("damaged", ["model/model.safetensors", "trainer_state.pt", "optimizer/__0_0.distcp"])
-def test_latest_skips_a_damaged_checkpoint_and_names_the_file(make_config, run_dir, capsys, damaged):
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
+
+
+def flip_a_byte(file: Path) -> None:
+    """Inverts one byte in the middle of ``file``: the same size, other content (in model.safetensors: a weight)."""
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged, damage, message", [
+    ("model/model.safetensors", truncate, ": .* bytes, written with .*truncated or damaged"),
+    ("trainer_state.pt", truncate, ": .* bytes, written with .*truncated or damaged"),
+    ("optimizer/__0_0.distcp", truncate, ": .* bytes, written with .*truncated or damaged"),
+    ("model/model.safetensors", flip_a_byte, ": content changed since it was written \\(sha256 .*damaged\\)"),
+    ("trainer_state.pt", flip_a_byte, ": content changed since it was written \\(sha256 .*damaged\\)"),
+], ids=["truncated-model", "truncated-state", "truncated-optimizer", "flipped-model", "flipped-state"])
+def test_latest_skips_a_damaged_checkpoint_and_names_the_file(make_config, run_dir, capsys, damaged, damage, message):
     train(make_config(max_steps=2, save_steps=1))
     newest = run_dir / "checkpoints" / "checkpoint-2"
     file = newest / damaged
-    file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
-    with pytest.raises(ValueError, match=f"{file}: .* bytes, written with .*truncated or damaged"):
+    size = file.stat().st_size
+    damage(file)
+    assert damage is truncate or file.stat().st_size == size
+    with pytest.raises(ValueError, match=f"{file}{message}"):
         train(make_config(max_steps=3, resume_from_checkpoint=str(newest)))
     summary = train(make_config(max_steps=3, save_steps=1, resume_from_checkpoint="latest"))
     out = capsys.readouterr().out
@@ -238,6 +257,20 @@ def test_latest_skips_a_damaged_checkpoint_and_names_the_file(make_config, run_d
     assert summary["step"] == 3 and [r["step"] for r in train_rows(read_jsonl(run_dir / "metrics.jsonl"))] == [1, 2, 3]
     assert names(run_dir) == ["checkpoint-2", "checkpoint-3"]  # the damaged one replaced by an intact one
     assert all(ckpt.verify(run_dir / "checkpoints" / n) is None for n in names(run_dir))
+
+
+def test_a_checkpoint_without_checksums_loads_checked_by_size(make_config, run_dir, capsys):
+    """A manifest of an older gfpo-fast has sizes only: the resume goes on, and says once that it checked sizes."""
+    train(make_config(max_steps=1, save_steps=1))
+    old = run_dir / "checkpoints" / "checkpoint-1"
+    manifest = json.loads((old / ckpt.MANIFEST).read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"])  # every file has its checksum
+    del manifest["sha256"]
+    (old / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    summary = train(make_config(max_steps=2, resume_from_checkpoint="latest"))
+    assert summary["step"] == 2
+    assert capsys.readouterr().out.count("checkpoint-1 has no checksums (written by an older gfpo-fast): its files "
+                                         "were checked by size only") == 1
 
 
 def test_an_algorithm_change_on_resume_is_refused(make_config):
