@@ -24,9 +24,11 @@ Where each part lives, in import order (a module imports only from the layers ab
 4. Public ops, importing a backend lazily (``import gfpo_fast`` works without Triton): ``logprobs.py`` (with
    the one autograd layer over both backends' launchers), ``advantages.py``, ``fused_policy_loss.py``,
    ``fused_linear.py`` (the chunk loop), ``lm_head.py`` (a model's output layer as weight, bias, scale and
-   soft-cap for the fused-linear ops), ``group_filter.py`` (GFPO's group-filter call, shared by the trainer
-   and the TRL integration), ``modules.py`` (``nn.Module`` wrappers).
-5. Applications: ``train/`` (``python -m gfpo_fast.train``) and ``integrations/`` (TRL drop-ins).
+   soft-cap for the fused-linear ops), ``group_filter.py`` (GFPO's group filters, shared by the trainer
+   and the integrations), ``user_functions.py`` (users' functions named ``module:function``), ``modules.py``
+   (``nn.Module`` wrappers).
+5. Applications: ``train/`` (``python -m gfpo_fast.train``) and ``integrations/`` (TRL, verl), side by side:
+   an integration never imports the trainer.
 """
 from . import _checkout  # noqa: F401  (first: in a source checkout, wires in kernels/ and the built _C)
 from .advantages import gfpo_filter, group_advantages, reward_metrics

@@ -1,4 +1,5 @@
-"""The package's import layers (gfpo_fast/__init__.py): backends never import the public layer, and
+"""The package's import layers (gfpo_fast/__init__.py): backends never import the public layer, the public layer
+never imports the applications (train/, integrations/), the integrations never import the trainer, and
 ``import gfpo_fast`` needs no Triton."""
 import ast
 import subprocess
@@ -35,6 +36,23 @@ def test_backends_never_import_the_public_layer():
             outside = {n for n in package_imports(path, package) if not n.startswith(package)}
             extra = sorted(outside - BACKEND_MAY_IMPORT)
             assert not extra, f"{path.relative_to(ROOT)} imports {extra}"
+
+
+def imports_under(package_imports_of: set[str], prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in package_imports_of if any(n == p or n.startswith(p + ".") for p in prefixes))
+
+
+def test_the_public_layer_never_imports_the_applications():
+    for path in (ROOT / "gfpo_fast").glob("*.py"):
+        found = imports_under(package_imports(path, "gfpo_fast"), ("gfpo_fast.train", "gfpo_fast.integrations"))
+        assert not found, f"{path.relative_to(ROOT)} imports {found}"
+
+
+def test_integrations_never_import_the_trainer():
+    """Integrations run inside another framework's trainer; what they share with ours lives in the public layer."""
+    for path in (ROOT / "gfpo_fast" / "integrations").glob("*.py"):
+        found = imports_under(package_imports(path, "gfpo_fast.integrations"), ("gfpo_fast.train",))
+        assert not found, f"{path.relative_to(ROOT)} imports {found}"
 
 
 def test_imports_without_triton():

@@ -41,7 +41,7 @@ the same math the values and gradients are equal (docs/verl.md has the table, an
 optionally ``+algorithm.gfpo.group_filter=length|token_efficiency|module:function`` and
 ``+algorithm.gfpo.adaptive_difficulty=true``): each ``uid`` group keeps its top k of G by the filter score, the
 advantages come from the kept rows' statistics exactly as :func:`gfpo_fast.gfpo_filter` (the filters and adaptive
-k are the trainer's :class:`gfpo_fast.train.filters.GroupFilter`). ``compute_gfpo_advantage`` is registered as the
+k are :class:`gfpo_fast.group_filter.GroupFilter`, as in the trainer). ``compute_gfpo_advantage`` is registered as the
 estimator and zeroes the dropped rows' ``response_mask``; in verl's PPO trainer, where this module also wraps
 ``ray_trainer.compute_advantage`` (when the trainer imports), :func:`gfpo_filter_batch` removes the dropped rows
 from the batch, so they add nothing to the loss or to any normaliser (``ppo_mini_batch_size * rollout.n`` must
@@ -77,6 +77,7 @@ from verl.utils.experimental import torch_functional  # noqa: E402
 
 from .._checks import require_num_remains  # noqa: E402
 from ..fused_linear import fused_linear_logprobs  # noqa: E402
+from ..group_filter import GroupFilter  # noqa: E402
 from ..lm_head import config_transform  # noqa: E402
 from ..policy_loss import (  # noqa: E402
     GLOBAL_TOKEN_LOSSES,
@@ -85,7 +86,6 @@ from ..policy_loss import (  # noqa: E402
     make_loss_config,
     policy_loss_ref,
 )
-from ..train.filters import GroupFilter  # noqa: E402
 
 try:  # verl's PPO trainer needs more than verl's light install (torchdata, fastapi, ...): no trainer, no hook
     from verl.trainer.ppo import ray_trainer
@@ -247,7 +247,7 @@ _group_filters: dict[tuple, GroupFilter] = {}  # one per setting, so that adapti
 
 
 def _group_filter(config, G: int) -> GroupFilter:
-    """The :class:`gfpo_fast.train.filters.GroupFilter` of verl's ``algorithm`` config (``config.gfpo``)."""
+    """The :class:`gfpo_fast.group_filter.GroupFilter` of verl's ``algorithm`` config (``config.gfpo``)."""
     gfpo = config.get("gfpo") if config is not None else None
     if not gfpo or gfpo.get("num_remains_in_group") is None:
         raise ValueError(f"adv_estimator={GFPO_ESTIMATOR} needs algorithm.gfpo.num_remains_in_group, k with "
@@ -282,8 +282,8 @@ def gfpo_advantages(token_level_rewards: torch.Tensor, response_mask: torch.Tens
     ``algorithm`` config: ``gfpo.num_remains_in_group`` (k), ``gfpo.group_filter`` (``length``, the default:
     the shortest kept; ``token_efficiency``: reward / length; ``module:function``: TRL's ``group_filter_func``
     contract, given each response's token ids as its completion, which needs ``responses`` ``[N, T]``),
-    ``gfpo.adaptive_difficulty`` (k per group from its difficulty, as the trainer's
-    :class:`gfpo_fast.train.filters.GroupFilter`) and ``norm_adv_by_std_in_grpo`` (False: no std scaling). Each
+    ``gfpo.adaptive_difficulty`` (k per group from its difficulty, as in the trainer:
+    :class:`gfpo_fast.group_filter.GroupFilter`) and ``norm_adv_by_std_in_grpo`` (False: no std scaling). Each
     group keeps its top k by score; advantages are :func:`gfpo_fast.gfpo_filter`'s (the kept rows' mean and std,
     0 for dropped rows), on each row's response tokens."""
     order, G = _group_order(index)

@@ -3,7 +3,7 @@ phases).
 
 Modules: ``config`` (the dataclass that is also the CLI), ``models`` (local / GGUF / cached hub
 models), ``data`` (arithmetic task, local datasets, prompt sampler), ``rewards``, ``generation``,
-``filters`` (GFPO), ``checkpoint``, ``ownership`` (a run's hold on its output_dir), ``distributed`` (DDP / FSDP2
+``checkpoint``, ``ownership`` (a run's hold on its output_dir), ``distributed`` (DDP / FSDP2
 wrapping), ``reporting`` (metrics, progress bar, plot).
 """
 from .config import TrainConfig, parse_args

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gfpo_fast._checks import require_num_remains
+from gfpo_fast.group_filter import SCORES
 from gfpo_fast.policy_loss import LOSS_PARAMS, LOSS_TYPES, add_loss_param_fields, make_loss_config
 
 from .models import hub_offline
 from .trl_fields import NOT_FLAGS, check_not_flag
 
 ALGORITHMS = ("grpo", "gfpo", "gmpo", "gspo", "gspo_token")
-GROUP_FILTERS = ("length", "token_efficiency")
 # transformers' SchedulerType names that step without a metric (reduce_lr_on_plateau and greedy need one)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
@@ -111,7 +111,7 @@ class TrainConfig:
     num_remains_in_group: int | None = _f(6, "gfpo: completions kept per group, 2 <= k < num_generations (TRL: None)")
     group_filter: str = _f("length", "gfpo: 'length' (keep the shortest), 'token_efficiency' (highest reward per "
                            "token) or module:function with TRL's group_filter_func contract")
-    adaptive_difficulty: bool = _f(False, "gfpo: choose k per group from its difficulty (gfpo_fast/train/filters.py)")
+    adaptive_difficulty: bool = _f(False, "gfpo: choose k per group from its difficulty (gfpo_fast/group_filter.py)")
     loss_type: str = _f("dapo", f"one of {', '.join(LOSS_TYPES)} (gfpo_fast.policy_loss.LOSS_REGISTRY; "
                         "docs/semantics.md sections 8 and 9); its hyperparameters are the last flags")
     importance_sampling_level: str = _f("token", "token or sequence (gspo and gspo_token set it themselves)")
@@ -328,8 +328,8 @@ class TrainConfig:
             if self.adaptive_difficulty and self.scale_rewards == "batch":
                 raise ValueError("adaptive_difficulty filters groups with different k; use scale_rewards='group' or "
                                  "'none' with it")
-            if self.group_filter not in GROUP_FILTERS and ":" not in self.group_filter:
-                raise ValueError(f"group_filter must be one of {list(GROUP_FILTERS)} or module:function, "
+            if self.group_filter not in SCORES and ":" not in self.group_filter:
+                raise ValueError(f"group_filter must be one of {list(SCORES)} or module:function, "
                                  f"got {self.group_filter!r}")
         if self.algorithm in ("gspo", "gspo_token") and self.importance_sampling_level != "token":
             raise ValueError(f"algorithm={self.algorithm!r} sets importance_sampling_level itself; leave it at 'token'")

@@ -70,6 +70,7 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 import gfpo_fast as gf
 from gfpo_fast.advantages import weighted_rewards
 from gfpo_fast.fused_linear import gather_full
+from gfpo_fast.group_filter import GroupFilter
 from gfpo_fast.lm_head import lm_head_of
 
 from . import checkpoint as ckpt
@@ -78,7 +79,6 @@ from .config import TrainConfig
 from .data import PromptSampler, load_rows, screen_prompts
 from .dynamic_sampling import enough, pick_groups, varied_groups
 from .evaluation import evaluate
-from .filters import GroupFilter
 from .generation import (
     Rollout,
     VLLMColocate,

@@ -34,12 +34,9 @@ that claims it.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
 import re
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from ..user_functions import load_function
 from .data import is_conversational
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -155,30 +153,6 @@ def make_length_reward(max_completion_length: int):
         return [-len(ids) / max_completion_length for ids in completion_ids]
 
     return length_reward
-
-
-def load_function(spec: str, what: str):
-    """Imports ``module:function`` or ``file.py:function``; ``what`` names the option in errors."""
-    if ":" not in spec:
-        raise ValueError(f"{what}: {spec!r} is neither a built-in nor 'module:function' / 'file.py:function'")
-    module_name, func_name = spec.rsplit(":", 1)
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name).expanduser().resolve()
-            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            if mod_spec is None or not path.is_file():
-                raise ImportError(f"no file {path}")
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules.setdefault(path.stem, module)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{what}: cannot import {module_name!r} for {spec!r}: {err}") from err
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ValueError(f"{what}: {module_name!r} has no function {func_name!r}")
-    return func
 
 
 class RewardModel:

@@ -1,4 +1,5 @@
-"""Unit tests of the trainer's parts: CLI/YAML config, rewards, filters, data, generation masks."""
+"""Unit tests of the trainer's parts: CLI/YAML config, rewards, data, generation masks (the GFPO group filter:
+tests/test_group_filter.py)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import yaml
 
 from gfpo_fast.train import TrainConfig, parse_args
 from gfpo_fast.train.data import PromptSampler, arithmetic_dataset, check_prompts, load_split
-from gfpo_fast.train.filters import GroupFilter
 from gfpo_fast.train.generation import completion_masks
 from gfpo_fast.train.rewards import accuracy_reward, final_answer, format_reward
 
@@ -66,31 +66,6 @@ def test_accuracy_and_format_rewards():
     completions = [[{"role": "assistant", "content": "5 + 2 = 7"}], [{"role": "assistant", "content": "7 apples left"}]]
     assert accuracy_reward(completions, answer=["7", "7"]) == [1.0, 1.0]
     assert format_reward(completions) == [1.0, 0.0]
-
-
-def test_length_filter_and_adaptive_k():
-    G = 8
-    f = GroupFilter("length", G, 4, adaptive=False, scale_rewards="group")
-    rewards = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0] * 2)
-    lengths = torch.arange(16, 0, -1)
-    adv, keep = f(rewards, lengths, [])
-    assert keep.view(2, G).sum(1).tolist() == [4, 4] and keep.view(2, G)[:, 4:].all()  # the 4 shortest
-    assert adv[~keep].abs().sum() == 0
-    # adaptive difficulty: group means 0, 1/8, 1/2, 7/8 are the four quartiles, hardest first -> k0 + 2 ... k0 - 1
-    adaptive = GroupFilter("length", G, 4, adaptive=True, scale_rewards="group")
-    rewards = torch.zeros(4, G)
-    for g, ones in enumerate((0, 1, 4, 7)):
-        rewards[g, :ones] = 1.0
-    adv, keep = adaptive(rewards.reshape(-1), torch.arange(4 * G), [])
-    assert keep.view(4, G).sum(1).tolist() == [6, 5, 4, 3]
-    assert len(adaptive.history) == 4
-
-
-def test_user_filter_shape_is_checked():
-    f = GroupFilter("reward_fns:shortest_text", 4, 2, adaptive=False, scale_rewards="group")
-    with pytest.raises(ValueError, match="must return scores of shape \\(1, 4\\)"):
-        f.user_func = lambda group_completions, group_rewards: [[1.0, 2.0]]
-        f(torch.zeros(4), torch.ones(4), ["a", "b", "c", "d"])
 
 
 def test_arithmetic_split_is_disjoint_and_seeded():
