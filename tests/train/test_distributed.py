@@ -32,8 +32,8 @@ def flat_params(model) -> torch.Tensor:
 @pytest.mark.slow
 def test_two_processes_stay_in_sync(tiny_model, tmp_path):
     """Both ranks end with the same parameters, and those moved away from the initial model (two ranks that never
-    stepped would agree too). That DDP's averaged gradient equals one process's on the whole batch is tested on a
-    fixed batch in test_fsdp2.py (fsdp_grad_run.py), which shares the trainer's gradient path."""
+    stepped would agree too), with the trainer's own sampling; that they are one process's on the whole batch is
+    the next test."""
     out = tmp_path / "run"
     run_dist(["--model_name_or_path", str(tiny_model), "--max_steps", "2", "--do_eval", "false", *LAUNCH_ARGS], out)
     a, b = torch.load(out / "params_rank0.pt"), torch.load(out / "params_rank1.pt")
