@@ -15,8 +15,10 @@
 //
 // Shapes and dtypes: logits [N, V] float32 or bfloat16 (any row strides, vocab contiguous), token_ids [N]
 // int64 (an id outside [0, V) is never dereferenced: its logp and gradient row are NaN); logp, lse, entropy [N] float32; the gradient [N, V] in the logits dtype, placed by its own row
-// layout (a new contiguous buffer, or the logits themselves). All math is float32. -inf logits (banned
-// tokens) contribute exactly 0, to the entropy too (the torch reference gets 0 * -inf = NaN there).
+// layout (a new contiguous buffer, or the logits themselves). All math is float32.
+// Non-finite z (docs/semantics.md 2.4, as the torch reference): -inf logits (banned tokens) contribute exactly 0,
+// to the entropy too; a row with a NaN or +inf z, or only -inf ones, has NaN logp and entropy, a non-finite lse,
+// and a zero gradient row (the backward tests lse once per row).
 //
 // Passes: the forward reads each row once: it walks the row in chunks that fit in L1, takes the chunk
 // maximum, rescales the running sums to the new maximum (online logsumexp) and adds the chunk's
@@ -129,11 +131,13 @@ GFPO_INLINE RowResult forward_row(const T* x, std::int64_t vocab, std::int64_t t
       }
       m = cmax;
     }
-    if (m == -kInf) continue;  // every logit so far is -inf: nothing to add
+    // Every element goes through the sums, so that a NaN anywhere reaches S (the max above may skip it); a
+    // finite shift while every logit so far is -inf (-inf - -inf would be NaN): those give e = 0.
+    const float shift = m == -kInf ? 0.0f : m;
     float s = 0.0f, u = 0.0f;
 #pragma omp simd reduction(+ : s, u)
     for (std::int64_t i = 0; i < n; ++i) {
-      const float d_raw = z[i] - m;
+      const float d_raw = z[i] - shift;
       const float d = std::max(d_raw, kExpFloor);
       const float e = d_raw < kExpFloor ? 0.0f : exp_nonpositive(d);
       s += e;
@@ -144,6 +148,9 @@ GFPO_INLINE RowResult forward_row(const T* x, std::int64_t vocab, std::int64_t t
   }
   const float log_s = std::log(S);
   const float lse = m + log_s;
+  // Bad rows (docs/semantics.md 2.4) need no test here: a NaN or +inf z makes S, so lse, logp and the entropy
+  // NaN, and a row of -inf gives S = 0, lse = -inf and NaN logp and entropy (-inf - -inf, 0 / 0). So lse is
+  // finite exactly on the good rows, which is the backward's per-row test.
   // An id outside [0, vocab) is never dereferenced: its log-prob is NaN (the Python ops reject such ids first).
   const float z_y = target >= 0 && target < vocab ? scaled<kCap>(to_float(x[target]), inv_t, cap, two_over_cap) : kNaN;
   return {z_y - lse, lse, kEntropy ? log_s - U / S : 0.0f};
@@ -269,7 +276,9 @@ void logprobs_backward(const void* logits, int dtype, std::int64_t n_rows, RowLa
     const float g = grad_logp != nullptr ? grad_logp[n] : 0.0f;
     const float h = grad_entropy != nullptr ? grad_entropy[n] : 0.0f;
     char* out = out_base + grad_layout.offset(n) * elem;
-    if (g == 0.0f && h == 0.0f) {
+    // Zero rows: no incoming gradient (masked tokens), or a bad row (NaN lse, docs/semantics.md 2.4), whose
+    // gradient is 0 whatever g and h are.
+    if ((g == 0.0f && h == 0.0f) || !std::isfinite(lse[n])) {
       std::memset(out, 0, static_cast<std::size_t>(vocab * elem));
       continue;
     }

@@ -19,7 +19,8 @@ struct RowLayout {
 // (an id outside it is not dereferenced: its logp is NaN, and so is its gradient row in the backward)
 // -> logp, lse [n_rows] float32 of z = logits * z_scale (z_scale = scale / temperature), or, when z_cap > 0,
 // z = z_cap tanh(logits * z_scale / z_cap) (final-logit soft-capping; z_cap = cap / temperature), and entropy
-// [n_rows] float32 when not null.
+// [n_rows] float32 when not null. Non-finite z (docs/semantics.md 2.4): -inf is probability 0; a row whose z holds
+// a NaN or +inf, or is all -inf, gets NaN logp and entropy and a non-finite lse.
 // active [n_rows] uint8 (null = every row active): rows with active[n] == 0 (masked tokens, whose log-probs
 // a loss never uses) read neither their logits nor their token id and get logp = lse = entropy = 0.
 void logprobs_forward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
@@ -30,7 +31,8 @@ void logprobs_forward(const void* logits, int dtype, std::int64_t n_rows, RowLay
 // (when not null) grad_entropy [n_rows] with the entropy [n_rows] of the forward; null grads count as zeros.
 // grad_logits may be logits itself (same layout): each row is read before it is overwritten. Rows whose
 // grads are both zero are only zero-filled: their logits, token id, lse and entropy are not read (so they
-// may be rows the forward skipped).
+// may be rows the forward skipped). A row whose lse is not finite (a bad row of the forward) is zero-filled too,
+// whatever its grads.
 void logprobs_backward(const void* logits, int dtype, std::int64_t n_rows, RowLayout layout, std::int64_t vocab,
                        const std::int64_t* token_ids, float z_scale, float z_cap, const float* lse,
                        const float* entropy, const float* grad_logp, const float* grad_entropy, void* grad_logits,

@@ -22,14 +22,23 @@ from ._checks import FLOAT_DTYPES, require_float, require_same_device, require_t
 
 def token_logprobs_ref(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
                        return_entropy: bool = False):
-    """Float32 torch reference: ``log_softmax(logits.float() / temperature).gather(-1, token_ids)``."""
+    """Float32 torch reference: ``log_softmax(logits.float() / temperature).gather(-1, token_ids)``, shaped like
+    ``token_ids`` (and the entropy), with the non-finite rule of docs/semantics.md section 2.4.
+
+    ``-inf`` logits are probability 0 (``0 log 0 = 0`` in the entropy). A *bad row*, whose ``z`` holds a NaN or a
+    ``+inf`` or is all ``-inf``, gets NaN log-prob and entropy and an exactly zero gradient: it is computed on a
+    copy with the bad rows zeroed and NaN is selected back, so autograd never multiplies through a NaN there.
+    """
     z = logits.float() / temperature
+    bad = ~torch.isfinite(z.amax(-1))  # amax propagates NaN; +inf, and -inf when the whole row is -inf
+    z = torch.where(bad.unsqueeze(-1), 0.0, z)
     lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1) - lse
+    logp = torch.where(bad, torch.nan, z.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1) - lse)
     if not return_entropy:
         return logp
-    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-    return logp, entropy
+    z_finite = torch.where(z == -torch.inf, 0.0, z)  # p = 0 there: the term is 0, not 0 * -inf = NaN
+    entropy = lse - (torch.softmax(z, dim=-1) * z_finite).sum(-1)
+    return logp, torch.where(bad, torch.nan, entropy)
 
 
 def check_logits_and_ids(logits, token_ids, temperature, vocab_of: str = "logits") -> None:

@@ -14,6 +14,11 @@ The kernels take ``z_scale = scale / temperature`` and ``z_cap = softcap / tempe
 ``z = z_cap * tanh(logits * z_scale / z_cap)``; the soft-cap is recomputed from the logits in both passes (one
 exponential per logit, :func:`_softcap`), so nothing transformed is ever stored.
 
+Non-finite ``z`` follow docs/semantics.md section 2.4, as the torch reference: ``-inf`` is probability 0 (no NaN
+from it, in the entropy either); a row with a NaN or ``+inf`` ``z``, or only ``-inf`` ones, gets NaN ``logp`` and
+entropy and a non-finite ``lse`` from the forward's own arithmetic, and the backward, which tests ``lse`` once
+per row, writes it a zero gradient row.
+
 Shapes and dtypes: ``logits`` ``[B, T, V]`` or ``[N, V]``, fp32 / bf16 / fp16, any row strides (for
 example the ``[:, :-1]`` slice of a model's output), vocab stride 1 (otherwise one copy is made);
 ``token_ids`` ``[B, T]`` / ``[N]`` int64 or int32, any strides; ``logp``, ``entropy`` and the saved
@@ -53,6 +58,7 @@ from ._launch import device_guard, eager_launch, vocab_tile
 # three variants as T changes. The vocab-sized strides stay specialised: they are fixed per model
 # and their alignment lets the compiler vectorise the tile loads.
 _RUNTIME_SIZES = ["stride_lb", "stride_ib", "T"]
+_LOWEST = tl.constexpr(-3.4028234663852886e38)  # the most negative float32: stands in for -inf where 0 * -inf is NaN
 
 
 @triton.jit
@@ -113,8 +119,12 @@ def _token_logprobs_fwd_kernel(
         e = tl.exp(z - shift)  # 0 on the lanes past V
         d = d * scale + tl.sum(e, axis=0)
         if HAS_ENTROPY:
-            s = s * scale + tl.sum(e * tl.where(in_vocab, z, 0.0), axis=0)  # where: 0 * -inf would be NaN
+            # -inf (banned tokens, the lanes past V) as the most negative float: e = 0 there, and 0 * -inf = NaN
+            s = s * scale + tl.sum(e * tl.maximum(z, _LOWEST), axis=0)
         m = m_new
+    # Bad rows (docs/semantics.md 2.4) need no test here: a NaN or +inf z makes d, so lse, logp and the entropy
+    # NaN (e = exp(NaN) even where tl.max drops a NaN), and a row of -inf gives d = 0, lse = -inf and NaN logp and
+    # entropy (-inf - -inf, 0 / 0). So lse is finite exactly on the good rows, which is the backward's test.
     lse = m + tl.log(d)
     z_target = tl.load(x_row + target, mask=target_ok, other=float("nan")).to(tl.float32) * z_scale
     if HAS_SOFTCAP:
@@ -141,14 +151,17 @@ def _token_logprobs_bwd_kernel(
     x_row = logits_ptr + b * stride_lb + t * stride_lt
     g_row = grad_ptr + b * stride_gb + t * stride_gt
     g = tl.load(dlogp_ptr + row)
+    lse = tl.load(lse_ptr + row)
     skip = g == 0.0
     if HAS_DENTROPY:
         gh = tl.load(dentropy_ptr + row)
         # dH/dz_v = -p_v (log p_v + H) = -p_v (z_v + c) with c = H - lse
-        c = tl.load(entropy_ptr + row) - tl.load(lse_ptr + row)
+        c = tl.load(entropy_ptr + row) - lse
         skip = skip & (gh == 0.0)
+    # A bad row of the forward (NaN lse, docs/semantics.md 2.4) gets a zero gradient whatever g and gh are.
+    skip = skip | ~(tl.abs(lse) < float("inf"))
     if skip:
-        # Masked tokens, GFPO's dropped rows: no read of the logits, only zeros written.
+        # Masked tokens, GFPO's dropped rows, bad rows: no read of the logits, only zeros written.
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             tl.store(g_row + offs, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < V)
@@ -156,7 +169,6 @@ def _token_logprobs_bwd_kernel(
         target = tl.load(ids_ptr + b * stride_ib + t * stride_it).to(tl.int64)
         # An id outside [0, V) has no one-hot lane: its row gets NaN rather than a silently wrong gradient.
         onehot_off = tl.where((target >= 0) & (target < V), 0.0, float("nan"))
-        lse = tl.load(lse_ptr + row)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             in_vocab = offs < V
@@ -167,7 +179,7 @@ def _token_logprobs_bwd_kernel(
             # (onehot - p) in fp32: for the target lane 1 - p stays exact enough even when p -> 1.
             dz = g * (tl.where(offs == target, 1.0, onehot_off) - p)
             if HAS_DENTROPY:
-                dz -= gh * p * (z + c)
+                dz -= gh * p * tl.maximum(z + c, _LOWEST)  # a -inf logit: p = 0, and 0 * -inf = NaN
             # Each tile is read before it is written, so grad_ptr may alias logits_ptr (inplace).
             dx = dz * z_scale
             if HAS_SOFTCAP:
@@ -235,8 +247,9 @@ def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entro
 
     ``inplace=True`` writes the gradient over ``logits`` and returns it (the caller must not need
     the logits afterwards; a strided vocab is first copied, and the copy is written); otherwise a new
-    tensor of the logits' shape and dtype is returned. Rows whose ``dlogp`` (and ``dentropy``) is 0 get a
-    zero gradient without reading their logits or id; a row with an id outside ``[0, V)`` gets NaN.
+    tensor of the logits' shape and dtype is returned. Rows whose ``dlogp`` (and ``dentropy``) is 0, and rows
+    whose ``lse`` is not finite (the forward's bad rows), get a zero gradient without reading their logits or
+    id; any other row with an id outside ``[0, V)`` gets NaN.
     """
     x, ids = _as_rows(logits, token_ids)
     B, T, V = x.shape

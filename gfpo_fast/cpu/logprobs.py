@@ -8,7 +8,9 @@ not read at all). Backward: one pass over each row writes ``dL/dlogits`` in the 
 the softmax from the saved ``lse``; no float32 ``[N, V]`` temporary exists besides the gradient itself (for
 float32 logits), and not even that with ``inplace``. Rows whose incoming gradient is zero are only
 zero-filled. An id outside ``[0, V)`` is never dereferenced: its log-prob and gradient row are NaN (the
-public ops raise before they launch).
+public ops raise before they launch). Non-finite logits follow docs/semantics.md section 2.4 like the torch
+reference: ``-inf`` is probability 0; a row with a NaN or ``+inf`` (after the temperature), or only ``-inf``,
+has NaN ``logp`` and entropy, a non-finite ``lse`` and a zero gradient row (the backward tests ``lse`` per row).
 
 Zero-copy: the kernels take the logits' row strides, so any ``[N, V]`` or ``[B, T, V]`` view whose vocab
 dimension is contiguous is read in place (``logits[:, :-1]``, as TRL slices them, included). Copies are made
@@ -115,7 +117,8 @@ def token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entro
 
     ``inplace=True`` writes the gradient over ``logits`` (or over the copy made for float16 or a strided
     vocab) and returns it; each row is read before it is written, and the caller must not need the logits
-    afterwards. Rows whose ``dlogp`` and ``dentropy`` are 0 are only zero-filled.
+    afterwards. Rows whose ``dlogp`` and ``dentropy`` are 0, and rows whose ``lse`` is not finite (the forward's
+    bad rows), are only zero-filled.
     """
     rows = LogitRows.of(kernel_logits(logits.detach()))
     grad = rows.tensor if inplace else torch.empty(rows.tensor.shape, dtype=rows.tensor.dtype)
