@@ -109,7 +109,7 @@ def gf_impls(op: str, device: torch.device, make: Callable[[str], Callable[[dict
     """
     auto = backends.select(op, "auto", device)
     out = [Impl(f"gfpo-fast auto ({auto})", make("auto"), role="ours")]
-    for name in backends.IMPLEMENTED:
+    for name in backends.FAST_BACKENDS:
         if name == auto:
             continue
         try:

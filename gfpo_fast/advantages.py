@@ -133,15 +133,6 @@ def gfpo_filter_ref(
 
 
 # ----------------------------------------------------------------------------- public API
-def _launchers(impl: str):
-    """The launchers of ``impl`` ("triton" or "cpp"), imported on first use (Triton may be absent)."""
-    if impl == "triton":
-        from .kernels import advantages as launchers
-    else:
-        from .cpu import advantages as launchers
-    return launchers
-
-
 def group_advantages(
     rewards: torch.Tensor,
     num_generations: int,
@@ -178,8 +169,9 @@ def group_advantages(
                                     aggregation=aggregation)
     r = rewards.detach().float()
     r = (r if r.dim() == 2 else r.unsqueeze(1)).contiguous()
-    return _launchers(impl).group_advantages_forward(r, weights.contiguous(), num_generations, scale=scale,
-                                                     normalize_then_sum=aggregation == "normalize_then_sum")
+    fast = backends.launchers(impl, "advantages")
+    return fast.group_advantages_forward(r, weights.contiguous(), num_generations, scale=scale,
+                                         normalize_then_sum=aggregation == "normalize_then_sum")
 
 
 def gfpo_filter(
@@ -216,9 +208,9 @@ def gfpo_filter(
     impl = backends.select("gfpo_filter", backend, rewards.device)
     if impl == "torch":
         return gfpo_filter_ref(rewards, scores, num_generations, num_remains_in_group, scale_rewards=scale)
-    return _launchers(impl).gfpo_filter_forward(rewards.detach().float().contiguous(),
-                                                scores.detach().float().contiguous(), num_generations,
-                                                num_remains_in_group, scale=scale)
+    fast = backends.launchers(impl, "advantages")
+    return fast.gfpo_filter_forward(rewards.detach().float().contiguous(), scores.detach().float().contiguous(),
+                                    num_generations, num_remains_in_group, scale=scale)
 
 
 def reward_metrics(

@@ -1,7 +1,7 @@
 """Log-probs and the policy loss from hidden states and the lm_head weight, one chunk of tokens at a time.
 
 ``logits = hidden @ weight.T + bias`` is never held whole: each chunk of ``C = chunk_size`` tokens is
-projected (one GEMM), reduced by a backend's forward log-prob launcher (:func:`gfpo_fast.logprobs.launchers`:
+projected (one GEMM), reduced by a backend's forward log-prob launcher (``backends.launchers(name, "logprobs")``:
 Triton or C++) to fp32 ``logp``, ``lse`` (and ``entropy``) and dropped. Backward, per chunk: the logits are
 projected again, the backward launcher overwrites them with ``dlogits`` from the saved ``lse`` (in place,
 no second ``[C, V]`` buffer), then
@@ -71,7 +71,7 @@ from torch.autograd.function import once_differentiable
 
 from . import backends
 from ._checks import FLOAT_DTYPES, require_float, require_positive_int, require_same_device, require_tensor
-from .logprobs import check_logits_and_ids, launchers, token_logprobs_ref
+from .logprobs import check_logits_and_ids, token_logprobs_ref
 from .policy_loss import LossConfig, check_loss_inputs, loss_config_from, policy_loss_ref, token_separable
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens: a [1024, 151936] bf16 chunk is 311 MB, enough rows to keep the GEMM efficient
@@ -120,7 +120,7 @@ def _chunks(n: int, chunk_size: int, active: torch.Tensor | None = None) -> tupl
 
 @dataclass(frozen=True)
 class ChunkHead:
-    """The log-prob part of one chunk: a backend's launchers (``fast``, :func:`gfpo_fast.logprobs.launchers`), or
+    """The log-prob part of one chunk: a backend's launchers (``fast``, ``backends.launchers(name, "logprobs")``), or
     None for the torch reference, and the head transform (``temperature``, ``scale``, ``softcap``: floats, softcap
     possibly None), applied by the launchers or by :func:`head_transform_ref`."""
 
@@ -383,7 +383,7 @@ def _prepare(hidden, weight, bias, token_ids, temperature, scale, softcap, chunk
     _check_linear_inputs(hidden, weight, bias, token_ids, temperature, scale, softcap, chunk_size)
     # The op is a chunk loop around token_logprobs: the backend is that of the per-chunk log-probs.
     impl = backends.select("token_logprobs", backend, hidden.device)
-    fast = None if impl == "torch" else launchers(impl)  # None: the torch reference per chunk
+    fast = None if impl == "torch" else backends.launchers(impl, "logprobs")  # None: the torch reference per chunk
     return weight, bias, ChunkHead(fast, float(temperature), float(scale), None if softcap is None else float(softcap))
 
 

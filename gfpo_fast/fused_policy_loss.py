@@ -30,7 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends
-from .logprobs import check_logits_and_ids, launchers, token_logprobs_ref
+from .logprobs import check_logits_and_ids, token_logprobs_ref
 from .policy_loss import LossConfig, check_loss_inputs, loss_config_from, policy_loss_ref
 
 
@@ -82,7 +82,7 @@ class FusedPolicyLossFunction(torch.autograd.Function):
 def fused_policy_loss_fast(fast, cfg: LossConfig, logits, token_ids, old_logp, advantages, mask, *, temperature=1.0,
                            return_entropy=False, ref_logp=None, importance_sampling_ratio=None,
                            num_items_in_batch=None, inplace=False):
-    """The fused loss on the log-prob launchers ``fast`` (:func:`gfpo_fast.logprobs.launchers`); inputs validated.
+    """The fused loss on the log-prob launchers ``fast`` (``backends.launchers(name, "logprobs")``); inputs validated.
 
     ``inplace``: backward writes the logits gradient over ``logits`` (or over a backend's copy of them)
     instead of a new buffer. Returns ``(loss, metrics)`` exactly as :func:`fused_policy_loss_ref`.
@@ -133,5 +133,5 @@ def fused_policy_loss(logits, token_ids, old_logp, advantages, mask, *, temperat
     if impl == "torch":
         return fused_policy_loss_ref(cfg, logits, token_ids, old_logp, advantages, mask, temperature=temperature,
                                      return_entropy=return_entropy, **kwargs)
-    return fused_policy_loss_fast(launchers(impl), cfg, logits, token_ids, old_logp, advantages, mask,
-                                  temperature=temperature, return_entropy=return_entropy, **kwargs)
+    return fused_policy_loss_fast(backends.launchers(impl, "logprobs"), cfg, logits, token_ids, old_logp, advantages,
+                                  mask, temperature=temperature, return_entropy=return_entropy, **kwargs)

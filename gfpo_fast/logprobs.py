@@ -60,19 +60,6 @@ def check_logits_and_ids(logits, token_ids, temperature, vocab_of: str = "logits
     require_token_ids_in_range(token_ids, logits.shape[-1], vocab_of)
 
 
-def launchers(impl: str):
-    """The log-prob launchers of ``impl`` ("triton": ``kernels/logprobs.py``, "cpp": ``gfpo_fast/cpu/logprobs.py``),
-    imported on first use (Triton may be absent). Both modules define ``token_logprobs_forward(logits,
-    token_ids, temperature, return_entropy, active=None) -> (logp, lse, entropy or None)`` and
-    ``token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *, entropy=None, dentropy=None,
-    inplace=False) -> dlogits``."""
-    if impl == "triton":
-        from .kernels import logprobs as fast
-    else:
-        from .cpu import logprobs as fast
-    return fast
-
-
 class TokenLogprobsFunction(torch.autograd.Function):
     """Autograd over a backend's launchers: ``(logits, token_ids, launchers, temperature, return_entropy,
     inplace) -> logp`` or ``(logp, entropy)``, float32 shaped like ``token_ids``.
@@ -103,7 +90,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 def apply_token_logprobs(fast, logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
                          return_entropy: bool = False, inplace: bool = False):
-    """:func:`token_logprobs` on the launchers ``fast`` (:func:`launchers`), inputs already validated.
+    """:func:`token_logprobs` on the log-prob launchers ``fast`` (``backends.launchers(name, "logprobs")``: every
+    backend's module defines ``token_logprobs_forward(logits, token_ids, temperature, return_entropy, active=None)
+    -> (logp, lse, entropy or None)`` and ``token_logprobs_backward(logits, token_ids, lse, dlogp, temperature, *,
+    entropy=None, dentropy=None, inplace=False) -> dlogits``), inputs already validated.
 
     ``inplace``: backward writes the gradient over ``logits`` (or over the copy a backend made of them)
     instead of allocating one; only when nothing needs the logits after backward (e.g. an lm_head output).
@@ -132,5 +122,5 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature
     impl = backends.select("token_logprobs", backend, logits.device)
     if impl == "torch":
         return token_logprobs_ref(logits, token_ids, temperature=temperature, return_entropy=return_entropy)
-    return apply_token_logprobs(launchers(impl), logits, token_ids, temperature=temperature,
+    return apply_token_logprobs(backends.launchers(impl, "logprobs"), logits, token_ids, temperature=temperature,
                                 return_entropy=return_entropy)

@@ -1,6 +1,7 @@
 """The one bad-token-id rule, checked the same way on every backend (``tests/test_logprobs.py``: torch and
-C++; ``tests/kernels/test_logprobs.py``: Triton): an id outside ``[0, V)``, masked position or not, is a
-``ValueError`` naming ``token_ids`` from every op that takes ids, raised before anything is launched."""
+C++; ``tests/backends/test_backend_logprobs.py``: every fast backend): an id outside ``[0, V)``, masked
+position or not, is a ``ValueError`` naming ``token_ids`` from every op that takes ids, raised before anything
+is launched."""
 import pytest
 import torch
 

@@ -1,6 +1,5 @@
-"""The fused-linear policy loss's test inputs and configurations (tests/cpu/test_fused_linear.py, the
-``token_separable`` tests of tests/test_policy_loss.py) and the projection counter of the path tests (those two
-and tests/kernels/test_fused_linear.py)."""
+"""The fused-linear policy loss's test inputs and configurations (tests/backends/test_backend_fused_linear.py, the
+``token_separable`` tests of tests/test_policy_loss.py) and the projection counter of the path tests (those two)."""
 import contextlib
 
 import pytest

@@ -1,6 +1,6 @@
 """gf.group_advantages / gf.gfpo_filter / gf.reward_metrics: TRL's fixtures (docs/semantics.md section 14),
 the parity list (3-7, 21) and bad input. The fast backends are compared with the reference in
-tests/cpu and tests/kernels; here every check runs on every available backend."""
+tests/backends; here every check runs on every available backend."""
 import math
 
 import pytest

@@ -104,7 +104,7 @@ def test_hugging_face_kernels_imports_inside_pytest():
     assert not Path(kernels.__file__).resolve().is_relative_to(REPO / "kernels")
 
 
-@pytest.mark.parametrize("folder", [".", "tests", "tests/kernels"])
+@pytest.mark.parametrize("folder", [".", "tests", "tests/backends"])
 def test_hugging_face_kernels_imports_from_checkout_folders(folder):
     """``python -c`` run in the root and in the test folders, where the current directory leads ``sys.path``."""
     _require_hf_kernels()

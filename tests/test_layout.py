@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gfpo_fast import backends
+
 ROOT = Path(__file__).resolve().parents[1]
 # What a backend module (kernels/*.py, gfpo_fast/cpu/*.py) may import from the package: validation, selection,
 # the NaN statistics, the extension, and its own folder.
@@ -31,7 +33,9 @@ def package_imports(path: Path, package: str) -> set[str]:
 
 
 def test_backends_never_import_the_public_layer():
-    for folder, package in [(ROOT / "kernels", "gfpo_fast.kernels"), (ROOT / "gfpo_fast" / "cpu", "gfpo_fast.cpu")]:
+    folders = {"gfpo_fast.kernels": ROOT / "kernels", "gfpo_fast.cpu": ROOT / "gfpo_fast" / "cpu"}
+    assert set(folders) == {entry.package for entry in backends.FAST_BACKENDS.values()}, "a backend folder unchecked"
+    for package, folder in folders.items():
         for path in folder.glob("*.py"):
             outside = {n for n in package_imports(path, package) if not n.startswith(package)}
             extra = sorted(outside - BACKEND_MAY_IMPORT)

@@ -1,5 +1,5 @@
 """gf.token_logprobs on the torch reference: parity 1-2 (selective log-softmax, temperature), shapes,
-entropy, gradients and bad input. Fast backends are compared with it in tests/cpu and tests/kernels."""
+entropy, gradients and bad input. Fast backends are compared with it in tests/backends."""
 import pytest
 import torch
 

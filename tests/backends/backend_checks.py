@@ -1,4 +1,4 @@
-"""Tolerance checks and the kernel-cache probes shared by the kernel tests."""
+"""Tolerance checks and the Triton kernel-cache probes shared by the backend contract tests."""
 import inspect
 
 import pytest
