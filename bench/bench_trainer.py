@@ -47,6 +47,10 @@ What cannot be matched exactly, and why:
   and clip-ratio metrics every step; that is part of its cost as users run it.
 * Optimizer: the same AdamW (betas 0.9/0.999, eps 1e-8), but TRL keeps its default ``adamw_torch_fused``
   implementation; ours uses ``torch.optim.AdamW``'s default (not fused on the CPU).
+* Mini-batches (``steps_per_generation`` above ``gradient_accumulation_steps``): TRL shuffles the rows of a
+  generation batch (``shuffle_sequence_dict``, global torch RNG) before splitting it into optimizer steps; ours
+  splits consecutive rows. With TRL's shuffle made the identity the steps are equal
+  (``tests/train/test_trl_equality.py``).
 * Timing: TRL's step time excludes fetching the step's 16 dataset rows (before ``on_step_begin``; ours
   includes drawing the prompt indices) and its logging after ``on_step_end``; ours includes computing
   the step's metrics. Both are milliseconds.
@@ -65,7 +69,9 @@ emit the completions TRL sampled at that step (a logits processor leaves only th
 still runs every decode step, as when sampling it; the prompts are checked to be TRL's). Same prompts, same
 completions, same lengths: the work is equal, and ``summary.md`` puts that row next to TRL's natural-run row
 (with the count of steps whose completion tokens match). The forcing patches
-``transformers.GenerationMixin.generate`` in that subprocess only; neither trainer is modified.
+``transformers.GenerationMixin.generate`` in that subprocess only; neither trainer is modified. The other way
+round, ``recorded_generation`` records a run's ``model.generate`` calls in the format ``forced_generation``
+replays (``tests/train/test_trl_equality.py``: TRL on our completions).
 
 Nothing is downloaded: the model comes from a local directory, a GGUF or the local Hugging Face cache.
 
@@ -126,8 +132,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# The algorithms of ours that TRL's GRPOTrainer runs, and the importance-sampling level each one sets
+# (None: the config's own importance_sampling_level).
+TRL_ALGORITHMS = {"grpo": None, "gspo": "sequence"}
+
+
 def trl_config(cfg: TrainConfig, on_gpu: bool) -> GRPOConfig:
-    """The GRPOConfig of ``cfg``: every field with a TrainConfig counterpart comes from it."""
+    """The GRPOConfig of ``cfg``: every field with a TrainConfig counterpart comes from it.
+
+    Raises ``ValueError`` for an algorithm GRPOTrainer does not run (gfpo, gmpo, gspo_token: other trainers)."""
+    if cfg.algorithm not in TRL_ALGORITHMS:
+        raise ValueError(f"algorithm={cfg.algorithm!r}: TRL's GRPOTrainer runs {sorted(TRL_ALGORITHMS)} only")
     return GRPOConfig(
         output_dir=cfg.output_dir, use_cpu=not on_gpu, bf16=cfg.bf16 if cfg.bf16 is not None else on_gpu,
         seed=cfg.seed, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -136,9 +151,11 @@ def trl_config(cfg: TrainConfig, on_gpu: bool) -> GRPOConfig:
         top_k=cfg.top_k, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         beta=cfg.beta, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
-        epsilon=0.2 if cfg.epsilon is None else cfg.epsilon,  # None means 0.2 for grpo in TrainConfig
-        epsilon_high=cfg.epsilon_high, delta=cfg.delta, importance_sampling_level=cfg.importance_sampling_level,
+        epsilon=0.2 if cfg.epsilon is None else cfg.epsilon,  # None means 0.2 for grpo and gspo in TrainConfig
+        epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+        importance_sampling_level=TRL_ALGORITHMS[cfg.algorithm] or cfg.importance_sampling_level,
         mask_truncated_completions=cfg.mask_truncated_completions, num_iterations=cfg.num_iterations,
+        steps_per_generation=cfg.steps_per_generation, generation_batch_size=cfg.generation_batch_size,
         reward_weights=cfg.reward_weights, gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=1,  # TRL's per-step metrics (our trainer writes every step to metrics.jsonl)
         save_strategy="no", report_to="none", disable_tqdm=True)
@@ -247,28 +264,71 @@ class ForcedCompletions(LogitsProcessor):
         return scores
 
 
+def prompt_rows(kwargs: dict) -> list[list[int]]:
+    """The prompts of one ``generate`` call (``input_ids``, ``attention_mask``), each without its left padding."""
+    return [row[m.bool()].tolist() for row, m in zip(kwargs["input_ids"], kwargs["attention_mask"])]
+
+
+def completion_rows(model, kwargs: dict, out: torch.Tensor) -> list[list[int]]:
+    """The completions of one ``generate`` call, each up to and including its first EOS (the call's
+    ``eos_token_id``, else its generation config's), as both trainers' completion masks count them."""
+    eos = kwargs.get("eos_token_id", (kwargs.get("generation_config") or model.generation_config).eos_token_id)
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    completions = []
+    for row in out[:, kwargs["input_ids"].shape[1]:].tolist():
+        end = next((t + 1 for t, token in enumerate(row) if token in eos), len(row))
+        completions.append(row[:end])
+    return completions
+
+
 @contextlib.contextmanager
-def forced_generation(steps: list[dict]):
-    """Every ``model.generate`` call, in order, emits the completions recorded for that step (its prompts checked)."""
-    original, calls = GenerationMixin.generate, iter(steps)
-
-    def generate(self, *args, **kwargs):
-        step = next(calls, None)
-        if step is None:
-            raise RuntimeError(f"more generate calls than the {len(steps)} recorded steps")
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-        if prompts != step["prompt_ids"]:
-            raise RuntimeError(f"step {step['step']}: the trainer's prompts are not those TRL saw")
-        forced = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []),
-                                      ForcedCompletions(step["completion_ids"], ids.shape[1])])
-        return original(self, *args, logits_processor=forced, **kwargs)
-
-    GenerationMixin.generate = generate
+def patched_generate(wrap):
+    """Inside the block ``model.generate`` is ``wrap(original)`` for every model (``GenerationMixin.generate``)."""
+    original = GenerationMixin.generate
+    GenerationMixin.generate = wrap(original)
     try:
         yield
     finally:
         GenerationMixin.generate = original
+
+
+@contextlib.contextmanager
+def recorded_generation():
+    """Records every ``model.generate`` call, in order, as a step of :func:`forced_generation` (``step``,
+    ``prompt_ids``, ``completion_ids``): a run's completions, to be replayed into another trainer."""
+    steps = []
+
+    def wrap(original):
+        def generate(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            steps.append({"step": len(steps) + 1, "prompt_ids": prompt_rows(kwargs),
+                          "completion_ids": completion_rows(self, kwargs, out)})
+            return out
+        return generate
+
+    with patched_generate(wrap):
+        yield steps
+
+
+@contextlib.contextmanager
+def forced_generation(steps: list[dict]):
+    """Every ``model.generate`` call, in order, emits the completions recorded for that step (its prompts checked)."""
+    calls = iter(steps)
+
+    def wrap(original):
+        def generate(self, *args, **kwargs):
+            step = next(calls, None)
+            if step is None:
+                raise RuntimeError(f"more generate calls than the {len(steps)} recorded steps")
+            if prompt_rows(kwargs) != step["prompt_ids"]:
+                raise RuntimeError(f"step {step['step']}: the trainer's prompts are not those recorded")
+            forced = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []),
+                                          ForcedCompletions(step["completion_ids"], kwargs["input_ids"].shape[1])])
+            return original(self, *args, logits_processor=forced, **kwargs)
+        return generate
+
+    with patched_generate(wrap):
+        yield
 
 
 def replay(completions: Path, cli: argparse.Namespace) -> int:
