@@ -22,8 +22,9 @@ from pathlib import Path
 
 from gfpo_fast._checks import require_num_remains
 from gfpo_fast.group_filter import SCORES
-from gfpo_fast.policy_loss import LOSS_PARAMS, LOSS_TYPES, add_loss_param_fields, make_loss_config
+from gfpo_fast.policy_loss import LOSS_PARAMS, LOSS_REGISTRY, LOSS_TYPES, add_loss_param_fields, make_loss_config
 
+from .generation import IS_MODES, check_generation_kwargs
 from .models import hub_offline
 from .trl_fields import NOT_FLAGS, check_not_flag
 
@@ -132,8 +133,19 @@ class TrainConfig:
     top_k: int = _f(0, "top-k sampling (0: off)")
     vllm_gpu_memory_utilization: float = _f(0.3, "vllm: fraction of the GPU the engine may take (vLLM's CPU build: of "
                                             "the RAM, for its KV cache, unless VLLM_CPU_KVCACHE_SPACE=<GiB> is set)")
-    vllm_importance_sampling_cap: float = _f(3.0, "vllm: sequence-level importance ratios above this are masked "
-                                             "(TRL's default 'sequence_mask' mode)")
+    vllm_importance_sampling_correction: bool = _f(True, "vllm: weight the loss by the importance-sampling ratio "
+                                                   "of the trainer's to the engine's log-probs, per "
+                                                   "vllm_importance_sampling_mode (false: no correction, ratio 1)")
+    vllm_importance_sampling_mode: str = _f("sequence_mask", f"vllm: {', '.join(IS_MODES)}: one ratio per token or "
+                                            "per sequence, clamped into [clip_min, clip_max] (truncate) or set to "
+                                            "0 outside it (mask); vespo takes a token mode only")
+    vllm_importance_sampling_clip_max: float | None = _f(3.0, "vllm: upper bound C_max of the ratio (None: none)")
+    vllm_importance_sampling_clip_min: float | None = _f(None, "vllm: lower bound C_min of the ratio (None: none)")
+    vllm_importance_sampling_cap: float | None = _f(None, "vllm: deprecated name of vllm_importance_sampling_clip_max "
+                                                    "(as in TRL): sets it")
+    off_policy_mask_threshold: float | None = _f(None, "drop from the loss the rows with a negative advantage whose "
+                                                 "mean per-token log-prob of the sampler minus the current policy's "
+                                                 "is above this (DeepSeek-V3.2's delta, e.g. 0.5; None: off)")
     vllm_dtype: str = _f("auto", "vllm: the engine's dtype; auto: the policy's compute dtype (bf16 under bf16 mixed "
                          "precision, else the dtype of the weights), or float32, bfloat16, float16")
     vllm_max_logp_gap: float = _f(0.5, "vllm: mean per-token |log-prob| gap (nats) between vLLM and the trainer, on a "
@@ -278,6 +290,7 @@ class TrainConfig:
         choice("vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
         if not self.vllm_max_logp_gap >= 0:
             raise ValueError(f"vllm_max_logp_gap must be >= 0 (0: no check), got {self.vllm_max_logp_gap}")
+        self._validate_is_correction()
         choice("lr_scheduler_type", LR_SCHEDULERS)
         self.lr_scheduler_kwargs = _json_mapping("lr_scheduler_kwargs", self.lr_scheduler_kwargs, "schedule keywords")
         if self.push_to_hub and hub_offline():
@@ -335,6 +348,7 @@ class TrainConfig:
             raise ValueError(f"algorithm={self.algorithm!r} sets importance_sampling_level itself; leave it at 'token'")
         self._validate_data()
         self._validate_recipe()
+        check_generation_kwargs(self.generation_backend, self.generation_kwargs)
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} "
                              f"reward_funcs {self.reward_funcs}; give one weight per function")
@@ -351,7 +365,7 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         for name, low, inclusive in (("learning_rate", 0.0, False), ("max_grad_norm", 0.0, True),
-                                     ("weight_decay", 0.0, True), ("vllm_importance_sampling_cap", 0.0, False)):
+                                     ("weight_decay", 0.0, True)):
             value = getattr(self, name)
             if not (value >= low if inclusive else value > low) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
@@ -359,6 +373,63 @@ class TrainConfig:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
         make_loss_config(**self.loss_kwargs(1))
+
+    def _validate_is_correction(self) -> None:
+        """vLLM's importance-sampling fields and ``off_policy_mask_threshold``, as TRL 1.16 checks them, plus: bounds
+        are finite and > 0; the correction's fields are refused without vLLM (TRL ignores them there, which would
+        leave a run without the correction its flags ask for); the combinations whose loss cannot take the
+        ratio are refused (vespo with a sequence mode, as TRL; gmpo, whose loss TRL runs without it)."""
+        if not isinstance(self.vllm_importance_sampling_correction, bool):
+            raise ValueError(f"vllm_importance_sampling_correction must be true or false, got "
+                             f"{self.vllm_importance_sampling_correction!r}")
+        if self.vllm_importance_sampling_mode not in IS_MODES:
+            raise ValueError(f"vllm_importance_sampling_mode must be one of {list(IS_MODES)}, got "
+                             f"{self.vllm_importance_sampling_mode!r}")
+        for name in ("vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+                     "vllm_importance_sampling_cap"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+        if self.vllm_importance_sampling_cap is not None:  # TRL's deprecated alias of clip_max
+            if self.vllm_importance_sampling_clip_max not in (3.0, self.vllm_importance_sampling_cap):
+                raise ValueError(f"vllm_importance_sampling_cap={self.vllm_importance_sampling_cap} and "
+                                 f"vllm_importance_sampling_clip_max={self.vllm_importance_sampling_clip_max}: the "
+                                 "first is the deprecated name of the second; give only clip_max")
+            self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_cap = \
+                self.vllm_importance_sampling_cap, None
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and high is not None and not low < high:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({low}) must be less than "
+                             f"vllm_importance_sampling_clip_max ({high})")
+        mode = IS_MODES[self.vllm_importance_sampling_mode]
+        if mode.truncate and low is None and high is None:
+            raise ValueError(f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} clamps the ratio "
+                             "into [clip_min, clip_max]: set vllm_importance_sampling_clip_min or _clip_max")
+        threshold = self.off_policy_mask_threshold
+        if threshold is not None and not (threshold >= 0 and math.isfinite(threshold)):
+            raise ValueError(f"off_policy_mask_threshold must be None or a finite number >= 0, got {threshold!r}")
+        if threshold is not None and (self.algorithm == "gmpo" or self.loss_type == "vespo"):
+            which = "algorithm='gmpo'" if self.algorithm == "gmpo" else "loss_type='vespo'"
+            raise ValueError(f"off_policy_mask_threshold with {which} is not supported (TRL's GMPO loss leaves the "
+                             "mask out; vespo folds the importance ratio into its own weight, so the mask cannot "
+                             "ride on the ratio here); leave it unset")
+        if self.generation_backend != "vllm":
+            changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                       if f.name.startswith("vllm_importance_sampling_") and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: vLLM's importance-sampling correction only applies with "
+                                 "generation_backend='vllm' (transformers samples from the policy itself)")
+            return
+        if self.algorithm == "gmpo" and self.vllm_importance_sampling_correction:
+            raise ValueError("algorithm='gmpo' with generation_backend='vllm': TRL's GMPO loss leaves out the "
+                             "importance-sampling ratio; set vllm_importance_sampling_correction=false to train it "
+                             "so (its sampling mismatch then goes uncorrected)")
+        spec = LOSS_REGISTRY.get(self.loss_type)
+        if spec is not None and spec.token_is_ratio and self.vllm_importance_sampling_correction \
+                and not mode.per_token:
+            raise ValueError(f"loss_type={self.loss_type!r} folds a per-token importance-sampling ratio into its "
+                             f"weight: vllm_importance_sampling_mode must be 'token_truncate' or 'token_mask' (as "
+                             f"TRL requires), got {self.vllm_importance_sampling_mode!r}")
 
     def _validate_logging(self) -> None:
         """The tracker and completion-logging fields; ``report_to`` given as one string becomes a list, and

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import socket
 import time
@@ -68,6 +69,21 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     return Rollout(cat("prompt_ids", P, True, pad_id), cat("prompt_mask", P, True, 0),
                    cat("completion_ids", T, False, pad_id), cat("completion_mask", T, False, 0),
                    torch.cat([r.truncated for r in parts]), cat("sampling_logp", T, False, 0.0))
+
+
+# the sampler keywords each backend sets itself (rows, length, EOS set, the log-probs the IS ratio needs)
+TRAINER_SET_KWARGS = {"transformers": ("input_ids", "attention_mask", "max_new_tokens", "eos_token_id", "pad_token_id",
+                                       "use_cache", "disable_compile", "past_key_values", "cache"),
+                      "vllm": ("n", "max_tokens", "logprobs", "stop_token_ids", "detokenize")}
+
+
+def check_generation_kwargs(backend: str, generation_kwargs: dict | None) -> None:
+    """A ``ValueError`` naming the ``generation_kwargs`` keys that ``backend``'s sampler call sets itself
+    (:data:`TRAINER_SET_KWARGS`): passing them twice would fail at the first generation, after the model loads."""
+    taken = sorted(set(generation_kwargs or ()) & set(TRAINER_SET_KWARGS[backend]))
+    if taken:
+        raise ValueError(f"generation_kwargs {taken}: the trainer sets these itself with generation_backend="
+                         f"{backend!r} (max_completion_length, the EOS set, one completion per row); leave them out")
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -230,45 +246,115 @@ def checkpoint_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
         yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+@dataclass(frozen=True)
+class ISMode:
+    """One ``vllm_importance_sampling_mode`` (TRL's names): ``per_token`` gives one ratio per token ``(B, T)``,
+    else one per sequence ``(B, 1)`` (the exp of the row's summed log-ratios); ``truncate`` clamps the ratios into
+    ``[C_min, C_max]``, else ratios outside the bounds become 0 (the token or the whole sequence leaves the loss)."""
+
+    per_token: bool
+    truncate: bool
+
+
+IS_MODES: dict[str, ISMode] = {
+    "token_truncate": ISMode(per_token=True, truncate=True),
+    "token_mask": ISMode(per_token=True, truncate=False),
+    "sequence_truncate": ISMode(per_token=False, truncate=True),
+    "sequence_mask": ISMode(per_token=False, truncate=False),
+}
+
+
+def importance_ratio(train_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, *, mode: str,
+                     clip_min: float | None, clip_max: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's importance-sampling correction as TRL 1.16 computes it: ``(ratio, outside)``, float32 and bool, both
+    ``(B, T)`` for a ``token_*`` mode and ``(B, 1)`` for a ``sequence_*`` mode (:data:`IS_MODES`).
+
+    ``train_logp``, ``sampling_logp``: ``(B, T)`` log-probs of the sampled tokens under the trainer's policy and
+    the engine (after temperature); ``mask``: ``(B, T)``, 1 on loss tokens. The log-ratio is
+    ``(train - sampling) * mask`` with NaN read as 0 (a token the engine could not score counts as ratio 1), per
+    token or summed per row; ``outside`` marks ratios below ``clip_min`` or above ``clip_max`` (None: no bound),
+    which a truncate mode clamps and a mask mode sets to 0. As in TRL the bounds apply to padding too (its ratio
+    is exactly 1), which only matters for a bound that excludes 1.
+    """
+    spec = IS_MODES[mode]
+    delta = torch.nan_to_num((train_logp.float() - sampling_logp.float()) * mask, nan=0.0)  # (B, T)
+    ratio = torch.exp(delta if spec.per_token else delta.sum(1, keepdim=True))
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    outside = (ratio < low) | (ratio > high)
+    ratio = ratio.clamp(min=clip_min, max=clip_max) if spec.truncate else ratio.masked_fill(outside, 0.0)
+    return ratio, outside
+
+
+def off_policy_mask(advantages: torch.Tensor, logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor,
+                    threshold: float) -> torch.Tensor:
+    """TRL's off-policy sequence mask (``off_policy_mask_threshold``; DeepSeek-V3.2's delta): ``(B, 1)`` float32,
+    0 for a row with a negative advantage whose mean per-token ``sampling_logp - logp`` over its loss tokens is
+    above ``threshold``, else 1.
+
+    ``advantages`` ``(B,)``; ``logp`` ``(B, T)`` the current policy's log-probs (no gradient);
+    ``sampling_logp`` ``(B, T)`` those of the policy that sampled the rows (vLLM's, or the old policy's);
+    ``mask`` ``(B, T)``. NaN sampling log-probs count as no divergence, as in TRL. The reason: a row that is both
+    far off the current policy and penalised is the update most likely to be wrong.
+    """
+    m = mask.to(torch.float32)
+    kl = torch.nan_to_num(sampling_logp.float() - logp.detach().float(), nan=0.0) * m
+    mean_kl = kl.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
+    return ((advantages[:, None] >= 0) | (mean_kl <= threshold)).to(torch.float32)
+
+
 @dataclass
 class SyncCheck:
     """Sampling (vLLM) vs training log-probs of the same tokens, right after a weight sync.
 
-    ``is_ratio`` is the sequence importance ratio ``exp(sum_t (train - sampling))`` over each row's
-    completion tokens, ``(B,)`` float32, with ratios above the cap set to 0 (TRL's ``sequence_mask``).
-    ``metrics`` are floats: ``vllm/logp_gap_max`` and ``vllm/logp_gap_mean`` (absolute per-token gap in
-    nats), ``vllm/is_ratio_min``, ``_mean``, ``_max`` (before the cap) and ``vllm/is_ratio_masked``
-    (the fraction of rows above the cap).
+    ``is_ratio``: :func:`importance_ratio`'s ratio (``(B, T)`` or ``(B, 1)`` float32 by mode), None when the
+    correction is off. ``metrics`` (floats): ``vllm/logp_gap_max`` and ``vllm/logp_gap_mean`` (absolute per-token
+    gap in nats over the loss tokens; TRL's ``sampling/sampling_logp_difference/*``), and with the correction
+    ``vllm/is_ratio_min``, ``_mean``, ``_max`` (the corrected ratio, over the loss tokens for a token mode and over
+    the rows for a sequence mode; TRL's ``sampling/importance_sampling_ratio/*``) and ``vllm/is_ratio_outside``
+    (the fraction of those ratios outside the bounds: clamped or zeroed).
     """
-    is_ratio: torch.Tensor
+    is_ratio: torch.Tensor | None
     metrics: dict[str, float]
 
 
-def sync_check(train_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, *, cap: float,
+def sync_check(train_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, *,
+               mode: str | None = "sequence_mask", clip_min: float | None = None, clip_max: float | None = 3.0,
                reduce=None) -> SyncCheck:
-    """Compares the engine's log-probs with the trainer's; a host sync.
+    """Compares the engine's log-probs with the trainer's and applies the importance-sampling correction of
+    ``mode`` (:data:`IS_MODES`; None: no correction) with the bounds ``clip_min``/``clip_max``; a host sync.
 
     ``train_logp``, ``sampling_logp``: ``(B, T)`` float log-probs of the sampled tokens (after temperature),
     ``mask``: ``(B, T)`` 1 on completion tokens. ``reduce(tensor, op)`` with op ``"max"`` / ``"mean"``
     (e.g. ``accelerator.reduce``) makes the metrics global over processes; without it they are this
-    process's. Rows without tokens count as ratio 1.
+    process's.
     """
     if train_logp.shape != sampling_logp.shape or train_logp.shape != mask.shape:
         raise ValueError(f"sync_check: train_logp {tuple(train_logp.shape)}, sampling_logp "
                          f"{tuple(sampling_logp.shape)} and mask {tuple(mask.shape)} must have the same (B, T) shape")
     m = mask.to(torch.float32)
-    delta = (train_logp.float() - sampling_logp.float()) * m  # (B, T)
-    ratio = torch.exp(delta.sum(1))  # (B,)
-    gap = delta.abs()
-    maxima = torch.stack([gap.max(), ratio.max(), -ratio.min()])
-    means = torch.stack([gap.sum() / m.sum().clamp(min=1), ratio.mean(), (ratio > cap).float().mean()])
+    diff = (train_logp.float() - sampling_logp.float()).abs()
+    scored = m * ~torch.isnan(diff)  # the gap leaves out tokens the engine could not score (NaN), as TRL
+    gap = torch.where(scored > 0, diff, 0.0)
+    maxima, means = [gap.max()], [gap.sum() / scored.sum().clamp(min=1)]
+    ratio = None
+    if mode is not None:
+        ratio, outside = importance_ratio(train_logp, sampling_logp, mask, mode=mode, clip_min=clip_min,
+                                          clip_max=clip_max)
+        w = m if IS_MODES[mode].per_token else torch.ones_like(ratio)  # which ratios count: tokens or rows
+        n = w.sum().clamp(min=1)
+        maxima += [torch.where(w > 0, ratio, -math.inf).max(), torch.where(w > 0, -ratio, -math.inf).max()]
+        means += [(ratio * w).sum() / n, (outside * w).sum() / n]
+    maxima, means = torch.stack(maxima), torch.stack(means)
     if reduce is not None:
         maxima, means = reduce(maxima, "max"), reduce(means, "mean")
     read = torch.cat([maxima, means]).tolist()  # one host read
-    maxima, means = read[:3], read[3:]
-    metrics = {"vllm/logp_gap_max": maxima[0], "vllm/logp_gap_mean": means[0], "vllm/is_ratio_min": -maxima[2],
-               "vllm/is_ratio_mean": means[1], "vllm/is_ratio_max": maxima[1], "vllm/is_ratio_masked": means[2]}
-    return SyncCheck(torch.where(ratio > cap, 0.0, ratio), metrics)
+    maxima, means = read[:len(maxima)], read[len(maxima):]
+    metrics = {"vllm/logp_gap_max": maxima[0], "vllm/logp_gap_mean": means[0]}
+    if ratio is not None:
+        metrics.update({"vllm/is_ratio_min": -maxima[2], "vllm/is_ratio_mean": means[1],
+                        "vllm/is_ratio_max": maxima[1], "vllm/is_ratio_outside": means[2]})
+    return SyncCheck(ratio, metrics)
 
 
 class StaleEngineError(RuntimeError):
@@ -287,8 +373,7 @@ def check_fresh(metrics: dict[str, float], max_gap: float) -> None:
     if max_gap > 0 and gap > max_gap:
         raise StaleEngineError(
             f"vLLM's log-probs are {gap:.3f} nats per token off the trainer's right after a weight sync (more than "
-            f"vllm_max_logp_gap={max_gap}; sequence IS ratios {metrics['vllm/is_ratio_min']:.3g} .. "
-            f"{metrics['vllm/is_ratio_max']:.3g}, mean {metrics['vllm/is_ratio_mean']:.3g}): the engine samples from "
+            f"vllm_max_logp_gap={max_gap}; largest gap {metrics['vllm/logp_gap_max']:.3g}): the engine samples from "
             "other weights than the policy's, so the weight sync did not take effect")
 
 

@@ -87,6 +87,7 @@ from .generation import (
     engine_dtype,
     eos_token_ids,
     generate_transformers,
+    off_policy_mask,
     sync_check,
 )
 from .models import load_model_and_tokenizer, resolve_model_path
@@ -137,7 +138,7 @@ class Batch:
     sampling_logp: torch.Tensor | None = None  # (B, T) float32, the vLLM engine's log-probs of the sampled tokens
     old_logp: torch.Tensor | None = None  # (B, T) float32, the policy before this step's updates (old_and_ref_logprobs)
     ref_logp: torch.Tensor | None = None  # (B, T) float32, the reference model (beta != 0)
-    is_ratio: torch.Tensor | None = None  # (B,) float32, vLLM's sequence importance-sampling ratio
+    is_ratio: torch.Tensor | None = None  # (B, T) token modes, (B, 1) sequence modes: vLLM's IS ratio
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -472,12 +473,16 @@ def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share
       (``num_iterations > 1`` or ``steps > 1``), and for the vLLM ratio below (on-policy, one step, it is dropped
       again: the ratio is 1 in value).
     * ``ref_logp`` ``(B, T)``: the reference model, for ``beta != 0``.
-    * ``is_ratio`` ``(B,)``: with vLLM sampling, ``exp(sum_t (old_logp - sampling_logp))`` over each row's loss
-      tokens, 0 above ``vllm_importance_sampling_cap`` (TRL's default ``sequence_mask``: sequences far off the
-      trainer's policy are dropped). The batch was sampled right after a weight sync, so the engine's log-probs
-      must match ``old_logp``: a clearly stale engine raises ``generation.StaleEngineError``.
+    * ``is_ratio`` ``(B, T)`` (token modes) or ``(B, 1)`` (sequence modes): with vLLM sampling and
+      ``vllm_importance_sampling_correction``, the ratio of ``old_logp`` to the engine's log-probs, clamped or masked
+      into ``[clip_min, clip_max]`` (``generation.importance_ratio``, TRL's ``vllm_importance_sampling_mode``).
+      The batch was sampled right after a weight sync, so the engine's log-probs must match ``old_logp``: a clearly
+      stale engine raises ``generation.StaleEngineError`` (``vllm_max_logp_gap``; with the correction off and that
+      check off, no ``old_logp`` pass is made for vLLM, as in TRL).
     """
-    vllm, off_policy = batch.sampling_logp is not None, cfg.num_iterations > 1 or steps > 1
+    correct = batch.sampling_logp is not None and cfg.vllm_importance_sampling_correction
+    vllm = batch.sampling_logp is not None and (correct or cfg.vllm_max_logp_gap > 0)
+    off_policy = cfg.num_iterations > 1 or steps > 1
     old_logp = batch_logprobs(model, batch, cfg, share_prompts, accelerator, parts) if off_policy or vllm else None
     ref_logp = None
     if ref_model is not None:
@@ -485,13 +490,35 @@ def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share
             ref_logp = batch_logprobs(ref_model, batch, cfg, share_prompts, accelerator, parts)
     is_ratio, sync_metrics = None, {}
     if vllm:
-        check = sync_check(old_logp, batch.sampling_logp, batch.completion_mask, cap=cfg.vllm_importance_sampling_cap,
-                           reduce=accelerator.reduce)  # host sync
+        check = sync_check(old_logp, batch.sampling_logp, batch.completion_mask,
+                           mode=cfg.vllm_importance_sampling_mode if correct else None,
+                           clip_min=cfg.vllm_importance_sampling_clip_min,
+                           clip_max=cfg.vllm_importance_sampling_clip_max, reduce=accelerator.reduce)  # host sync
         check_fresh(check.metrics, cfg.vllm_max_logp_gap)
         is_ratio, sync_metrics = check.is_ratio, check.metrics
         if not off_policy:
             old_logp = None
     return dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio), sync_metrics
+
+
+def loss_ratio(mb: Batch, hidden: torch.Tensor, head_kwargs: dict, cfg: TrainConfig) -> tuple[torch.Tensor | None,
+                                                                                              dict[str, torch.Tensor]]:
+    """The importance-sampling ratio the loss of micro-batch ``mb`` takes: vLLM's (``mb.is_ratio``) times, with
+    ``off_policy_mask_threshold``, TRL's off-policy sequence mask ``(b, 1)`` (``generation.off_policy_mask``: both
+    multiply the per-token policy loss before the KL term, so the product is TRL's loss). The mask compares the
+    sampler's log-probs (vLLM's, else ``old_logp``) with the current policy's, projected here without gradient from
+    ``hidden`` (``(b, T, H)``, the loss's own input: one more lm_head pass, no model forward). With neither (on
+    policy, transformers) the sampler is the current policy and the mask keeps every row, as in TRL. Returns the
+    ratio (None: none) and the metric ``off_policy/masked_fraction`` (0-dim, the rows masked, when the mask is on)."""
+    sampling = mb.sampling_logp if mb.sampling_logp is not None else mb.old_logp
+    if cfg.off_policy_mask_threshold is None or sampling is None:
+        return mb.is_ratio, {}
+    with torch.no_grad():
+        logp = gf.fused_linear_logprobs(hidden.detach(), token_ids=mb.completion_ids, temperature=cfg.temperature,
+                                        chunk_size=cfg.lm_head_chunk_size, **head_kwargs)
+    keep = off_policy_mask(mb.advantages, logp, sampling, mb.completion_mask, cfg.off_policy_mask_threshold)
+    metrics = {"off_policy/masked_fraction": 1.0 - keep.mean()}
+    return keep if mb.is_ratio is None else mb.is_ratio * keep, metrics
 
 
 def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dict, accelerator, share_prompts: bool,
@@ -514,11 +541,13 @@ def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dic
                     hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
                                                mb.completion_mask, share_prompts)  # (b, T, H)
                     hidden, head_kwargs = head.op_inputs(hidden)
+                    rho, mask_metrics = loss_ratio(mb, hidden, head_kwargs, cfg)
                     loss, m = gf.fused_linear_policy_loss(
                         hidden, token_ids=mb.completion_ids, old_logp=mb.old_logp, advantages=mb.advantages,
                         mask=mb.completion_mask, temperature=cfg.temperature, ref_logp=mb.ref_logp,
-                        importance_sampling_ratio=mb.is_ratio, num_items_in_batch=mb.num_items, return_entropy=True,
+                        importance_sampling_ratio=rho, num_items_in_batch=mb.num_items, return_entropy=True,
                         chunk_size=cfg.lm_head_chunk_size, **head_kwargs, **loss_kwargs)
+                    m = {**m, **mask_metrics}
             with timer("backward"):
                 accelerator.backward(loss)
         loss_sum += loss.detach()

@@ -81,11 +81,6 @@ _TABLE: tuple[tuple[str, dict[str, object]], ...] = (
       "vllm_structured_outputs_regex": None, "vllm_server_base_url": None, "vllm_server_host": NO_VALUE,
       "vllm_server_port": NO_VALUE, "vllm_server_timeout": NO_VALUE, "vllm_group_port": NO_VALUE,
       "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1}),
-    ("vLLM's importance-sampling correction is always on in TRL's default mode, sequence_mask, capped by "
-     "--vllm_importance_sampling_cap",
-     {"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": "sequence_mask",
-      "vllm_importance_sampling_clip_max": NO_VALUE, "vllm_importance_sampling_clip_min": None,
-      "off_policy_mask_threshold": None}),
     (f"{_LOSS}: rewards are weighted (--reward_weights), summed, then normalised per group",
      {"multi_objective_aggregation": "sum_then_normalize"}),
     (f"{_LOSS}: no entropy bonus, no entropy masking",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -76,25 +77,23 @@ def test_distributed_env_refuses_a_contradiction(monkeypatch):
         set_distributed_env(0, 0, 1)
 
 
-def test_sync_check_metrics_and_cap():
+def test_sync_check_default_mode_and_the_freshness_check():
     train = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    same = sync_check(train, train.clone(), mask, cap=3.0)
-    assert torch.equal(same.is_ratio, torch.ones(2))
+    same = sync_check(train, train.clone(), mask)
+    assert torch.equal(same.is_ratio, torch.ones(2, 1))
     assert same.metrics["vllm/logp_gap_max"] == 0 and same.metrics["vllm/is_ratio_mean"] == 1
     check_fresh(same.metrics, max_gap=0.5)
     sampling = train - torch.tensor([[0.1, 0.1, 0.1], [2.0, 0.0, 9.0]])  # row 1: +2 nats (the 9 is padding)
-    off = sync_check(train, sampling, mask, cap=3.0)
-    assert off.metrics["vllm/logp_gap_max"] == pytest.approx(2.0)
+    off = sync_check(train, sampling, mask)  # TRL's default: sequence_mask, C_max 3
     assert off.metrics["vllm/logp_gap_mean"] == pytest.approx(2.3 / 5)
-    assert off.metrics["vllm/is_ratio_max"] == pytest.approx(torch.e ** 2)
-    assert off.metrics["vllm/is_ratio_masked"] == 0.5
-    assert off.is_ratio.tolist() == pytest.approx([torch.e ** 0.3, 0.0])  # above the cap: masked
+    assert off.is_ratio[:, 0].tolist() == pytest.approx([torch.e ** 0.3, 0.0])  # e^2 above C_max: masked
+    assert off.metrics["vllm/is_ratio_outside"] == 0.5
     with pytest.raises(StaleEngineError, match="weight sync did not take effect"):
         check_fresh(off.metrics, max_gap=0.2)
     check_fresh(off.metrics, max_gap=0.0)  # 0: off
     with pytest.raises(ValueError, match="same"):
-        sync_check(train, train[:, :2], mask, cap=3.0)
+        sync_check(train, train[:, :2], mask)
 
 
 def fsdp2_worker(model_dir: str) -> None:
@@ -170,7 +169,7 @@ def test_sync_makes_the_engine_sample_from_the_policy(engine_and_policy):
         train = completion_logprobs(model, prompts, comps, 0.7)
         width = ro.completion_ids.shape[1]
         train_logp = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in train])
-        return sync_check(train_logp, ro.sampling_logp, ro.completion_mask, cap=3.0)
+        return sync_check(train_logp, ro.sampling_logp, ro.completion_mask)
 
     fresh = check(engine.generate(prompts, **kw))  # the engine loaded the policy's checkpoint
     assert abs(fresh.metrics["vllm/is_ratio_mean"] - 1) < 1e-4 and fresh.metrics["vllm/logp_gap_max"] < 1e-4
@@ -186,6 +185,55 @@ def test_sync_makes_the_engine_sample_from_the_policy(engine_and_policy):
     for key in ("vllm/is_ratio_min", "vllm/is_ratio_max"):
         assert abs(synced.metrics[key] - 1) < 1e-4, synced.metrics
     check_fresh(synced.metrics, max_gap=0.5)
+
+
+@requires_vllm
+def test_generation_knobs_reach_sampling_params_and_each_mode_bounds_real_ratios(engine_and_policy, monkeypatch):
+    """min_p, repetition_penalty and generation_kwargs are in the SamplingParams the engine gets; a
+    generation_kwargs temperature (2.0, the trainer's 0.7) moves the engine's log-probs off the policy's, and each
+    importance-sampling mode bounds the resulting ratios as it should."""
+    import vllm
+
+    from gfpo_fast.train.generation import IS_MODES
+
+    engine, model, tokenizer = engine_and_policy
+    built, real = [], vllm.SamplingParams
+
+    def spy(**kwargs):
+        built.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(vllm, "SamplingParams", spy)
+    questions = ("What is 2+3?", "Say hi.", "Count to 3.", "Name a color.")
+    prompts = [prompt_token_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions] * 2
+    ro = engine.generate(prompts, max_new_tokens=8, do_sample=True, temperature=0.7, top_p=1.0, top_k=0,
+                         eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id, device="cpu", min_p=0.01,
+                         repetition_penalty=1.1, generation_kwargs={"temperature": 2.0, "seed": 7})
+    (params,) = built
+    assert params["min_p"] == 0.01 and params["repetition_penalty"] == 1.1
+    assert params["temperature"] == 2.0 and params["seed"] == 7  # generation_kwargs override the flags
+    comps = ro.completion_lists()
+    assert comps[:4] == comps[4:]  # the seed took effect: each request samples from the same seeded stream
+    width = ro.completion_ids.shape[1]
+    train = completion_logprobs(model, prompts, ro.completion_lists(), 0.7)
+    train_logp = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in train])
+    gaps = sync_check(train_logp, ro.sampling_logp, ro.completion_mask, mode=None).metrics
+    assert gaps["vllm/logp_gap_mean"] > 0.01  # the engine sampled at 2.0: its log-probs are not the policy's
+    raw = torch.exp(((train_logp - ro.sampling_logp) * ro.completion_mask).sum(1))
+    tokens = ro.completion_mask > 0
+    for mode, spec in IS_MODES.items():
+        per = torch.exp((train_logp - ro.sampling_logp) * ro.completion_mask) if spec.per_token else raw[:, None]
+        counted = tokens if spec.per_token else torch.ones_like(per, dtype=torch.bool)
+        low, high = float(per[counted].quantile(0.25)), float(per[counted].quantile(0.75))  # both bounds cut some
+        check = sync_check(train_logp, ro.sampling_logp, ro.completion_mask, mode=mode, clip_min=low, clip_max=high)
+        ratio = check.is_ratio
+        assert ratio.shape == ((len(prompts), width) if spec.per_token else (len(prompts), 1)), mode
+        inside = (per >= low) & (per <= high)
+        assert torch.equal(ratio[inside], per[inside]), mode
+        assert torch.equal(ratio[~inside], per[~inside].clamp(low, high) if spec.truncate
+                           else torch.zeros_like(per[~inside])), mode
+        assert check.metrics["vllm/is_ratio_outside"] == pytest.approx(float((~inside)[counted].float().mean()))
+        assert 0 < check.metrics["vllm/is_ratio_outside"] < 1, mode
 
 
 # ----------------------------------------------------------------------------- the trainer on a real engine
@@ -215,14 +263,14 @@ def assert_synced(rows: list[dict]) -> None:
     """Every batch was sampled from the policy's current weights: sequence IS ratios 1 within 1e-4."""
     for r in rows:
         assert abs(r["vllm/is_ratio_min"] - 1) < 1e-4 and abs(r["vllm/is_ratio_max"] - 1) < 1e-4, r
-        assert r["vllm/logp_gap_max"] < 1e-4 and r["vllm/is_ratio_masked"] == 0, r
+        assert r["vllm/logp_gap_max"] < 1e-4 and r["vllm/is_ratio_outside"] == 0, r
 
 
-def assert_weights_changed(initial: Path, out: Path) -> None:
+def assert_weights_changed(initial: Path, out: Path, step: int = 3) -> None:
     from safetensors.torch import load_file
 
     before = load_file(initial / "model.safetensors")
-    after = load_file(out / "checkpoints" / "checkpoint-3" / "model" / "model.safetensors")
+    after = load_file(out / "checkpoints" / f"checkpoint-{step}" / "model" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
@@ -243,6 +291,39 @@ def test_trainer_gfpo_two_iterations(tied_model, tmp_path):
     assert_synced(rows)
     assert all(r["completions/kept_fraction"] == 0.5 for r in rows)
     assert_weights_changed(tied_model, tmp_path / "run")
+
+
+# the engine samples at 2.0 and the trainer's policy is at 1.0: the correction has ratios away from 1 to act on
+MISMATCH = ("--generation_kwargs", '{"temperature": 2.0}', "--vllm_max_logp_gap", "0", "--max_steps", "2")
+
+
+@requires_vllm
+def test_trainer_vespo_with_a_token_truncated_ratio(tied_model, tmp_path):
+    rows = run_trainer(["-m", "gfpo_fast.train"], tied_model, tmp_path / "run", "--algorithm", "grpo", "--loss_type",
+                       "vespo", "--vllm_importance_sampling_mode", "token_truncate",
+                       "--vllm_importance_sampling_clip_min", "0.95", "--vllm_importance_sampling_clip_max", "1.05",
+                       *MISMATCH)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:  # per-token ratios, clamped into [0.95, 1.05], some of them at a bound
+        assert r["vllm/logp_gap_mean"] > 0.01 and 0 < r["vllm/is_ratio_outside"] < 1, r
+        assert 0.95 - 1e-6 <= r["vllm/is_ratio_min"] < r["vllm/is_ratio_max"] <= 1.05 + 1e-6, r
+        assert math.isfinite(r["loss"]) and r["vespo/phi_seq_mean"] > 0, r
+    assert_weights_changed(tied_model, tmp_path / "run", step=2)
+
+
+@requires_vllm
+def test_trainer_without_the_correction_and_with_the_off_policy_mask(tied_model, tmp_path):
+    """Correction off: no ratio reaches the loss (ratio 1, no ratio metrics); the off-policy mask compares vLLM's
+    log-probs with the policy's, and with threshold 0 it drops negative-advantage rows that are off."""
+    rows = run_trainer(["-m", "gfpo_fast.train"], tied_model, tmp_path / "run", "--algorithm", "grpo",
+                       "--vllm_importance_sampling_correction", "false", "--off_policy_mask_threshold", "0",
+                       *MISMATCH)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert not any(k.startswith("vllm/is_ratio") for k in r), r
+        assert 0 <= r["off_policy/masked_fraction"] < 1, r
+    assert any(r["off_policy/masked_fraction"] > 0 for r in rows), rows
+    assert_weights_changed(tied_model, tmp_path / "run", step=2)
 
 
 @requires_vllm
