@@ -201,3 +201,33 @@ def test_a_nan_hidden_state_is_a_bad_row(backend):
     torch.testing.assert_close(entropy[keep], clean[1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(dh[keep], clean[2], atol=1e-6, rtol=1e-6)
     assert torch.isnan(dw).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_policy_loss_with_a_nan_hidden_state(backend):
+    """A NaN hidden row at a masked position of a computed chunk: loss and hidden gradient as with a finite row
+    there (that row's gradient 0), the weight gradient NaN (2.4); at a kept position: a NaN loss."""
+    _require(backend)
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, V = 2, 3, 4, 6
+    hidden, weight = torch.randn(B, T, H, generator=gen), torch.randn(V, H, generator=gen)
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    inputs = dict(old_logp=None, advantages=torch.tensor([1.0, -1.0]), mask=mask)
+
+    def run(h):
+        leaves = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, _ = gf.fused_linear_policy_loss(*leaves, ids, **inputs, chunk_size=4, backend=backend)
+        loss.backward()
+        return loss.detach(), leaves[0].grad, leaves[1].grad
+
+    clean = run(hidden)
+    hidden[0, 2, 1] = NAN  # masked, in the chunk of rows 0-3 with kept tokens
+    loss, dh, dw = run(hidden)
+    torch.testing.assert_close(loss, clean[0], atol=0, rtol=0)
+    torch.testing.assert_close(dh, clean[1], atol=0, rtol=0)
+    assert torch.equal(dh[0, 2], torch.zeros(H)) and torch.isnan(dw).any()
+    hidden[0, 2, 1] = 0.0
+    hidden[1, 0, 3] = NAN  # kept
+    loss, dh, _ = run(hidden)
+    assert torch.isnan(loss) and torch.equal(dh[1, 0], torch.zeros(H))
