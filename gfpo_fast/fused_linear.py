@@ -290,8 +290,8 @@ class FusedLinearLossGradFunction(torch.autograd.Function):
 class PolicyLoss:
     """:func:`gfpo_fast.policy_loss.policy_loss_ref` with one call's tensors bound: ``cfg``, ``old_logp``,
     ``advantages``, ``mask`` (``[B, T]``) and ``kwargs`` (``ref_logp``, ``importance_sampling_ratio``,
-    ``num_items_in_batch``). Masked tokens pass no gradient to their log-probs: the reference's backward can
-    be NaN there (a zero gradient times an overflowed ratio) and must not reach the chunks (as in
+    ``num_items_in_batch``, ``loss_mask``). Masked tokens pass no gradient to their log-probs: the reference's
+    backward can be NaN there (a zero gradient times an overflowed ratio) and must not reach the chunks (as in
     ``fused_policy_loss``)."""
 
     cfg: LossConfig
@@ -406,15 +406,16 @@ def _requires_grad(*xs) -> bool:
 
 def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, mask, *, bias=None, temperature=1.0,
                              scale=1.0, softcap=None, ref_logp=None, importance_sampling_ratio=None,
-                             num_items_in_batch=None, return_entropy=False, chunk_size=DEFAULT_CHUNK_SIZE,
-                             backend="auto", **loss_kwargs):
+                             num_items_in_batch=None, return_entropy=False, loss_mask=None,
+                             chunk_size=DEFAULT_CHUNK_SIZE, backend="auto", **loss_kwargs):
     """GRPO-family loss from hidden states ``[B, T, H]`` and the lm_head weight ``[V, H]``, logits never whole.
 
     Takes the tensors and keywords of :func:`gfpo_fast.policy_loss` (``old_logp``, ``advantages``, ``mask``,
     ``algorithm``, ``loss_type``, ``epsilon``, ``beta``, ``ref_logp``, ...) plus ``bias``, ``temperature``,
-    ``scale``, ``softcap``, ``return_entropy`` (the ``entropy`` metric, from the same pass), ``chunk_size`` and
-    ``backend`` of :func:`fused_linear_logprobs`. Returns ``(loss, metrics)`` with gradients to ``hidden``,
-    ``weight`` and ``bias``, equal to :func:`gfpo_fast.fused_policy_loss` on the model's logits
+    ``scale``, ``softcap``, ``return_entropy`` (the ``entropy`` metric, from the same pass), ``loss_mask`` (TRL's
+    entropy mask, as in :func:`gfpo_fast.policy_loss`: a fixed ``[B, T]`` factor, so both paths stay exact),
+    ``chunk_size`` and ``backend`` of :func:`fused_linear_logprobs`. Returns ``(loss, metrics)`` with gradients
+    to ``hidden``, ``weight`` and ``bias``, equal to :func:`gfpo_fast.fused_policy_loss` on the model's logits
     (``F.linear(hidden, weight, bias)`` through the head transform)
     (:func:`fused_linear_policy_loss_ref`). Chunks whose tokens are all masked are not computed (zero
     gradient to their hidden states).
@@ -436,7 +437,7 @@ def fused_linear_policy_loss(hidden, weight, token_ids, old_logp, advantages, ma
     cfg = loss_config_from("fused_linear_policy_loss", loss_kwargs)
     require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,))
     kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
-                  num_items_in_batch=num_items_in_batch)
+                  num_items_in_batch=num_items_in_batch, loss_mask=loss_mask)
     check_loss_inputs(cfg, hidden[..., 0], old_logp, advantages, mask, source="hidden", **kwargs)
     loss = PolicyLoss(cfg, old_logp, advantages, mask, kwargs)
     # Masked tokens' log-probs never reach the loss (policy_loss_ref zeroes them with masked()), so chunks

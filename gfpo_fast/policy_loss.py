@@ -9,12 +9,15 @@ docs/semantics.md (TRL 1.16).
   (``"token"``), per sequence as the masked mean log-ratio (``"sequence"``, GSPO, arXiv 2507.18071)
   or the sequence weight carried by every token (``"sequence_token"``, GSPO-token, section 10);
   per-token loss by ``loss_type`` (section 8); times the vLLM importance-sampling ratio when given; plus
-  ``beta`` times the k3 KL; normalised by ``loss_type`` (section 9). Each loss type is one entry of
-  :data:`LOSS_REGISTRY` (:class:`LossType`: its per-token loss, normaliser, metrics, hyperparameters and the
-  properties the checks and fast paths read); a name not in it is a ``ValueError`` everywhere.
+  ``beta`` times the k3 KL; normalised by ``loss_type`` (section 9). An optional ``loss_mask`` (TRL's entropy
+  mask, :func:`high_entropy_mask`) multiplies the policy term of each token, not its KL nor the normaliser.
+  Each loss type is one entry of :data:`LOSS_REGISTRY` (:class:`LossType`: its per-token loss, normaliser,
+  metrics, hyperparameters and the properties the checks and fast paths read); a name not in it is a
+  ``ValueError`` everywhere.
 * ``algorithm="gmpo"`` (TRL ``GMPOTrainer``, section 11, arXiv 2507.20673): the geometric mean of
   sign-aware log-space-clipped token ratios per sequence, ``L_i = -exp(mean_t clip(l)) * A_i``,
-  averaged over sequences. ``loss_type`` is ignored, as in TRL.
+  averaged over sequences. ``loss_type`` is ignored, as in TRL. A ``loss_mask`` narrows the tokens of the
+  geometric mean (the KL keeps ``M``).
 
 Every normalisation is written as one per-row weight ``w_i`` with ``loss = sum_{i,t} M l_{i,t} w_i``
 (:func:`row_weights`); the fused backends use the same function, so the normalisers exist once.
@@ -311,7 +314,7 @@ def make_loss_config(**loss_kwargs) -> LossConfig:
 
 
 def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_logp=None,
-                      importance_sampling_ratio=None, num_items_in_batch=None, entropy=None,
+                      importance_sampling_ratio=None, num_items_in_batch=None, entropy=None, loss_mask=None,
                       source: str = "logp") -> None:
     """Shape, dtype and device checks for the tensors of one policy-loss call (no host sync).
 
@@ -336,7 +339,7 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
             name = "algorithm='gmpo'" if cfg.algorithm == "gmpo" else f"loss_type={cfg.loss_type!r}"
             raise ValueError(f"{name} needs one advantage per sequence: advantages of shape ({B},), "
                              f"got {tuple(advantages.shape)}")
-    for name, x in [("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy)]:
+    for name, x in [("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy), ("loss_mask", loss_mask)]:
         if x is not None:
             require_tensor(name, x, ndim=(2,))
             require_shape(name, x, (B, T), same)
@@ -362,7 +365,7 @@ def check_loss_inputs(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_
             "num_items_in_batch when grad_accum_steps > 1 or num_processes > 1"
         )
     require_same_device("logp", logp, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp,
-                        importance_sampling_ratio=rho, entropy=entropy)
+                        importance_sampling_ratio=rho, entropy=entropy, loss_mask=loss_mask)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -387,6 +390,31 @@ def masked_mean(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x.mean()
     return masked(x, M).sum() / M.sum().clamp(min=1.0)
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float,
+                      gather: Callable | None = None) -> torch.Tensor:
+    """TRL's entropy mask (``top_entropy_quantile``, arXiv 2506.01939): the tokens of ``mask`` whose entropy is at
+    least the ``1 - top_entropy_quantile`` quantile (``torch.quantile``, linear interpolation) of the entropies of
+    every token of ``mask``; with ``gather`` (1-D tensor -> the concatenation of every process's), of every
+    process's tokens, as TRL gathers them.
+
+    ``entropy`` and ``mask`` ``[B, T]``; returns ``[B, T]`` bool, False wherever ``mask`` is 0, all False when no
+    token is in ``mask`` anywhere. ``top_entropy_quantile`` 1 keeps every token, 0 only those at the highest
+    entropy (ties are kept: the comparison is ``>=``). The mask carries no gradient.
+    """
+    require_float("top_entropy_quantile", top_entropy_quantile, minimum=0.0)
+    if top_entropy_quantile > 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
+    require_shape("entropy", entropy, tuple(mask.shape), "same [B, T] as mask")
+    keep = mask != 0
+    values = entropy.detach()[keep].float()
+    if gather is not None:
+        values = gather(values)
+    if values.numel() == 0:
+        return torch.zeros_like(keep)
+    threshold = torch.quantile(values, 1.0 - float(top_entropy_quantile))
+    return (entropy.detach() >= threshold) & keep
 
 
 def _row_fraction(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -438,8 +466,9 @@ def vespo_weights(cfg: LossConfig, A: torch.Tensor, log_ratio: torch.Tensor, M: 
 
 # ----------------------------------------------------------------------------- references
 def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling_ratio=None,
-                  num_items_in_batch=None):
-    """Float32 reference for ``algorithm="grpo"``. Returns (loss, metrics without entropy)."""
+                  num_items_in_batch=None, loss_mask=None):
+    """Float32 reference for ``algorithm="grpo"``. Returns (loss, metrics without entropy). ``loss_mask``
+    ``[B, T]`` or None multiplies the policy term of each token (TRL's entropy mask), not the KL."""
     lp_old = lp.detach() if old_logp is None else old_logp.to(lp.dtype)
     log_ratio = lp - lp_old  # (B, T)
     level = cfg.importance_sampling_level
@@ -462,6 +491,8 @@ def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling
     spec = loss_type(cfg.loss_type)
     loss_tok, loss_metrics = spec.per_token(cfg, r, lp, A, log_ratio, M, rho)
     metrics.update(loss_metrics)
+    if loss_mask is not None:
+        loss_tok = masked(loss_tok, loss_mask.to(lp.dtype))
     if rho is not None and not spec.token_is_ratio:
         loss_tok = loss_tok * rho
     if kl is not None:
@@ -470,15 +501,17 @@ def grpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, importance_sampling
     return loss, metrics
 
 
-def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None):
-    """Float32 reference for ``algorithm="gmpo"`` (TRL ``GMPOTrainer._compute_loss``)."""
+def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None, loss_mask=None):
+    """Float32 reference for ``algorithm="gmpo"`` (TRL ``GMPOTrainer._compute_loss``); the geometric mean runs
+    over the tokens of ``M * loss_mask`` (TRL's entropy mask), the KL over those of ``M``."""
     lp_old = lp.detach() if old_logp is None else old_logp.to(lp.dtype)
     log_ratio = lp - lp_old
     c = torch.clamp(log_ratio, -cfg.epsilon, cfg.epsilon_high)
     # Sign-aware one-sided clip in log space: only the upper side clips for A > 0, only the lower for A <= 0.
     clipped = torch.where(A > 0, torch.minimum(log_ratio, c), torch.maximum(log_ratio, c))
     count = M.sum(-1, keepdim=True).clamp(min=1.0)
-    log_w = masked(clipped, M).sum(-1, keepdim=True) / count  # geometric mean of the clipped ratios, (B, 1)
+    seq_mask = M if loss_mask is None else M * loss_mask.to(M.dtype)
+    log_w = masked(clipped, seq_mask).sum(-1, keepdim=True) / seq_mask.sum(-1, keepdim=True).clamp(min=1.0)
     per_seq = -torch.exp(log_w) * A
     metrics = {}
     if cfg.beta != 0.0:
@@ -492,7 +525,7 @@ def gmpo_loss_ref(cfg, lp, old_logp, A, M, *, ref_logp=None):
 
 
 def policy_loss_ref(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_logp=None,
-                    importance_sampling_ratio=None, num_items_in_batch=None, entropy=None):
+                    importance_sampling_ratio=None, num_items_in_batch=None, entropy=None, loss_mask=None):
     """The torch oracle of :func:`policy_loss` for a validated ``cfg``.
 
     The math runs in float32 (float64 inputs stay float64, for gradcheck); metrics are float32.
@@ -502,11 +535,11 @@ def policy_loss_ref(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_lo
     A = A.unsqueeze(1) if A.dim() == 1 else A  # (B, 1) or (B, T)
     M = mask.to(lp.dtype)
     if cfg.algorithm == "gmpo":
-        loss, metrics = gmpo_loss_ref(cfg, lp, old_logp, A, M, ref_logp=ref_logp)
+        loss, metrics = gmpo_loss_ref(cfg, lp, old_logp, A, M, ref_logp=ref_logp, loss_mask=loss_mask)
     else:
         loss, metrics = grpo_loss_ref(cfg, lp, old_logp, A, M, ref_logp=ref_logp,
                                       importance_sampling_ratio=importance_sampling_ratio,
-                                      num_items_in_batch=num_items_in_batch)
+                                      num_items_in_batch=num_items_in_batch, loss_mask=loss_mask)
     if entropy is not None:
         metrics = {"entropy": masked_mean(entropy.detach().to(lp.dtype), M), **metrics}
     return loss, {k: v.detach().float() for k, v in metrics.items()}
@@ -514,7 +547,7 @@ def policy_loss_ref(cfg: LossConfig, logp, old_logp, advantages, mask, *, ref_lo
 
 # ----------------------------------------------------------------------------- public API
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, importance_sampling_ratio=None,
-                num_items_in_batch=None, entropy=None, backend="auto", **loss_kwargs):
+                num_items_in_batch=None, entropy=None, loss_mask=None, backend="auto", **loss_kwargs):
     """GRPO-family loss from per-token log-probs, with TRL's semantics and metric names.
 
     Args:
@@ -539,6 +572,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, importance_s
         max_completion_length: ``L_max`` of dr_grpo.
         grad_accum_steps, num_processes: TRL's GA and P (docs/semantics.md section 9).
         entropy: optional ``[B, T]`` token entropies, only for the ``entropy`` metric.
+        loss_mask: optional ``[B, T]`` (bool or float, no gradient): TRL's entropy mask (:func:`high_entropy_mask`).
+            It multiplies each token's policy term (gmpo: narrows the geometric mean's tokens); the KL, the
+            normaliser and the metrics still count every token of ``mask``, as in TRL.
         sapo_* / vespo_*: the loss types' own hyperparameters (:data:`LOSS_PARAMS`; TRL's names and defaults).
 
         The hyperparameter keywords (``algorithm`` ... and every :data:`LOSS_PARAMS` name) are the fields of
@@ -552,7 +588,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, importance_s
     """
     cfg = loss_config_from("policy_loss", loss_kwargs)
     kwargs = dict(ref_logp=ref_logp, importance_sampling_ratio=importance_sampling_ratio,
-                  num_items_in_batch=num_items_in_batch, entropy=entropy)
+                  num_items_in_batch=num_items_in_batch, entropy=entropy, loss_mask=loss_mask)
     check_loss_inputs(cfg, logp, old_logp, advantages, mask, **kwargs)
     backends.select("policy_loss", backend, logp.device)  # validates the name; the torch math is the op
     return policy_loss_ref(cfg, logp, old_logp, advantages, mask, **kwargs)

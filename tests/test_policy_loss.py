@@ -14,6 +14,7 @@ from gfpo_fast.policy_loss import (
     GLOBAL_TOKEN_LOSSES,
     LOSS_TYPES,
     SEQUENCE_TOKEN_LOSSES,
+    high_entropy_mask,
     make_loss_config,
     token_separable,
 )
@@ -368,3 +369,99 @@ def test_metric_names_are_the_registered_ones(name):
         else:
             metrics = run(**kw)[2]
         assert list(metrics) == ["kl", *spec.metrics]
+
+
+# ----------------------------------------------------------------------------- the entropy mask (top_entropy_quantile)
+ENTROPY = torch.tensor([[0.1, 0.5, 0.9, 0.3], [0.7, 0.2, 9.0, 9.0]])
+ENTROPY_MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # the 9.0 are padding: never counted, never kept
+
+
+@pytest.mark.parametrize("quantile,gathered,expected", [
+    # loss-token entropies sorted: 0.1 0.2 0.3 0.5 0.7 0.9; the threshold is their (1 - quantile) quantile
+    (0.5, None, [[0, 1, 1, 0], [1, 0, 0, 0]]),  # position 0.5 * 5 = 2.5: (0.3 + 0.5) / 2 = 0.4
+    (1 / 3, None, [[0, 0, 1, 0], [1, 0, 0, 0]]),  # position 10/3: 0.5 + (0.7 - 0.5) / 3 = 0.567
+    (0.0, None, [[0, 0, 1, 0], [0, 0, 0, 0]]),  # the highest entropy only
+    (1.0, None, [[1, 1, 1, 1], [1, 1, 0, 0]]),  # every loss token
+    (0.5, [5.0, 6.0], [[0, 0, 1, 0], [1, 0, 0, 0]]),  # another process's 5 and 6: position 3.5, (0.5 + 0.7) / 2
+])
+def test_high_entropy_mask_by_hand(quantile, gathered, expected):
+    gather = None if gathered is None else (lambda v: torch.cat([v, torch.tensor(gathered)]))
+    mask = high_entropy_mask(ENTROPY, ENTROPY_MASK, quantile, gather=gather)
+    assert mask.dtype == torch.bool and mask.tolist() == torch.tensor(expected, dtype=torch.bool).tolist()
+
+
+def test_high_entropy_mask_without_loss_tokens_and_bad_quantiles():
+    assert not high_entropy_mask(ENTROPY, torch.zeros_like(ENTROPY_MASK), 0.2).any()
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="top_entropy_quantile"):
+            high_entropy_mask(ENTROPY, ENTROPY_MASK, bad)
+    with pytest.raises(ValueError, match="entropy must have shape"):
+        high_entropy_mask(ENTROPY[:, :3], ENTROPY_MASK, 0.2)
+
+
+LM_MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+LM_E = torch.tensor([[True, False, True], [False, True, True]])  # [1, 2] is padding: the loss mask cannot add it
+
+
+def test_loss_mask_multiplies_the_policy_term_not_the_normaliser():
+    """dapo on policy: each token's term is -A_i, so sum(M E (-A)) / sum(M) = (-(1 + 1) + 0.5) / 5 = -0.3 (the
+    normaliser still counts all 5 loss tokens); the gradient is -A_i E / 5 and 0 off the entropy mask."""
+    lp = torch.full((2, 3), -1.0, requires_grad=True)
+    loss, _ = gf.policy_loss(lp, None, torch.tensor([1.0, -0.5]), LM_MASK, loss_type="dapo", loss_mask=LM_E)
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.3, abs=1e-7)
+    torch.testing.assert_close(lp.grad, torch.tensor([[-0.2, 0.0, -0.2], [0.0, 0.1, 0.0]]))
+
+
+def test_loss_mask_leaves_the_kl_on_every_token():
+    """TRL adds beta * KL after the entropy mask: the KL part of the loss does not depend on it."""
+    g = torch.Generator().manual_seed(0)
+    lp, old, ref = (-torch.rand(2, 3, generator=g) for _ in range(3))
+    A = torch.tensor([0.7, -1.2])
+
+    def value(beta, loss_mask):
+        return gf.policy_loss(lp, old, A, LM_MASK, loss_type="grpo", beta=beta, ref_logp=ref,
+                              loss_mask=loss_mask)[0].item()
+
+    kl_part = value(0.1, None) - value(0.0, None)
+    assert kl_part > 1e-4
+    assert value(0.1, LM_E) - value(0.0, LM_E) == pytest.approx(kl_part, abs=1e-7)
+    assert value(0.0, LM_E) != pytest.approx(value(0.0, None), abs=1e-4)
+
+
+def test_gmpo_loss_mask_narrows_the_geometric_mean():
+    """TRL's GMPO takes the geometric mean over mask * entropy_mask: with beta 0 that is the loss on that mask."""
+    g = torch.Generator().manual_seed(1)
+    lp, old = (-torch.rand(2, 3, generator=g) for _ in range(2))
+    A = torch.tensor([0.7, -1.2])
+    masked, _ = gf.policy_loss(lp, old, A, LM_MASK, algorithm="gmpo", loss_mask=LM_E)
+    narrowed, _ = gf.policy_loss(lp, old, A, LM_MASK * LM_E, algorithm="gmpo")
+    assert masked.item() == pytest.approx(narrowed.item(), abs=1e-7)
+    assert masked.item() != pytest.approx(gf.policy_loss(lp, old, A, LM_MASK, algorithm="gmpo")[0].item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(loss_type="dapo"), dict(loss_type="grpo", beta=0.1),
+                                    dict(importance_sampling_level="sequence", loss_type="grpo")],
+                         ids=["dapo", "grpo-kl", "gspo"])
+@pytest.mark.parametrize("off_policy", [False, True], ids=["on-policy", "off-policy"])
+def test_fused_linear_loss_mask_matches_the_reference(kwargs, off_policy):
+    """Both paths of fused_linear_policy_loss (grad in forward, recompute) take the loss mask exactly."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g)
+    ids = torch.randint(0, 11, (2, 3), generator=g)
+    old = -torch.rand(2, 3, generator=g) - 2.0 if off_policy else None
+    ref = -torch.rand(2, 3, generator=g) - 2.0
+    A = torch.tensor([0.7, -1.2])
+    extra = dict(ref_logp=ref) if kwargs.get("beta") else {}
+    loss, _ = gf.fused_linear_policy_loss(hidden, weight, ids, old, A, LM_MASK, loss_mask=LM_E, backend="torch",
+                                          **extra, **kwargs)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    h = hidden.detach().clone().requires_grad_()
+    logp = torch.log_softmax(h @ weight.T, -1).gather(-1, ids[..., None]).squeeze(-1)
+    want, _ = gf.policy_loss(logp, old, A, LM_MASK, loss_mask=LM_E, **extra, **kwargs)
+    (want_grad,) = torch.autograd.grad(want, h)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+    unmasked, _ = gf.policy_loss(logp, old, A, LM_MASK, **extra, **kwargs)
+    assert abs(unmasked.item() - want.item()) > 1e-4
