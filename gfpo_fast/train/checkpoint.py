@@ -9,6 +9,8 @@ Layout of ``<output_dir>/checkpoints/checkpoint-<step>/``:
   reshards it to the loading run's processes and wrapping, so a run may resume on another process count or
   switch between single-process, DDP and FSDP2. Under DeepSpeed it is instead ``accelerator.save_state``'s
   directory (the engine's own ZeRO checkpoint; untested here, no GPU);
+* ``ref_model/``: with ``sync_ref_model``, the reference model as last synced (same format as ``model/``): a
+  resume continues from it, not from the initial model;
 * ``trainer_state.pt``: scheduler, step, prompt-sampler position, GFPO filter history (the same on every rank);
 * ``rng_state_<rank>.pt``: Python, NumPy and torch (CPU and CUDA) generator states of each process;
 * ``config.yaml``: the run's configuration, for reference;
@@ -46,6 +48,7 @@ PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL = re.compile(r"^checkpoint-(\d+)\.(tmp|old)$")
 OPTIMIZER = "optimizer"  # the optimizer state's directory in a checkpoint
 MANIFEST = "checkpoint.json"
+REF_MODEL = "ref_model"  # the synced reference model's directory in a checkpoint (sync_ref_model only)
 IDENTITY = ("algorithm", "use_peft")  # what a resume must keep: another value is another model or state layout
 
 
@@ -237,10 +240,12 @@ def load_optimizer(accelerator, path: Path, model, optimizer) -> None:
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, model, optimizer, tokenizer, trainer_state: dict,
-                    config_yaml: str, total_limit: int, identity: dict, keep: Path | None = None) -> Path:
+                    config_yaml: str, total_limit: int, identity: dict, keep: Path | None = None,
+                    ref_model=None) -> Path:
     """Writes ``checkpoint-<step>`` on every process's behalf (collective: call it on all ranks), then prunes the
     run's checkpoints to the newest ``total_limit``. ``identity``: ``run_id`` and the ``IDENTITY`` fields, into the
-    manifest; ``keep``: a checkpoint pruning leaves alone (the last one before a non-finite step)."""
+    manifest; ``keep``: a checkpoint pruning leaves alone (the last one before a non-finite step); ``ref_model``:
+    the synced reference model, written to ``REF_MODEL`` with the tokenizer (None: not written)."""
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f"checkpoint-{step}.tmp"
@@ -251,10 +256,13 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model, optimizer, t
     try:
         torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
         save_optimizer(accelerator, tmp / OPTIMIZER, model, optimizer)
-        state_dict = full_model_state_dict(accelerator, model)
+        models = {"model": model, **({REF_MODEL: ref_model} if ref_model is not None else {})}
+        for name, m in models.items():
+            state_dict = full_model_state_dict(accelerator, m)
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(m).save_pretrained(tmp / name, state_dict=state_dict)
+                tokenizer.save_pretrained(tmp / name)
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(tmp / "model", state_dict=state_dict)
-            tokenizer.save_pretrained(tmp / "model")
             torch.save(trainer_state, tmp / "trainer_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
         accelerator.wait_for_everyone()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gfpo_fast._checks import require_num_remains
+from gfpo_fast.advantages import AGGREGATIONS
 from gfpo_fast.group_filter import SCORES
 from gfpo_fast.policy_loss import LOSS_PARAMS, LOSS_REGISTRY, LOSS_TYPES, add_loss_param_fields, make_loss_config
 
@@ -104,6 +105,11 @@ class TrainConfig:
     reward_weights: list[float] | None = _f([1.0, 0.1], "one weight per reward function (TRL: None, all 1)")
     scale_rewards: str = _f("group", "divide advantages by the group std ('group'), the batch std ('batch') or not "
                             "('none')")
+    multi_objective_aggregation: str = _f("sum_then_normalize", "several reward functions: 'sum_then_normalize' "
+                                          "(weighted sum, then scale_rewards' normalisation) or 'normalize_then_sum' "
+                                          "(GDPO: each function's rewards z-scored within the group, weighted sum, "
+                                          "then a batch baseline and std; scale_rewards ignored, as in TRL; not with "
+                                          "gfpo)")
     # ---------------------------------------------------------------- algorithm
     algorithm: str = _f("grpo", "grpo, gfpo (GRPO plus a group filter), gmpo, gspo (sequence-level ratio), gspo_token. "
                         "The default is grpo: on the embedded task GFPO learned less than GRPO over 3 seeds "
@@ -119,7 +125,18 @@ class TrainConfig:
     epsilon: float | None = _f(None, "lower clip range (None: 0.2, or 0.4 in log space for gmpo)")
     epsilon_high: float | None = _f(None, "upper clip range (None: epsilon)")
     delta: float | None = _f(None, "upper cap on the ratio inside the min (two-sided clipping)")
-    beta: float = _f(0.0, "coefficient of the KL to the initial model (0: no reference model)")
+    beta: float = _f(0.0, "coefficient of the KL to the reference model, the initial model unless "
+                     "sync_ref_model (0: no reference model)")
+    sync_ref_model: bool = _f(False, "TR-DPO: every ref_model_sync_steps optimizer steps the reference model becomes "
+                              "ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference, weight by "
+                              "weight (needs beta != 0 and full fine-tuning, as in TRL; checkpoints hold the "
+                              "reference)")
+    ref_model_mixup_alpha: float = _f(0.6, "sync_ref_model: the policy's share of the new reference, in [0, 1]")
+    ref_model_sync_steps: int = _f(512, "sync_ref_model: optimizer steps between two syncs of the reference model")
+    top_entropy_quantile: float = _f(1.0, "keep in the policy loss only the tokens whose entropy is in the top "
+                                     "quantile of this micro-batch's loss tokens over every process (0.2: the top "
+                                     "20%, as the paper recommends; 1: every token). The KL, the normaliser and the "
+                                     "metrics still count every token, as in TRL")
     mask_truncated_completions: bool = _f(False, "exclude completions that hit max_completion_length from the loss. "
                                              "Off (TRL's default): GFPO's length filter already drops the longest "
                                              "completions, so masking the remaining truncated ones as well removes "
@@ -354,6 +371,7 @@ class TrainConfig:
                              f"reward_funcs {self.reward_funcs}; give one weight per function")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
+        self._validate_trl_knobs()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self._validate_ranges()
@@ -373,6 +391,37 @@ class TrainConfig:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
         make_loss_config(**self.loss_kwargs(1))
+
+    def _validate_trl_knobs(self) -> None:
+        """``multi_objective_aggregation``, ``top_entropy_quantile`` and the reference model's sync, refused where
+        TRL refuses them (sync_ref_model with beta 0 or PEFT) or where they would do nothing."""
+        if self.multi_objective_aggregation not in AGGREGATIONS:
+            raise ValueError(f"multi_objective_aggregation must be one of {list(AGGREGATIONS)}, got "
+                             f"{self.multi_objective_aggregation!r}")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.algorithm == "gfpo":
+            raise ValueError("algorithm='gfpo' computes its advantages from the weighted reward sum of the kept rows: "
+                             "use multi_objective_aggregation='sum_then_normalize' with it")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1] (1: every token), got "
+                             f"{self.top_entropy_quantile!r}")
+        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha!r}")
+        if self.ref_model_sync_steps < 1:
+            raise ValueError(f"ref_model_sync_steps must be an integer >= 1, got {self.ref_model_sync_steps!r}")
+        if not self.sync_ref_model:
+            unused = {n: getattr(self, n) for n, default in (("ref_model_mixup_alpha", 0.6),
+                                                            ("ref_model_sync_steps", 512))
+                      if getattr(self, n) != default}
+            if unused:
+                raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in unused.items())} only acts with "
+                                 "sync_ref_model=True; set it, or leave them at their defaults")
+        elif self.beta == 0.0:
+            raise ValueError("sync_ref_model=True with beta=0.0: there is no reference model to synchronize (beta 0 "
+                             "loads none); set beta != 0 or sync_ref_model=False (TRL refuses it too)")
+        elif self.use_peft:
+            raise ValueError("sync_ref_model=True with use_peft=True: a LoRA policy's reference is its own base "
+                             "model with the adapter disabled, with no separate weights to synchronize; use full "
+                             "fine-tuning or sync_ref_model=False (TRL refuses it too)")
 
     def _validate_is_correction(self) -> None:
         """vLLM's importance-sampling fields and ``off_policy_mask_threshold``, as TRL 1.16 checks them, plus: bounds

@@ -14,11 +14,15 @@ functions of this module, each timed under its name (``time/<name>`` in the metr
     old_ref_logprobs  no-grad old / reference log-probs and vLLM's IS ratio, when needed (old_and_ref_logprobs)
                       then, per optimizer step (steps_per_generation / gradient_accumulation_steps mini-batches
                       of the generation batch, num_iterations times over: mini_batches):
-    policy_forward    the model and the loss forward, per micro-batch          (accumulate_gradients)
+    policy_forward    the model and the loss forward, per micro-batch (with
+                      top_entropy_quantile < 1, a no-grad entropy pass first:
+                      the loss mask of entropy_loss_mask)                      (accumulate_gradients)
     backward          their backward
     optimizer         clip, step (skipped when the loss or the gradient norm is
                       not finite: NonFiniteGuard stops the run after
                       max_nonfinite_steps in a row), schedule                  (optimizer_step)
+    ref_sync          sync_ref_model, every ref_model_sync_steps optimizer
+                      steps: the reference mixed toward the policy             (sync_ref_model)
 
 then ``step_metrics`` (one host read) to ``reporting.Reporter`` (metrics.jsonl, the ``report_to`` trackers, the
 ``log_completions`` samples), a held-out eval every ``eval_steps`` and a checkpoint every ``save_steps``. No
@@ -72,6 +76,7 @@ from gfpo_fast.advantages import weighted_rewards
 from gfpo_fast.fused_linear import gather_full
 from gfpo_fast.group_filter import GroupFilter
 from gfpo_fast.lm_head import lm_head_of
+from gfpo_fast.policy_loss import high_entropy_mask
 
 from . import checkpoint as ckpt
 from . import distributed, lora
@@ -447,7 +452,8 @@ def make_batch(ro: Rollout, scores: Scores, group_filter: GroupFilter | None, cf
         advantages, keep = group_filter(weighted_rewards(scores.rewards, cfg.reward_weights), scores.lengths, texts)
     else:
         advantages = gf.group_advantages(scores.rewards, cfg.num_generations, reward_weights=cfg.reward_weights,
-                                         scale_rewards=cfg.scale_rewards)  # (N,)
+                                         scale_rewards=cfg.scale_rewards,
+                                         aggregation=cfg.multi_objective_aggregation)  # (N,)
         keep = torch.ones_like(advantages, dtype=torch.bool)
     B, rank = len(scores.completions), accelerator.process_index
     mine = slice(rank * B, (rank + 1) * B)
@@ -521,6 +527,31 @@ def loss_ratio(mb: Batch, hidden: torch.Tensor, head_kwargs: dict, cfg: TrainCon
     return keep if mb.is_ratio is None else mb.is_ratio * keep, metrics
 
 
+def gather_tokens(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Every process's 1-D ``values`` (of any lengths), concatenated in rank order (collective)."""
+    if accelerator.num_processes == 1:
+        return values
+    padded = accelerator.pad_across_processes(values, dim=0, pad_index=-math.inf)  # no entropy is -inf
+    gathered = accelerator.gather(padded)
+    return gathered[gathered != -math.inf]
+
+
+def entropy_loss_mask(hidden: torch.Tensor, head_kwargs: dict, mb: Batch, cfg: TrainConfig,
+                      accelerator) -> torch.Tensor | None:
+    """TRL's entropy mask of micro-batch ``mb`` (``high_entropy_mask``: the ``top_entropy_quantile`` of the loss
+    tokens of every process's micro-batch), ``(b, T)`` bool, or None when ``top_entropy_quantile`` is 1. The
+    entropies come from a no-grad pass of the lm_head over ``hidden`` (``(b, T, H)``, the loss's own input), one
+    chunk at a time: the loss needs the mask before its first chunk."""
+    if cfg.top_entropy_quantile >= 1.0:
+        return None
+    with torch.no_grad():
+        _, entropy = gf.fused_linear_logprobs(hidden.detach(), token_ids=mb.completion_ids,
+                                              temperature=cfg.temperature, return_entropy=True,
+                                              chunk_size=cfg.lm_head_chunk_size, **head_kwargs)
+    return high_entropy_mask(entropy, mb.completion_mask, cfg.top_entropy_quantile,
+                             gather=functools.partial(gather_tokens, accelerator))
+
+
 def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dict, accelerator, share_prompts: bool,
                          timer: StepTimer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward and backward of the loss on ``gradient_accumulation_steps`` micro-batches; gradients add up in ``.grad``.
@@ -546,6 +577,7 @@ def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dic
                         hidden, token_ids=mb.completion_ids, old_logp=mb.old_logp, advantages=mb.advantages,
                         mask=mb.completion_mask, temperature=cfg.temperature, ref_logp=mb.ref_logp,
                         importance_sampling_ratio=rho, num_items_in_batch=mb.num_items, return_entropy=True,
+                        loss_mask=entropy_loss_mask(hidden, head_kwargs, mb, cfg, accelerator),
                         chunk_size=cfg.lm_head_chunk_size, **head_kwargs, **loss_kwargs)
                     m = {**m, **mask_metrics}
             with timer("backward"):
@@ -554,6 +586,16 @@ def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dic
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + v.detach() / len(parts)
     return loss_sum, metrics
+
+
+@torch.no_grad()
+def sync_ref_model(model, ref_model, alpha: float, accelerator) -> None:
+    """TRL's ``SyncRefModelCallback`` (TR-DPO): every weight of the reference becomes ``alpha * policy + (1 - alpha)
+    * reference``, in place, as TRL computes it (``ref.mul_(1 - alpha).add_(policy, alpha=alpha)``). Both models
+    are wrapped alike (``distributed.prepare_reference``), so under FSDP2 each process mixes its own shards."""
+    policy, ref = accelerator.unwrap_model(model), accelerator.unwrap_model(ref_model)
+    for r, p in zip(ref.parameters(), policy.parameters(), strict=True):
+        r.mul_(1.0 - alpha).add_(p, alpha=alpha)
 
 
 def finite_everywhere(accelerator, *values: torch.Tensor) -> bool:
@@ -681,8 +723,16 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
     group_filter = GroupFilter(cfg.group_filter, G, cfg.num_remains_in_group, adaptive=cfg.adaptive_difficulty,
                                scale_rewards=cfg.scale_rewards) if cfg.algorithm == "gfpo" else None
     identity, resume = {"run_id": uuid.uuid4().hex, **{k: getattr(cfg, k) for k in ckpt.IDENTITY}}, None
+    if cfg.sync_ref_model and accelerator.distributed_type.value == "DEEPSPEED" and \
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError("sync_ref_model=True under DeepSpeed ZeRO-3: the partitioned weights cannot be mixed "
+                         "here; use ZeRO-1/2, FSDP2 or DDP")
     if cfg.resume_from_checkpoint:
         resume, manifest, notes = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, identity)
+        if cfg.sync_ref_model and not (resume / ckpt.REF_MODEL).is_dir():
+            raise ValueError(f"resume_from_checkpoint: {resume} holds no {ckpt.REF_MODEL}/ (written by a run without "
+                             "sync_ref_model), so the synced reference model cannot continue; resume with "
+                             "sync_ref_model=False or start a new run")
         identity["run_id"] = manifest["run_id"]  # the resumed run goes on owning (and pruning) its checkpoints
         for note in notes:
             accelerator.print(note)
@@ -695,7 +745,10 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
         accelerator.print(note)
     ref_model = None
     if cfg.beta != 0.0 and not cfg.use_peft:  # a LoRA policy's reference is its base: adapters disabled
-        ref_model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype)
+        # a checkpoint of a sync_ref_model run holds the reference as it was synced; it goes on from there
+        synced = resume is not None and (resume / ckpt.REF_MODEL).is_dir()
+        ref_model, _ = load_model_and_tokenizer(str(resume / ckpt.REF_MODEL) if synced else cfg.model_name_or_path,
+                                                cfg.dtype)
         ref_model = distributed.prepare_reference(accelerator, ref_model, fsdp_cpu)
     if cfg.use_liger_kernel:
         apply_liger_kernel(model)
@@ -785,6 +838,9 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
                     grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm, accelerator, loss)
                     applied = finite_everywhere(accelerator, grad_norm, loss)  # optimizer_step's own test
                 step += 1
+                if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:  # TRL: after every step, applied or not
+                    with timer("ref_sync"):
+                        sync_ref_model(model, ref_model, cfg.ref_model_mixup_alpha, accelerator)
                 warning = guard.update(applied, step, last_saved)
                 if warning:
                     reporter.print(warning)
@@ -801,7 +857,8 @@ def run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
             if step // cfg.save_steps > first_step // cfg.save_steps or step >= cfg.max_steps or stop_now:
                 last_saved = ckpt.save_checkpoint(accelerator, cfg.output_dir, step, model, optimizer, tokenizer,
                                                   checkpoint_state(step, scheduler, sampler, group_filter),
-                                                  config_yaml, cfg.save_total_limit, identity, keep=guard.keep)
+                                                  config_yaml, cfg.save_total_limit, identity, keep=guard.keep,
+                                                  ref_model=ref_model if cfg.sync_ref_model else None)
             if stop_now:
                 reporter.print(f"stopped by signal at step {step}; resume with --resume_from_checkpoint {last_saved}")
                 break
