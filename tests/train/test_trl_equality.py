@@ -12,6 +12,8 @@ step after a batch's first is off-policy (the old log-probs come from before the
 TRL shuffles the rows of a generation batch before splitting it (``shuffle_sequence_dict``, from the global torch
 RNG); ours takes consecutive rows (docs/training.md), so the test makes TRL's shuffle the identity.
 """
+import inspect
+
 import pytest
 import torch
 
@@ -55,8 +57,9 @@ def our_run(cfg, monkeypatch):
     """(per-step (loss, grad_norm), final parameters, the recorded generate calls) of our trainer."""
     steps, optimizer_step = [], loop.optimizer_step
 
-    def recorded(model, optimizer, scheduler, max_grad_norm, accelerator, loss):
-        grad_norm = optimizer_step(model, optimizer, scheduler, max_grad_norm, accelerator, loss)
+    def recorded(*args, **kwargs):  # the step's loss (summed over its micro-batches) and its gradient norm
+        grad_norm = optimizer_step(*args, **kwargs)
+        loss = inspect.signature(optimizer_step).bind(*args, **kwargs).arguments["loss"]
         steps.append((loss.item(), grad_norm.item()))
         return grad_norm
 
