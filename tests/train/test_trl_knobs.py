@@ -15,6 +15,8 @@ from gfpo_fast.policy_loss import high_entropy_mask
 from gfpo_fast.train import train
 from gfpo_fast.train.config import parse_args
 
+from trainer_runs import LAUNCH_ARGS, read_jsonl, train_rows
+
 
 def test_the_knobs_are_checked_before_anything_loads(make_config):
     cases = [
@@ -77,6 +79,26 @@ def test_top_entropy_quantile_trains_the_top_fifth_of_the_tokens(make_config, mo
         assert c.entropy[c.got].min() > c.entropy[(c.mask != 0) & ~c.got].max()
         assert not (c.grad[~c.got] != 0).any() and (c.grad[c.got] != 0).any()
         torch.testing.assert_close(c.loss, c.want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_entropy_threshold_spans_every_process(tiny_model, tmp_path):
+    """2 processes of 4 rows and 1 process of 8 rows train on the same completions with --top_entropy_quantile 0.2
+    (one micro-batch a step): the threshold is the quantile over both processes' loss tokens, gathered as TRL
+    does, so the losses, gradient norms and parameters are one process's on the whole batch."""
+    from test_distributed import run_dist
+
+    flags = ["--model_name_or_path", str(tiny_model), "--max_steps", "2", "--do_eval", "false", *LAUNCH_ARGS,
+             "--top_entropy_quantile", "0.2", "--forced_completions"]
+    run_dist(flags, tmp_path / "two")
+    run_dist([*flags, "--per_device_train_batch_size", "8"], tmp_path / "one", processes=1)
+    two_rows, one_rows = (train_rows(read_jsonl(tmp_path / run / "metrics.jsonl")) for run in ("two", "one"))
+    for a, b in zip(two_rows, one_rows, strict=True):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (a["step"], a["grad_norm"], b["grad_norm"])
+    two, one = (torch.load(tmp_path / run / "params_rank0.pt") for run in ("two", "one"))
+    assert (two - one).abs().max() < 1e-5, (two - one).abs().max()
 
 
 # ----------------------------------------------------------------------------- sync_ref_model
