@@ -73,7 +73,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 
 # the sampler keywords each backend sets itself (rows, length, EOS set, the log-probs the IS ratio needs)
 TRAINER_SET_KWARGS = {"transformers": ("input_ids", "attention_mask", "max_new_tokens", "eos_token_id", "pad_token_id",
-                                       "use_cache", "disable_compile", "past_key_values", "cache"),
+                                       "use_cache", "disable_compile", "past_key_values", "cache",
+                                       "num_return_sequences"),
                       "vllm": ("n", "max_tokens", "logprobs", "stop_token_ids", "detokenize")}
 
 

@@ -92,6 +92,18 @@ def test_off_policy_mask_by_hand():
     assert off_policy_mask(negative, logp, sampling, mask, threshold=1.0).tolist() == [[1.0]] * 4  # KL <= threshold
 
 
+def test_off_policy_mask_is_trls():
+    trl = pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(0)
+    logp, sampling = -torch.rand(16, 7, generator=g) * 3, -torch.rand(16, 7, generator=g) * 3
+    sampling[2, 1] = float("nan")  # unscored token: no divergence evidence
+    mask = (torch.rand(16, 7, generator=g) > 0.2).float()
+    advantages = torch.randn(16, generator=g)
+    for threshold in (0.0, 0.3, 1.0):
+        theirs = trl.GRPOTrainer.get_off_policy_mask(advantages[:, None], logp, sampling, mask, threshold)
+        assert torch.equal(off_policy_mask(advantages, logp, sampling, mask, threshold), theirs)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--generation_backend", "vllm", "--vllm_importance_sampling_mode", "token"], "must be one of"),
     (["--generation_backend", "vllm", "--vllm_importance_sampling_clip_max", "0"], "clip_max must be None or a finite"),
