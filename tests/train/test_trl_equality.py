@@ -7,8 +7,10 @@ on the same model, rows and reward function with every ``generate`` call forced 
 prompts checked to be ours (``forced_generation``; ``check_same_inputs`` checks the prompt ids and the EOS set), its
 config taken from ours (``trl_config``). Two generation batches of 3 prompts x 4 completions, each split into 2
 optimizer steps of 6 rows (a group straddles the two steps), for grpo and dapo (per-sequence and token-count
-normalisers), gspo (sequence-level ratio), and dapo with ``num_iterations=2`` (two passes over each batch): every
-step after a batch's first is off-policy (the old log-probs come from before the first), and the second clips.
+normalisers), gspo (sequence-level ratio), dapo with ``num_iterations=2`` (two passes over each batch), and grpo
+and dapo with each step as 2 accumulated micro-batches of 3 rows (``gradient_accumulation_steps=2``,
+``steps_per_generation=4``). Every step after a batch's first is off-policy (the old log-probs come from before
+the first), and the second clips.
 TRL shuffles the rows of a generation batch before splitting it (``shuffle_sequence_dict``, from the global torch
 RNG); ours takes consecutive rows (docs/training.md), so the test makes TRL's shuffle the identity.
 """
@@ -51,6 +53,18 @@ def ending_model(tiny_model, tmp_path_factory):
 # epsilon 0.02 so that the second, off-policy step of a batch clips
 SETUP = dict(max_steps=4, per_device_train_batch_size=6, steps_per_generation=2, num_generations=4,
              learning_rate=1e-3, warmup_steps=0, epsilon=0.02)
+# (id, config overrides): per-sequence (grpo) and token-count (dapo) normalisers, GSPO's sequence-level ratio, two
+# passes over each batch, and each optimizer step as 2 accumulated micro-batches of 3 rows
+CASES = [
+    ("grpo", dict(loss_type="grpo")),
+    ("dapo", dict(loss_type="dapo")),
+    ("gspo", dict(algorithm="gspo", loss_type="grpo")),
+    ("dapo-2-iterations", dict(loss_type="dapo", num_iterations=2, max_steps=8)),
+    ("grpo-accumulated", dict(loss_type="grpo", per_device_train_batch_size=3, steps_per_generation=4,
+                              gradient_accumulation_steps=2)),
+    ("dapo-accumulated", dict(loss_type="dapo", per_device_train_batch_size=3, steps_per_generation=4,
+                              gradient_accumulation_steps=2)),
+]
 
 
 def our_run(cfg, monkeypatch):
@@ -93,10 +107,8 @@ def trl_run(cfg, generations, output_dir, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm,loss_type,num_iterations", [("grpo", "grpo", 1), ("grpo", "dapo", 1),
-                                                                  ("gspo", "grpo", 1), ("grpo", "dapo", 2)])
-def test_trl_trains_like_ours_over_two_generation_batches(make_config, ending_model, tmp_path, monkeypatch, algorithm,
-                                                          loss_type, num_iterations):
+@pytest.mark.parametrize("overrides", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_trl_trains_like_ours_over_two_generation_batches(make_config, ending_model, tmp_path, monkeypatch, overrides):
     """Per optimizer step the loss and the gradient norm, and the parameters at the end, are TRL's. Tolerances: the
     same fp32 formula summed in other orders (our chunked fused loss, TRL's log-softmax), measured <= 3e-7 relative
     apart (losses near 0 are sums of O(0.1) terms that cancel: 1e-6 absolute); the parameters within 1e-5 = 1% of
@@ -104,8 +116,7 @@ def test_trl_trains_like_ours_over_two_generation_batches(make_config, ending_mo
     a fraction of lr either way (measured <= 5e-7). AdamW and the gradient clipping (max_grad_norm 1) hide a wrong
     scale of the loss from the parameters: the losses and gradient norms catch it (a wrong normaliser, the old
     log-probs taken per step)."""
-    cfg = make_config(model_name_or_path=str(ending_model), algorithm=algorithm, loss_type=loss_type,
-                      num_iterations=num_iterations, **{**SETUP, "max_steps": SETUP["max_steps"] * num_iterations})
+    cfg = make_config(model_name_or_path=str(ending_model), **{**SETUP, **overrides})
     ours, our_params, generations = our_run(cfg, monkeypatch)
     assert [len(g["completion_ids"]) for g in generations] == [12, 12]
     assert len({len(c) for c in generations[0]["completion_ids"]}) > 1  # grpo's and dapo's normalisers differ
