@@ -3,8 +3,8 @@
 ``-inf`` is probability 0 (finite results elsewhere, no NaN from it); a *bad row* (a NaN or ``+inf`` in
 ``z = logits / temperature``, or ``z`` all ``-inf``) has NaN log-prob and entropy and an exactly zero logits
 gradient, whatever the upstream gradient. Good rows are checked against the math written out row by row
-(softmax over the finite entries), not against the reference under test. Triton runs under the interpreter
-(``tests/conftest.py``) with tiny shapes.
+(softmax over the finite entries), not against the reference under test. Triton runs on CUDA where there is a
+GPU, else under the interpreter (``tests/conftest.py``); the shapes are tiny.
 """
 from __future__ import annotations
 
@@ -21,15 +21,20 @@ pytestmark = pytest.mark.filterwarnings(  # the interpreter's numpy warns on the
     "ignore:(invalid value|overflow|divide by zero) encountered")
 
 INF, NAN = math.inf, math.nan
-BACKENDS = ["torch", "cpp", "triton"]
-STATUS = {"cpp": backends.cpp_status, "triton": backends.triton_status}
+BACKENDS = ["torch", *backends.FAST_BACKENDS]  # the reference and every fast backend of the table
 
 
-def _require(backend: str) -> None:
-    """Skips with the reason where ``backend`` cannot run; fails instead under ``CI=true`` (tests/conftest.py)."""
-    ok, why = STATUS[backend]() if backend in STATUS else (True, "")
+def _require(backend: str) -> torch.device:
+    """The device ``backend`` runs these tests on here: its own (CUDA for Triton) where there is one, else the
+    CPU (Triton's interpreter). Skips with the reason where it cannot run; fails instead under ``CI=true``
+    (tests/conftest.py)."""
+    if backend == "torch":
+        return torch.device("cpu")
+    entry = backends.FAST_BACKENDS[backend]
+    device = torch.device(next((k for k in entry.devices if k == "cpu" or getattr(torch, k).is_available()), "cpu"))
+    ok, why = entry.usable(backend, "fused_policy_loss", device)
     if ok:
-        return
+        return device
     if os.environ.get("CI", "").lower() in ("1", "true"):
         pytest.fail(f"CI must run these tests, but {why}", pytrace=False)
     pytest.skip(why)
@@ -68,22 +73,24 @@ def _logits_case():
     return logits, ids, [0, 1, 2, 3], [4, 5, 6, 7]
 
 
-def _token_logprobs(backend, logits, ids, g, h, temperature):
-    x = logits.clone().requires_grad_()
-    logp, entropy = gf.token_logprobs(x, ids, temperature=temperature, return_entropy=True, backend=backend)
-    torch.autograd.backward((logp, entropy), (g, h))
-    return logp.detach(), entropy.detach(), x.grad
+def _token_logprobs(backend, device, logits, ids, g, h, temperature):
+    """``(logp, entropy, dlogits)`` on the CPU, computed on ``device``."""
+    x = logits.to(device, copy=True).requires_grad_()
+    logp, entropy = gf.token_logprobs(x, ids.to(device), temperature=temperature, return_entropy=True,
+                                      backend=backend)
+    torch.autograd.backward((logp, entropy), (g.to(device), h.to(device)))
+    return logp.detach().cpu(), entropy.detach().cpu(), x.grad.cpu()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_follow_the_rule(backend):
-    _require(backend)
+    device = _require(backend)
     logits, ids, good, bad = _logits_case()
     temperature = 0.5
     # upstream gradients: NaN and large ones at bad rows too, which must not matter
     g = torch.tensor([1.0, 0.5, -2.0, 1.5, NAN, 3.0, -1.0, 2.0])
     h = torch.tensor([0.3, -0.7, 0.2, 0.4, 1.0, NAN, 2.0, 0.5])
-    logp, entropy, grad = _token_logprobs(backend, logits, ids, g, h, temperature)
+    logp, entropy, grad = _token_logprobs(backend, device, logits, ids, g, h, temperature)
 
     assert torch.isnan(logp[bad]).all() and torch.isnan(entropy[bad]).all(), (logp, entropy)
     assert torch.equal(grad[bad], torch.zeros_like(grad[bad])), grad[bad]  # exactly 0, not NaN
@@ -101,7 +108,7 @@ def test_a_nan_after_a_run_of_banned_tokens_is_not_lost(backend, monkeypatch):
     """Rows longer than a kernel's vocab chunk (C++: 2048 floats; Triton: tiles of 128 here): a NaN in a tile
     that is otherwise -inf, after -inf tiles, still makes the row bad; a row that is -inf but for its last
     logit is good (p = 1 there)."""
-    _require(backend)
+    device = _require(backend)
     if backend == "triton":
         from gfpo_fast.kernels import _launch
         monkeypatch.setattr(_launch, "MAX_BLOCK_V_INTERPRETER", 128)
@@ -116,7 +123,7 @@ def test_a_nan_after_a_run_of_banned_tokens_is_not_lost(backend, monkeypatch):
     logits[3, 1:] = 0.5
     ids = torch.tensor([V - 2, V - 1, 7, 9])
     ones = torch.ones(4)
-    logp, entropy, grad = _token_logprobs(backend, logits, ids, ones, ones, 1.0)
+    logp, entropy, grad = _token_logprobs(backend, device, logits, ids, ones, ones, 1.0)
     bad = [0, 2, 3]
     assert torch.isnan(logp[bad]).all() and torch.isnan(entropy[bad]).all(), (logp, entropy)
     assert torch.equal(grad[bad], torch.zeros_like(grad[bad]))
@@ -136,23 +143,24 @@ def _loss_inputs():
     return logits, ids, old_logp, torch.tensor([1.0, -0.5]), mask
 
 
-def _fused_loss(backend, logits, ids, old_logp, advantages, mask):
-    x = logits.clone().requires_grad_()
-    loss, metrics = gf.fused_policy_loss(x, ids, old_logp, advantages, mask, backend=backend, return_entropy=True,
-                                         temperature=0.7)
+def _fused_loss(backend, device, logits, ids, old_logp, advantages, mask):
+    """``(loss, entropy metric, dlogits)`` on the CPU, computed on ``device``."""
+    x = logits.to(device, copy=True).requires_grad_()
+    loss, metrics = gf.fused_policy_loss(x, *(t.to(device) for t in (ids, old_logp, advantages, mask)),
+                                         backend=backend, return_entropy=True, temperature=0.7)
     loss.backward()
-    return loss.detach(), metrics["entropy"], x.grad
+    return loss.detach().cpu(), metrics["entropy"].cpu(), x.grad.cpu()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_policy_loss_ignores_bad_rows_at_masked_positions(backend):
-    _require(backend)
+    device = _require(backend)
     logits, ids, old_logp, advantages, mask = _loss_inputs()
-    clean = _fused_loss(backend, logits, ids, old_logp, advantages, mask)
+    clean = _fused_loss(backend, device, logits, ids, old_logp, advantages, mask)
     logits[0, 3, 2] = NAN  # masked positions
     logits[1, 2, 0] = INF
     logits[1, 3] = -INF
-    loss, entropy, grad = _fused_loss(backend, logits, ids, old_logp, advantages, mask)
+    loss, entropy, grad = _fused_loss(backend, device, logits, ids, old_logp, advantages, mask)
     assert torch.isfinite(loss) and torch.isfinite(entropy) and torch.isfinite(grad).all()
     torch.testing.assert_close(loss, clean[0], atol=0, rtol=0)
     torch.testing.assert_close(entropy, clean[1], atol=0, rtol=0)
@@ -162,24 +170,26 @@ def test_fused_policy_loss_ignores_bad_rows_at_masked_positions(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_policy_loss_is_nan_with_a_bad_row_at_a_kept_position(backend):
-    _require(backend)
+    device = _require(backend)
     logits, ids, old_logp, advantages, mask = _loss_inputs()
     logits[0, 1, 3] = NAN
     logits[1, 0, 5] = INF
-    loss, entropy, grad = _fused_loss(backend, logits, ids, old_logp, advantages, mask)
+    loss, entropy, grad = _fused_loss(backend, device, logits, ids, old_logp, advantages, mask)
     assert torch.isnan(loss) and torch.isnan(entropy)
     assert torch.equal(grad[0, 1], torch.zeros(6)) and torch.equal(grad[1, 0], torch.zeros(6))
     assert not grad[mask == 0].any()
     if backend != "torch":  # every other entry as the reference's, NaN where it is NaN
-        torch.testing.assert_close(grad, _fused_loss("torch", logits, ids, old_logp, advantages, mask)[2],
-                                   atol=1e-6, rtol=1e-5, equal_nan=True)
+        reference = _fused_loss("torch", torch.device("cpu"), logits, ids, old_logp, advantages, mask)[2]
+        torch.testing.assert_close(grad, reference, atol=1e-6, rtol=1e-5, equal_nan=True)
 
 
-def _linear(backend, hidden, weight, ids):
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    logp, entropy = gf.fused_linear_logprobs(h, w, ids, return_entropy=True, chunk_size=2, backend=backend)
+def _linear(backend, device, hidden, weight, ids):
+    """``(logp, entropy, dhidden, dweight)`` on the CPU, computed on ``device``."""
+    h, w = hidden.to(device, copy=True).requires_grad_(), weight.to(device, copy=True).requires_grad_()
+    logp, entropy = gf.fused_linear_logprobs(h, w, ids.to(device), return_entropy=True, chunk_size=2,
+                                             backend=backend)
     torch.autograd.backward((logp, entropy), (torch.ones_like(logp), torch.ones_like(entropy)))
-    return logp.detach(), entropy.detach(), h.grad, w.grad
+    return logp.detach().cpu(), entropy.detach().cpu(), h.grad.cpu(), w.grad.cpu()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -187,14 +197,14 @@ def test_a_nan_hidden_state_is_a_bad_row(backend):
     """From hidden states: the NaN row's log-prob and entropy are NaN and its hidden gradient 0; the other rows
     are those of the same call without it; the weight gradient multiplies the NaN row by 0 (a GEMM), so it is
     NaN on every backend, the reference included (docs/semantics.md 2.4)."""
-    _require(backend)
+    device = _require(backend)
     gen = torch.Generator().manual_seed(2)
     hidden, weight = torch.randn(5, 3, generator=gen), torch.randn(6, 3, generator=gen)
     ids = torch.tensor([0, 1, 2, 3, 4])
     hidden[2, 1] = NAN
     keep = [0, 1, 3, 4]
-    clean = _linear(backend, hidden[keep], weight, ids[keep])
-    logp, entropy, dh, dw = _linear(backend, hidden, weight, ids)
+    clean = _linear(backend, device, hidden[keep], weight, ids[keep])
+    logp, entropy, dh, dw = _linear(backend, device, hidden, weight, ids)
     assert torch.isnan(logp[2]) and torch.isnan(entropy[2])
     assert torch.equal(dh[2], torch.zeros(3))
     torch.testing.assert_close(logp[keep], clean[0], atol=1e-6, rtol=1e-6)
@@ -207,19 +217,19 @@ def test_a_nan_hidden_state_is_a_bad_row(backend):
 def test_fused_linear_policy_loss_with_a_nan_hidden_state(backend):
     """A NaN hidden row at a masked position of a computed chunk: loss and hidden gradient as with a finite row
     there (that row's gradient 0), the weight gradient NaN (2.4); at a kept position: a NaN loss."""
-    _require(backend)
+    device = _require(backend)
     gen = torch.Generator().manual_seed(3)
     B, T, H, V = 2, 3, 4, 6
     hidden, weight = torch.randn(B, T, H, generator=gen), torch.randn(V, H, generator=gen)
     ids = torch.randint(0, V, (B, T), generator=gen)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    inputs = dict(old_logp=None, advantages=torch.tensor([1.0, -1.0]), mask=mask)
+    inputs = dict(old_logp=None, advantages=torch.tensor([1.0, -1.0], device=device), mask=mask.to(device))
 
     def run(h):
-        leaves = h.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss, _ = gf.fused_linear_policy_loss(*leaves, ids, **inputs, chunk_size=4, backend=backend)
+        leaves = h.to(device, copy=True).requires_grad_(), weight.to(device, copy=True).requires_grad_()
+        loss, _ = gf.fused_linear_policy_loss(*leaves, ids.to(device), **inputs, chunk_size=4, backend=backend)
         loss.backward()
-        return loss.detach(), leaves[0].grad, leaves[1].grad
+        return loss.detach().cpu(), leaves[0].grad.cpu(), leaves[1].grad.cpu()
 
     clean = run(hidden)
     hidden[0, 2, 1] = NAN  # masked, in the chunk of rows 0-3 with kept tokens
