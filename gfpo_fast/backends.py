@@ -67,18 +67,6 @@ class FastBackend:
     needs: str
     runs_on: Callable[[torch.device], bool] | None = None
 
-    def usable(self, name: str, op: str, device: torch.device) -> tuple[bool, str]:
-        """(can run ``op`` on ``device`` tensors, the reason if not)."""
-        if op not in self.ops:
-            return False, f"the {name} backend has no {op} yet"
-        ok, why = self.status()
-        if not ok:
-            return False, why
-        runs = self.runs_on(device) if self.runs_on is not None else device.type in self.devices
-        if not runs:
-            return False, f"the {name} backend needs {self.needs}, got a {device.type} tensor"
-        return True, ""
-
 
 # The fast backends. Adding one is one entry here plus its launcher modules in ``package``.
 FAST_BACKENDS: dict[str, FastBackend] = {
@@ -116,6 +104,20 @@ def launchers(backend: str, op_module: str) -> types.ModuleType:
     return importlib.import_module(f"{_fast(backend).package}.{op_module}")
 
 
+def _usable(name: str, op: str, device: torch.device) -> tuple[bool, str]:
+    """(the fast backend ``name`` can run ``op`` on ``device`` tensors, the reason if not), from its table entry."""
+    entry = _fast(name)
+    if op not in entry.ops:
+        return False, f"the {name} backend has no {op} yet"
+    ok, why = entry.status()
+    if not ok:
+        return False, why
+    runs = entry.runs_on(device) if entry.runs_on is not None else device.type in entry.devices
+    if not runs:
+        return False, f"the {name} backend needs {entry.needs}, got a {device.type} tensor"
+    return True, ""
+
+
 def _say_once(op: str, reason: str) -> None:
     key = (op, reason)
     if key not in _said:
@@ -132,14 +134,14 @@ def select(op: str, backend: str, device: torch.device) -> str:
     if backend == "torch":
         return "torch"
     if backend != "auto":
-        ok, why = FAST_BACKENDS[backend].usable(backend, op, device)
+        ok, why = _usable(backend, op, device)
         if not ok:
             raise ValueError(f"backend={backend!r} cannot run {op}: {why}")
         return backend
     missing = []  # why each backend registered for this device and implementing op cannot run it
     for name, entry in FAST_BACKENDS.items():
         if device.type in entry.devices:
-            ok, why = entry.usable(name, op, device)
+            ok, why = _usable(name, op, device)
             if ok:
                 return name
             if op in entry.ops:  # ops without a fast path on this device are plain torch by design: say nothing

@@ -51,7 +51,7 @@ def _device(name: str) -> tuple[torch.device | None, str]:
         if kind != "cpu" and not (hasattr(torch, kind) and getattr(torch, kind).is_available()):
             reasons.append(f"no {kind} device")
             continue
-        ok, why = entry.usable(name, next(iter(entry.ops)), torch.device(kind))
+        ok, why = backends._usable(name, next(iter(entry.ops)), torch.device(kind))
         if ok:
             return torch.device(kind), ""
         reasons.append(why)
