@@ -113,9 +113,9 @@ def test_trl_trains_like_ours_over_two_generation_batches(make_config, ending_mo
     same fp32 formula summed in other orders (our chunked fused loss, TRL's log-softmax), measured <= 3e-7 relative
     apart (losses near 0 are sums of O(0.1) terms that cancel: 1e-6 absolute); the parameters within 1e-5 = 1% of
     the learning rate, since AdamW divides by sqrt(v) and an element whose gradient is near rounding noise moves by
-    a fraction of lr either way (measured <= 5e-7). AdamW and the gradient clipping (max_grad_norm 1) hide a wrong
-    scale of the loss from the parameters: the losses and gradient norms catch it (a wrong normaliser, the old
-    log-probs taken per step)."""
+    a fraction of lr either way (measured <= 5e-7 in the grpo, dapo and gspo cases). AdamW and the gradient
+    clipping (max_grad_norm 1) hide a wrong scale of the loss from the parameters: the losses and gradient norms
+    catch it (a wrong normaliser, the old log-probs taken per step)."""
     cfg = make_config(model_name_or_path=str(ending_model), **{**SETUP, **overrides})
     ours, our_params, generations = our_run(cfg, monkeypatch)
     assert [len(g["completion_ids"]) for g in generations] == [12, 12]
