@@ -276,7 +276,7 @@ void logprobs_backward(const void* logits, int dtype, std::int64_t n_rows, RowLa
     const float g = grad_logp != nullptr ? grad_logp[n] : 0.0f;
     const float h = grad_entropy != nullptr ? grad_entropy[n] : 0.0f;
     char* out = out_base + grad_layout.offset(n) * elem;
-    // Zero rows: no incoming gradient (masked tokens), or a bad row (NaN lse, docs/semantics.md 2.4), whose
+    // Zero rows: no incoming gradient (masked tokens), or a bad row (lse not finite, docs/semantics.md 2.4), whose
     // gradient is 0 whatever g and h are.
     if ((g == 0.0f && h == 0.0f) || !std::isfinite(lse[n])) {
       std::memset(out, 0, static_cast<std::size_t>(vocab * elem));

@@ -158,7 +158,7 @@ def _token_logprobs_bwd_kernel(
         # dH/dz_v = -p_v (log p_v + H) = -p_v (z_v + c) with c = H - lse
         c = tl.load(entropy_ptr + row) - lse
         skip = skip & (gh == 0.0)
-    # A bad row of the forward (NaN lse, docs/semantics.md 2.4) gets a zero gradient whatever g and gh are.
+    # A bad row of the forward (lse not finite, docs/semantics.md 2.4) gets a zero gradient whatever g and gh are.
     skip = skip | ~(tl.abs(lse) < float("inf"))
     if skip:
         # Masked tokens, GFPO's dropped rows, bad rows: no read of the logits, only zeros written.

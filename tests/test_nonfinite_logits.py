@@ -32,7 +32,7 @@ def _require(backend: str) -> torch.device:
         return torch.device("cpu")
     entry = backends.FAST_BACKENDS[backend]
     device = torch.device(next((k for k in entry.devices if k == "cpu" or getattr(torch, k).is_available()), "cpu"))
-    ok, why = entry.usable(backend, "fused_policy_loss", device)
+    ok, why = backends._usable(backend, "fused_policy_loss", device)
     if ok:
         return device
     if os.environ.get("CI", "").lower() in ("1", "true"):
