@@ -427,7 +427,8 @@ class TrainConfig:
         """vLLM's importance-sampling fields and ``off_policy_mask_threshold``, as TRL 1.16 checks them, plus: bounds
         are finite and > 0; the correction's fields are refused without vLLM (TRL ignores them there, which would
         leave a run without the correction its flags ask for); the combinations whose loss cannot take the
-        ratio are refused (vespo with a sequence mode, as TRL; gmpo, whose loss TRL runs without it)."""
+        ratio or the mask are refused (vespo with a sequence mode, as TRL; gmpo, whose loss TRL runs without
+        them)."""
         if not isinstance(self.vllm_importance_sampling_correction, bool):
             raise ValueError(f"vllm_importance_sampling_correction must be true or false, got "
                              f"{self.vllm_importance_sampling_correction!r}")
@@ -457,11 +458,9 @@ class TrainConfig:
         threshold = self.off_policy_mask_threshold
         if threshold is not None and not (threshold >= 0 and math.isfinite(threshold)):
             raise ValueError(f"off_policy_mask_threshold must be None or a finite number >= 0, got {threshold!r}")
-        if threshold is not None and (self.algorithm == "gmpo" or self.loss_type == "vespo"):
-            which = "algorithm='gmpo'" if self.algorithm == "gmpo" else "loss_type='vespo'"
-            raise ValueError(f"off_policy_mask_threshold with {which} is not supported (TRL's GMPO loss leaves the "
-                             "mask out; vespo folds the importance ratio into its own weight, so the mask cannot "
-                             "ride on the ratio here); leave it unset")
+        if threshold is not None and self.algorithm == "gmpo":
+            raise ValueError("off_policy_mask_threshold with algorithm='gmpo': TRL's GMPO loss leaves the mask out; "
+                             "leave it unset")
         if self.generation_backend != "vllm":
             changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                        if f.name.startswith("vllm_importance_sampling_") and getattr(self, f.name) != f.default]

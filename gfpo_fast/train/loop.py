@@ -507,24 +507,24 @@ def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share
     return dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio), sync_metrics
 
 
-def loss_ratio(mb: Batch, hidden: torch.Tensor, head_kwargs: dict, cfg: TrainConfig) -> tuple[torch.Tensor | None,
-                                                                                              dict[str, torch.Tensor]]:
-    """The importance-sampling ratio the loss of micro-batch ``mb`` takes: vLLM's (``mb.is_ratio``) times, with
-    ``off_policy_mask_threshold``, TRL's off-policy sequence mask ``(b, 1)`` (``generation.off_policy_mask``: both
-    multiply the per-token policy loss before the KL term, so the product is TRL's loss). The mask compares the
-    sampler's log-probs (vLLM's, else ``old_logp``) with the current policy's, projected here without gradient from
-    ``hidden`` (``(b, T, H)``, the loss's own input: one more lm_head pass, no model forward). With neither (on
-    policy, transformers) the sampler is the current policy and the mask keeps every row, as in TRL. Returns the
-    ratio (None: none) and the metric ``off_policy/masked_fraction`` (0-dim, the rows masked, when the mask is on)."""
+def off_policy_loss_mask(mb: Batch, hidden: torch.Tensor, head_kwargs: dict, cfg: TrainConfig,
+                         entropy_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The loss mask of micro-batch ``mb``: ``entropy_mask`` (``(b, T)`` bool or None) times, with
+    ``off_policy_mask_threshold``, TRL's off-policy sequence mask (``generation.off_policy_mask``, ``(b, 1)``); both
+    multiply the per-token policy loss, not the KL, as in TRL. The mask compares the sampler's log-probs (vLLM's,
+    else ``old_logp``) with the current policy's, projected here without gradient from ``hidden`` (``(b, T, H)``,
+    the loss's own input: one more lm_head pass, no model forward). With neither (on policy, transformers) the
+    sampler is the current policy and the mask keeps every row, as in TRL. Returns the mask (``(b, T)`` float32,
+    or ``entropy_mask`` unchanged) and the metric ``off_policy/masked_fraction`` (0-dim, rows masked; mask on)."""
     sampling = mb.sampling_logp if mb.sampling_logp is not None else mb.old_logp
     if cfg.off_policy_mask_threshold is None or sampling is None:
-        return mb.is_ratio, {}
+        return entropy_mask, {}
     with torch.no_grad():
         logp = gf.fused_linear_logprobs(hidden.detach(), token_ids=mb.completion_ids, temperature=cfg.temperature,
                                         chunk_size=cfg.lm_head_chunk_size, **head_kwargs)
     keep = off_policy_mask(mb.advantages, logp, sampling, mb.completion_mask, cfg.off_policy_mask_threshold)
-    metrics = {"off_policy/masked_fraction": 1.0 - keep.mean()}
-    return keep if mb.is_ratio is None else mb.is_ratio * keep, metrics
+    mask = keep.expand(mb.completion_mask.shape).contiguous() if entropy_mask is None else keep * entropy_mask
+    return mask, {"off_policy/masked_fraction": 1.0 - keep.mean()}
 
 
 def gather_tokens(accelerator, values: torch.Tensor) -> torch.Tensor:
@@ -572,13 +572,13 @@ def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dic
                     hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
                                                mb.completion_mask, share_prompts)  # (b, T, H)
                     hidden, head_kwargs = head.op_inputs(hidden)
-                    rho, mask_metrics = loss_ratio(mb, hidden, head_kwargs, cfg)
+                    loss_mask, mask_metrics = off_policy_loss_mask(
+                        mb, hidden, head_kwargs, cfg, entropy_loss_mask(hidden, head_kwargs, mb, cfg, accelerator))
                     loss, m = gf.fused_linear_policy_loss(
                         hidden, token_ids=mb.completion_ids, old_logp=mb.old_logp, advantages=mb.advantages,
                         mask=mb.completion_mask, temperature=cfg.temperature, ref_logp=mb.ref_logp,
-                        importance_sampling_ratio=rho, num_items_in_batch=mb.num_items, return_entropy=True,
-                        loss_mask=entropy_loss_mask(hidden, head_kwargs, mb, cfg, accelerator),
-                        chunk_size=cfg.lm_head_chunk_size, **head_kwargs, **loss_kwargs)
+                        importance_sampling_ratio=mb.is_ratio, num_items_in_batch=mb.num_items, return_entropy=True,
+                        loss_mask=loss_mask, chunk_size=cfg.lm_head_chunk_size, **head_kwargs, **loss_kwargs)
                     m = {**m, **mask_metrics}
             with timer("backward"):
                 accelerator.backward(loss)

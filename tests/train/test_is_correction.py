@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gfpo_fast as gf
+from gfpo_fast.policy_loss import high_entropy_mask
 from gfpo_fast.train import parse_args, train
 from gfpo_fast.train.generation import IS_MODES, importance_ratio, off_policy_mask, sync_check
 
@@ -116,7 +117,7 @@ def test_off_policy_mask_is_trls():
     (["--vllm_importance_sampling_correction", "false"], "only applies with generation_backend='vllm'"),
     (["--generation_backend", "vllm", "--loss_type", "vespo"], "vespo.*'token_truncate' or 'token_mask'"),
     (["--generation_backend", "vllm", "--algorithm", "gmpo"], "gmpo.*vllm_importance_sampling_correction=false"),
-    (["--loss_type", "vespo", "--off_policy_mask_threshold", "0.5"], "off_policy_mask_threshold with loss_type"),
+    (["--algorithm", "gmpo", "--off_policy_mask_threshold", "0.5"], "off_policy_mask_threshold with algorithm='gmpo'"),
     (["--generation_backend", "vllm", "--vllm_importance_sampling_cap", "2", "--vllm_importance_sampling_clip_max",
       "4"], "deprecated name"),
     (["--generation_backend", "vllm", "--generation_kwargs", '{"max_tokens": 4, "seed": 1}'],
@@ -140,8 +141,9 @@ def test_the_deprecated_cap_sets_clip_max_and_a_token_mode_lets_vespo_run():
 
 
 def test_off_policy_mask_reaches_the_loss_on_off_policy_steps(make_config, monkeypatch):
-    """transformers sampling, steps_per_generation=2: step 1 is on the old policy (nothing masked), step 2's
-    ratio is the mask recomputed from the moved policy, 0 exactly on negative-advantage rows beyond the threshold."""
+    """transformers sampling, steps_per_generation=2: step 1 is on the old policy (nothing masked), step 2's loss
+    mask is the off-policy mask recomputed from the moved policy, 0 exactly on the negative-advantage rows beyond the
+    threshold; the importance-sampling ratio stays None (no vLLM)."""
     calls, original = [], gf.fused_linear_policy_loss
 
     def spy(hidden, **kwargs):
@@ -149,15 +151,38 @@ def test_off_policy_mask_reaches_the_loss_on_off_policy_steps(make_config, monke
         logp = gf.fused_linear_logprobs(hidden.detach(), token_ids=kwargs["token_ids"],
                                         temperature=kwargs["temperature"], **head)
         expected = off_policy_mask(kwargs["advantages"], logp, kwargs["old_logp"], kwargs["mask"], 1e-3)
-        calls.append((kwargs["importance_sampling_ratio"], expected, kwargs["advantages"]))
+        assert kwargs["importance_sampling_ratio"] is None
+        calls.append((kwargs["loss_mask"], expected.expand(kwargs["mask"].shape), kwargs["advantages"]))
         return original(hidden, **kwargs)
 
     monkeypatch.setattr(gf, "fused_linear_policy_loss", spy)
     summary = train(make_config(steps_per_generation=2, max_steps=2, learning_rate=3e-2, algorithm="grpo",
                                 loss_type="dapo", off_policy_mask_threshold=1e-3))
     (first, _, _), (second, expected, advantages) = calls
-    assert first.shape == (8, 1) and torch.equal(first, torch.ones(8, 1))
-    assert torch.equal(second, expected) and 0 < int((second == 0).sum()) <= int((advantages < 0).sum())
-    assert bool((advantages[second[:, 0] == 0] < 0).all())
+    assert torch.equal(first, torch.ones_like(first))
+    assert torch.equal(second, expected)
+    dropped = second[:, 0] == 0
+    assert 0 < int(dropped.sum()) <= int((advantages < 0).sum()) and bool((advantages[dropped] < 0).all())
     (row,) = train_rows(read_jsonl(summary["metrics"]))
-    assert row["off_policy/masked_fraction"] == pytest.approx(float((second == 0).float().mean()))  # the last step's
+    assert row["off_policy/masked_fraction"] == pytest.approx(float(dropped.float().mean()))  # the last step's
+
+
+def test_off_policy_mask_and_entropy_mask_multiply_under_vespo(make_config, monkeypatch):
+    """With top_entropy_quantile as well, the loss mask is the product of both masks; under vespo too (TRL masks
+    its policy term; the importance-sampling ratio, when there is one, stays inside vespo's weight)."""
+    seen, original = [], gf.fused_linear_policy_loss
+
+    def spy(hidden, **kwargs):
+        head = {k: kwargs[k] for k in ("weight", "bias", "scale", "softcap") if k in kwargs}
+        logp, entropy = gf.fused_linear_logprobs(hidden.detach(), token_ids=kwargs["token_ids"],
+                                                 temperature=kwargs["temperature"], return_entropy=True, **head)
+        keep = off_policy_mask(kwargs["advantages"], logp, kwargs["old_logp"], kwargs["mask"], 1e-3)
+        seen.append((kwargs["loss_mask"], keep * high_entropy_mask(entropy, kwargs["mask"], 0.5), keep))
+        return original(hidden, **kwargs)
+
+    monkeypatch.setattr(gf, "fused_linear_policy_loss", spy)
+    train(make_config(steps_per_generation=2, max_steps=2, learning_rate=3e-2, algorithm="grpo", loss_type="vespo",
+                      off_policy_mask_threshold=1e-3, top_entropy_quantile=0.5))
+    for loss_mask, expected, _ in seen:
+        assert torch.equal(loss_mask, expected)
+    assert bool((seen[-1][2] == 0).any())  # the off-policy mask dropped a row on step 2

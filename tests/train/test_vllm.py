@@ -298,16 +298,18 @@ MISMATCH = ("--generation_kwargs", '{"temperature": 2.0}', "--vllm_max_logp_gap"
 
 
 @requires_vllm
-def test_trainer_vespo_with_a_token_truncated_ratio(tied_model, tmp_path):
+def test_trainer_vespo_with_a_token_truncated_ratio_and_the_off_policy_mask(tied_model, tmp_path):
     rows = run_trainer(["-m", "gfpo_fast.train"], tied_model, tmp_path / "run", "--algorithm", "grpo", "--loss_type",
                        "vespo", "--vllm_importance_sampling_mode", "token_truncate",
                        "--vllm_importance_sampling_clip_min", "0.95", "--vllm_importance_sampling_clip_max", "1.05",
-                       *MISMATCH)
+                       "--off_policy_mask_threshold", "0", *MISMATCH)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:  # per-token ratios, clamped into [0.95, 1.05], some of them at a bound
         assert r["vllm/logp_gap_mean"] > 0.01 and 0 < r["vllm/is_ratio_outside"] < 1, r
         assert 0.95 - 1e-6 <= r["vllm/is_ratio_min"] < r["vllm/is_ratio_max"] <= 1.05 + 1e-6, r
         assert math.isfinite(r["loss"]) and r["vespo/phi_seq_mean"] > 0, r
+        assert 0 <= r["off_policy/masked_fraction"] < 1, r
+    assert any(r["off_policy/masked_fraction"] > 0 for r in rows), rows
     assert_weights_changed(tied_model, tmp_path / "run", step=2)
 
 
