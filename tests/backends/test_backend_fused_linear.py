@@ -99,14 +99,12 @@ def grads_of(fn, tensors, upstream):
     return outs, torch.autograd.grad(total, leaves)
 
 
-@pytest.mark.parametrize("entropy_grad", [False, True])
-def test_logprobs_match_reference(backend, entropy_grad):
-    device = backend.device
+def check_logprobs(backend: str, device, entropy_grad):
     hidden, weight, bias, ids = make_small(device)
     upstream = (torch.randn(B, T, device=device), torch.randn(B, T, device=device) if entropy_grad else None)
     kw = dict(temperature=0.8, return_entropy=True)
     outs, grads = grads_of(lambda h, w, b: gf.fused_linear_logprobs(h, w, ids, bias=b, chunk_size=SMALL_CHUNK,
-                                                                    backend=backend.name, **kw),
+                                                                    backend=backend, **kw),
                            (hidden, weight, bias), upstream)
     ref_outs, ref_grads = grads_of(lambda h, w, b: fused_linear_logprobs_ref(h, w, ids, bias=b, **kw),
                                    (hidden, weight, bias), upstream)
@@ -116,6 +114,16 @@ def test_logprobs_match_reference(backend, entropy_grad):
     for name, a, e in zip(["hidden", "weight", "bias"], grads, ref_grads):
         assert a.dtype == e.dtype and a.shape == e.shape
         assert_close(a, e, atol=1e-5, rtol=1e-4, name=f"d{name}")
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_logprobs_match_reference(backend, entropy_grad):
+    check_logprobs(backend.name, backend.device, entropy_grad)
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_logprobs_match_reference_on_torch_chunks(entropy_grad):
+    check_logprobs("torch", CPU, entropy_grad)
 
 
 def test_logprobs_bf16_flat_rows_without_bias(backend):
@@ -187,10 +195,8 @@ POLICY_LOSS_SPECS = {
 }
 
 
-@pytest.mark.parametrize(("spec", "on_policy"), POLICY_LOSS_SPECS.values(), ids=POLICY_LOSS_SPECS.keys())
-def test_policy_loss_matches_reference(backend, spec, on_policy):
+def check_policy_loss(backend: str, device, spec, on_policy):
     """Without the head transform, at ragged chunks of 4 and a vocab of three ragged interpreter tiles."""
-    device = backend.device
     hidden, weight, bias, ids = make_small(device)
     with torch.no_grad():
         logp = fused_linear_logprobs_ref(hidden, weight, ids, bias=bias, temperature=0.8)
@@ -204,7 +210,7 @@ def test_policy_loss_matches_reference(backend, spec, on_policy):
     cfg = make_loss_config(**spec)
     leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     loss, metrics = gf.fused_linear_policy_loss(leaves[0], leaves[1], ids, *tensors.values(), bias=leaves[2],
-                                                chunk_size=SMALL_CHUNK, backend=backend.name, **extra, **spec)
+                                                chunk_size=SMALL_CHUNK, backend=backend, **extra, **spec)
     grads = torch.autograd.grad(loss, leaves)
     ref_leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     ref_loss, ref_metrics = fused_linear_policy_loss_ref(cfg, ref_leaves[0], ref_leaves[1], ids, *tensors.values(),
@@ -217,6 +223,20 @@ def test_policy_loss_matches_reference(backend, spec, on_policy):
     for name, a, e in zip(["hidden", "weight", "bias"], grads, ref_grads):
         assert_close(a, e, atol=1e-6, rtol=1e-4, name=f"d{name}")
     assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1]))  # the fully masked row
+
+
+POLICY_LOSS_CASES = pytest.mark.parametrize(("spec", "on_policy"), POLICY_LOSS_SPECS.values(),
+                                            ids=POLICY_LOSS_SPECS.keys())
+
+
+@POLICY_LOSS_CASES
+def test_policy_loss_matches_reference(backend, spec, on_policy):
+    check_policy_loss(backend.name, backend.device, spec, on_policy)
+
+
+@POLICY_LOSS_CASES
+def test_policy_loss_matches_reference_on_torch_chunks(spec, on_policy):
+    check_policy_loss("torch", CPU, spec, on_policy)
 
 
 def check_skips_fully_masked_chunks(backend: str, device, spec, passes):
