@@ -440,13 +440,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
-        if self.vllm_importance_sampling_cap is not None:  # TRL's deprecated alias of clip_max
+        if self.vllm_importance_sampling_cap is not None:  # TRL's deprecated alias: sets clip_max, stays as given
             if self.vllm_importance_sampling_clip_max not in (3.0, self.vllm_importance_sampling_cap):
                 raise ValueError(f"vllm_importance_sampling_cap={self.vllm_importance_sampling_cap} and "
                                  f"vllm_importance_sampling_clip_max={self.vllm_importance_sampling_clip_max}: the "
                                  "first is the deprecated name of the second; give only clip_max")
-            self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_cap = \
-                self.vllm_importance_sampling_cap, None
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
         low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
         if low is not None and high is not None and not low < high:
             raise ValueError(f"vllm_importance_sampling_clip_min ({low}) must be less than "
@@ -462,8 +461,9 @@ class TrainConfig:
             raise ValueError("off_policy_mask_threshold with algorithm='gmpo': TRL's GMPO loss leaves the mask out; "
                              "leave it unset")
         if self.generation_backend != "vllm":
-            changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                       if f.name.startswith("vllm_importance_sampling_") and getattr(self, f.name) != f.default]
+            changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)  # the cap: in clip_max
+                       if f.name.startswith("vllm_importance_sampling_") and f.name != "vllm_importance_sampling_cap"
+                       and getattr(self, f.name) != f.default]
             if changed:
                 raise ValueError(f"{', '.join(changed)}: vLLM's importance-sampling correction only applies with "
                                  "generation_backend='vllm' (transformers samples from the policy itself)")

@@ -115,6 +115,7 @@ def test_off_policy_mask_is_trls():
     (["--off_policy_mask_threshold", "-0.1"], "off_policy_mask_threshold must be None or a finite number >= 0"),
     (["--vllm_importance_sampling_mode", "token_mask"], "only applies with generation_backend='vllm'"),
     (["--vllm_importance_sampling_correction", "false"], "only applies with generation_backend='vllm'"),
+    (["--vllm_importance_sampling_cap", "2"], "clip_max=2.0: .*only applies with generation_backend='vllm'"),
     (["--generation_backend", "vllm", "--loss_type", "vespo"], "vespo.*'token_truncate' or 'token_mask'"),
     (["--generation_backend", "vllm", "--algorithm", "gmpo"], "gmpo.*vllm_importance_sampling_correction=false"),
     (["--algorithm", "gmpo", "--off_policy_mask_threshold", "0.5"], "off_policy_mask_threshold with algorithm='gmpo'"),
@@ -131,7 +132,7 @@ def test_bad_correction_flags_are_refused_before_anything_loads(argv, message):
 
 def test_the_deprecated_cap_sets_clip_max_and_a_token_mode_lets_vespo_run():
     cfg = parse_args(["--generation_backend", "vllm", "--vllm_importance_sampling_cap", "2"])
-    assert cfg.vllm_importance_sampling_clip_max == 2.0 and cfg.vllm_importance_sampling_cap is None
+    assert cfg.vllm_importance_sampling_clip_max == 2.0 and cfg.vllm_importance_sampling_cap == 2.0  # as TRL
     assert parse_args(["--vllm_importance_sampling_cap", "3.0"]).vllm_importance_sampling_clip_max == 3.0
     cfg = parse_args(["--generation_backend", "vllm", "--loss_type", "vespo", "--vllm_importance_sampling_mode",
                       "token_mask"])
