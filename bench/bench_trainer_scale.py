@@ -6,8 +6,8 @@ batch that every contender gets unchanged: one prompt of ``P`` tokens repeated f
 policy, beta 0, temperature 0.7, AdamW (torch's fused kernel in all three), max_grad_norm 1. Contenders:
 
 * ``head`` / ``head_ckpt``: this trainer, without / with gradient checkpointing: ``accumulate_gradients`` and
-  ``optimizer_step`` of ``gfpo_fast.train.loop`` on a ``Batch`` (no ``[B, T, V]`` logits since 88d91c7);
-* ``logits`` / ``logits_ckpt``: the same functions of the trainer at commit 72a2052 (full ``[B, T + 1, V]``
+  ``optimizer_step`` of ``gfpo_fast.train.loop`` on a ``Batch`` (no ``[B, T, V]`` logits);
+* ``logits`` / ``logits_ckpt``: the same functions of the last full-logits trainer, ``LOGITS_COMMIT`` (``[B, T + 1, V]``
   logits, then ``gf.fused_policy_loss``), run from a worktree of that commit (``--logits_tree``; its
   ``accumulate_gradients`` has the same signature, so the adapter is the import path);
 * ``trl`` / ``trl_ckpt``: TRL's ``GRPOTrainer`` (``training_step`` -> its ``_compute_loss``, which takes the fused
@@ -142,7 +142,7 @@ def setup_ours(a, ckpt: bool):
     cfg = train_config(a, ckpt)
     accelerator = loop.make_accelerator(cfg)
     model, _ = build_model(a, ckpt)
-    # The loop's prompt sharing decision (train()): 72a2052 shared prompts only without checkpointing.
+    # The loop's prompt sharing decision (train()): the full-logits trainer shared prompts only without checkpointing.
     share = not ckpt
     if hasattr(loop, "can_share_under_checkpointing"):
         share = not ckpt or loop.can_share_under_checkpointing()
@@ -318,8 +318,9 @@ def mem_available_gb() -> float:
 
 
 def make_logits_tree(spec: str) -> Path | None:
-    """The 72a2052 source tree: ``spec`` as given, or with ``auto`` a fresh ``git worktree`` of that commit (its C++
-    extension copied from this checkout, the sources being the same); None where that is impossible."""
+    """The full-logits trainer's source tree: ``spec`` as given, or with ``auto`` a fresh ``git worktree`` of
+    ``LOGITS_COMMIT`` (its C++ extension copied from this checkout, the sources being the same); None where that
+    is impossible."""
     if spec == "none":
         return None
     if spec != "auto":

@@ -26,7 +26,7 @@ returns what it finished:
 6. ``vllm``: 3 steps with ``--generation_backend vllm`` where vLLM is installed (skipped otherwise);
 7. ``train_scale``: one training step of G = 8 completions of 4,096 and of 16,384 tokens on a Qwen2 of vocabulary
    151,936 (hidden 1,024, 4 layers), bf16: this trainer with and without gradient checkpointing, TRL's
-   GRPOTrainer on the same batch, and the trainer at 72a2052 (full logits) where git can make that worktree
+   GRPOTrainer on the same batch, and the last full-logits trainer where git can make that worktree
    (``python -m bench.bench_trainer_scale``; peak CUDA memory and step time);
 8. ``verl_trainer``: reported as skipped: verl's trainer needs Ray and vLLM, which cannot travel.
 """
@@ -92,7 +92,7 @@ def parts(out: Path, dry: bool) -> list[Part]:  # GPU limits: two calls of the p
     train += ["--num_generations", "4", "--num_remains_in_group", "2", "--max_completion_length", "8"] if dry else \
         ["--bf16", "true"]
     scale = [PY, "-m", "bench.bench_trainer_scale", "--out", str(out / "train_scale")]
-    # The 72a2052 contender needs a git worktree; a tree that travelled without .git skips it (git may be absent).
+    # The full-logits contender needs a git worktree of its commit; a tree that travelled without .git skips it (git may be absent).
     logits = (ROOT / ".git").exists()
     scale += ["--logits_tree", "auto"] if logits else []
     if dry:

@@ -39,4 +39,4 @@ def test_a_logits_run_that_cannot_fit_is_not_run_and_says_what_it_needs(capsys, 
     out = capsys.readouterr().out
     assert "does not fit: needs >= 39.8 GB for the logits and their gradient, 20.0 GB allowed" in out
     assert scale.main([*TINY, "--contenders", "logits", "--logits_tree", "none"]) == 0
-    assert "no 72a2052 source tree" in capsys.readouterr().out
+    assert f"no {scale.LOGITS_COMMIT} source tree" in capsys.readouterr().out
