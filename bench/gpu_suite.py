@@ -92,7 +92,7 @@ def parts(out: Path, dry: bool) -> list[Part]:  # GPU limits: two calls of the p
     train += ["--num_generations", "4", "--num_remains_in_group", "2", "--max_completion_length", "8"] if dry else \
         ["--bf16", "true"]
     scale = [PY, "-m", "bench.bench_trainer_scale", "--out", str(out / "train_scale")]
-    # The full-logits contender needs a git worktree of its commit; a tree that travelled without .git skips it (git may be absent).
+    # The full-logits contender needs a git worktree of its commit: a tree without .git (or git) skips it.
     logits = (ROOT / ".git").exists()
     scale += ["--logits_tree", "auto"] if logits else []
     if dry:
