@@ -54,9 +54,17 @@ def test_engine_dtype_follows_the_policy_unless_asked():
         engine_dtype("fp32", torch.float32, "no")
 
 
-def test_distributed_env_alone_gets_a_free_port(monkeypatch):
-    for key in DIST_VARS:
-        monkeypatch.delenv(key, raising=False)
+@pytest.fixture
+def own_environ(monkeypatch):
+    """A copy of ``os.environ`` without the distributed variables, for the test alone: ``set_distributed_env``
+    writes the process environment, and a leaked ``RANK``/``MASTER_PORT`` would make later trainer subprocesses
+    try to join a process group."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    monkeypatch.setattr(os, "environ", env)
+    return env
+
+
+def test_distributed_env_alone_gets_a_free_port(own_environ, monkeypatch):
     env = set_distributed_env(0, 0, 1)
     assert env["RANK"] == "0" and env["LOCAL_RANK"] == "0" and env["WORLD_SIZE"] == "1"
     assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
@@ -71,7 +79,7 @@ def test_distributed_env_alone_gets_a_free_port(monkeypatch):
         assert set_distributed_env(0, 0, 1)["MASTER_PORT"] != str(taken)
 
 
-def test_distributed_env_refuses_a_contradiction(monkeypatch):
+def test_distributed_env_refuses_a_contradiction(own_environ, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match="WORLD_SIZE=4 contradicts"):
         set_distributed_env(0, 0, 1)
