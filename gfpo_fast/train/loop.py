@@ -15,8 +15,8 @@ functions of this module, each timed under its name (``time/<name>`` in the metr
                       then, per optimizer step (steps_per_generation / gradient_accumulation_steps mini-batches
                       of the generation batch, num_iterations times over: mini_batches):
     policy_forward    the model and the loss forward, per micro-batch (with
-                      top_entropy_quantile < 1, a no-grad entropy pass first:
-                      the loss mask of entropy_loss_mask)                      (accumulate_gradients)
+                      an entropy or off-policy mask, one no-grad lm_head pass
+                      first: loss_mask)                                        (accumulate_gradients)
     backward          their backward
     optimizer         clip, step (skipped when the loss or the gradient norm is
                       not finite: NonFiniteGuard stops the run after
@@ -507,26 +507,6 @@ def old_and_ref_logprobs(model, ref_model, batch: Batch, cfg: TrainConfig, share
     return dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp, is_ratio=is_ratio), sync_metrics
 
 
-def off_policy_loss_mask(mb: Batch, hidden: torch.Tensor, head_kwargs: dict, cfg: TrainConfig,
-                         entropy_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The loss mask of micro-batch ``mb``: ``entropy_mask`` (``(b, T)`` bool or None) times, with
-    ``off_policy_mask_threshold``, TRL's off-policy sequence mask (``generation.off_policy_mask``, ``(b, 1)``); both
-    multiply the per-token policy loss, not the KL, as in TRL. The mask compares the sampler's log-probs (vLLM's,
-    else ``old_logp``) with the current policy's, projected here without gradient from ``hidden`` (``(b, T, H)``,
-    the loss's own input: one more lm_head pass, no model forward). With neither (on policy, transformers) the
-    sampler is the current policy and the mask keeps every row, as in TRL. Returns the mask (``(b, T)`` float32,
-    or ``entropy_mask`` unchanged) and the metric ``off_policy/masked_fraction`` (0-dim, rows masked; mask on)."""
-    sampling = mb.sampling_logp if mb.sampling_logp is not None else mb.old_logp
-    if cfg.off_policy_mask_threshold is None or sampling is None:
-        return entropy_mask, {}
-    with torch.no_grad():
-        logp = gf.fused_linear_logprobs(hidden.detach(), token_ids=mb.completion_ids, temperature=cfg.temperature,
-                                        chunk_size=cfg.lm_head_chunk_size, **head_kwargs)
-    keep = off_policy_mask(mb.advantages, logp, sampling, mb.completion_mask, cfg.off_policy_mask_threshold)
-    mask = keep.expand(mb.completion_mask.shape).contiguous() if entropy_mask is None else keep * entropy_mask
-    return mask, {"off_policy/masked_fraction": 1.0 - keep.mean()}
-
-
 def gather_tokens(accelerator, values: torch.Tensor) -> torch.Tensor:
     """Every process's 1-D ``values`` (of any lengths), concatenated in rank order (collective)."""
     if accelerator.num_processes == 1:
@@ -536,20 +516,37 @@ def gather_tokens(accelerator, values: torch.Tensor) -> torch.Tensor:
     return gathered[gathered != -math.inf]
 
 
-def entropy_loss_mask(hidden: torch.Tensor, head_kwargs: dict, mb: Batch, cfg: TrainConfig,
-                      accelerator) -> torch.Tensor | None:
-    """TRL's entropy mask of micro-batch ``mb`` (``high_entropy_mask``: the ``top_entropy_quantile`` of the loss
-    tokens of every process's micro-batch), ``(b, T)`` bool, or None when ``top_entropy_quantile`` is 1. The
-    entropies come from a no-grad pass of the lm_head over ``hidden`` (``(b, T, H)``, the loss's own input), one
-    chunk at a time: the loss needs the mask before its first chunk."""
-    if cfg.top_entropy_quantile >= 1.0:
-        return None
+def loss_mask(mb: Batch, hidden: torch.Tensor, head_kwargs: dict, cfg: TrainConfig,
+              accelerator) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The loss mask of micro-batch ``mb``, or None: the product of TRL's two token masks, which multiply the
+    per-token policy loss and not the KL, as in TRL.
+
+    * With ``top_entropy_quantile`` < 1, the entropy mask (``high_entropy_mask``: the top quantile of the loss
+      tokens of every process's micro-batch), ``(b, T)`` bool.
+    * With ``off_policy_mask_threshold``, TRL's off-policy sequence mask (``generation.off_policy_mask``,
+      ``(b, 1)``), which compares the sampler's log-probs (vLLM's, else ``old_logp``) with the current policy's. On
+      policy with transformers the sampler is the current policy and the mask keeps every row, as in TRL.
+
+    Both come from one no-grad pass of the lm_head over ``hidden`` (``(b, T, H)``, the loss's own input; no model
+    forward), made only when a mask is on: the loss needs the mask before its first chunk. Returns the mask
+    (``(b, T)``, bool for the entropy mask alone, else float32) and the metric ``off_policy/masked_fraction``
+    (0-dim, rows masked; off-policy mask on)."""
+    sampling = mb.sampling_logp if mb.sampling_logp is not None else mb.old_logp
+    by_entropy = cfg.top_entropy_quantile < 1.0
+    off_policy = cfg.off_policy_mask_threshold is not None and sampling is not None
+    if not (by_entropy or off_policy):
+        return None, {}
     with torch.no_grad():
-        _, entropy = gf.fused_linear_logprobs(hidden.detach(), token_ids=mb.completion_ids,
-                                              temperature=cfg.temperature, return_entropy=True,
-                                              chunk_size=cfg.lm_head_chunk_size, **head_kwargs)
-    return high_entropy_mask(entropy, mb.completion_mask, cfg.top_entropy_quantile,
-                             gather=functools.partial(gather_tokens, accelerator))
+        out = gf.fused_linear_logprobs(hidden.detach(), token_ids=mb.completion_ids, temperature=cfg.temperature,
+                                       return_entropy=by_entropy, chunk_size=cfg.lm_head_chunk_size, **head_kwargs)
+    logp, entropy = out if by_entropy else (out, None)
+    mask = None if not by_entropy else high_entropy_mask(entropy, mb.completion_mask, cfg.top_entropy_quantile,
+                                                         gather=functools.partial(gather_tokens, accelerator))
+    if not off_policy:
+        return mask, {}
+    keep = off_policy_mask(mb.advantages, logp, sampling, mb.completion_mask, cfg.off_policy_mask_threshold)
+    mask = keep.expand(mb.completion_mask.shape).contiguous() if mask is None else keep * mask
+    return mask, {"off_policy/masked_fraction": 1.0 - keep.mean()}
 
 
 def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dict, accelerator, share_prompts: bool,
@@ -572,13 +569,12 @@ def accumulate_gradients(model, batch: Batch, cfg: TrainConfig, loss_kwargs: dic
                     hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids,
                                                mb.completion_mask, share_prompts)  # (b, T, H)
                     hidden, head_kwargs = head.op_inputs(hidden)
-                    loss_mask, mask_metrics = off_policy_loss_mask(
-                        mb, hidden, head_kwargs, cfg, entropy_loss_mask(hidden, head_kwargs, mb, cfg, accelerator))
+                    mask, mask_metrics = loss_mask(mb, hidden, head_kwargs, cfg, accelerator)
                     loss, m = gf.fused_linear_policy_loss(
                         hidden, token_ids=mb.completion_ids, old_logp=mb.old_logp, advantages=mb.advantages,
                         mask=mb.completion_mask, temperature=cfg.temperature, ref_logp=mb.ref_logp,
                         importance_sampling_ratio=mb.is_ratio, num_items_in_batch=mb.num_items, return_entropy=True,
-                        loss_mask=loss_mask, chunk_size=cfg.lm_head_chunk_size, **head_kwargs, **loss_kwargs)
+                        loss_mask=mask, chunk_size=cfg.lm_head_chunk_size, **head_kwargs, **loss_kwargs)
                     m = {**m, **mask_metrics}
             with timer("backward"):
                 accelerator.backward(loss)
